@@ -1,0 +1,25 @@
+"""Expected, user-facing failures. Front-ends print the message and exit 2; nothing else is caught."""
+
+
+class OssrtError(Exception):
+    """A mistake in the user's input or environment, with a message that says what and where."""
+
+
+class ConfigError(OssrtError):
+    """A model configuration (config.json or GGUF metadata) is missing a field or has a bad value."""
+
+
+class ModelFileError(OssrtError):
+    """A model file is missing, truncated, or does not hold the tensors and keys gpt-oss needs."""
+
+
+class ConvertError(OssrtError):
+    """A checkpoint cannot be converted, or the output cannot be written."""
+
+
+class ChatFormatError(OssrtError):
+    """A chat conversation cannot be rendered in the Harmony format."""
+
+
+class ContextLengthError(OssrtError):
+    """A sequence would pass the context length the model was loaded with."""
