@@ -18,3 +18,43 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def o200k_path(shared_dir: Path) -> Path:
     return shared_dir / "data" / "o200k_base.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, o200k_path: Path):
+    """Factory: `tiny_checkpoint(layout="mxfp4", seed=0, **hf_config_overrides) -> Path` of a synthetic gpt-oss
+    HF checkpoint directory (ossrt.synthetic, tiny config), cached for the session by its arguments."""
+    from ossrt import synthetic
+
+    cache: dict = {}
+
+    def make(layout: str = "mxfp4", seed: int = 0, **overrides) -> Path:
+        key = (layout, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"ckpt-{layout}")
+            cfg = synthetic.hf_config("tiny", **overrides)
+            cache[key] = synthetic.write_checkpoint(out, cfg, layout=layout, seed=seed, vocab_path=o200k_path)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_checkpoint):
+    """Factory: `tiny_gguf(outtype="q8_0", layout="mxfp4", seed=0, **hf_config_overrides) -> Path` of a tiny
+    synthetic gpt-oss model converted by `ossrt convert`, cached for the session by its arguments. Defaults:
+    4 layers (sliding, full, sliding, full), hidden 64, 8 experts top-4, 4 query / 2 KV heads of 16, window 8,
+    the full o200k_harmony vocabulary."""
+    from ossrt.convert import convert
+
+    cache: dict = {}
+
+    def make(outtype: str = "q8_0", layout: str = "mxfp4", seed: int = 0, **overrides) -> Path:
+        key = (outtype, layout, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            src = tiny_checkpoint(layout, seed, **overrides)
+            out = tmp_path_factory.mktemp("gguf") / f"tiny-{outtype}.gguf"
+            cache[key] = convert(src, out, outtype=outtype, progress=False)
+        return cache[key]
+
+    return make

@@ -1,0 +1,448 @@
+"""Synthetic gpt-oss Hugging Face checkpoints: the real layouts with random but sane weights (spec §4, §6).
+
+The real weights cannot be downloaded in CI, so tests and benchmarks convert checkpoints made here:
+
+    python -m ossrt.synthetic OUT --size tiny|20b|120b [--layout mxfp4|bf16] [--seed N] [--vocab PATH]
+
+Weights: each tensor has its own RNG seeded by (seed, tensor index), so a file is the same whatever the sharding.
+Dense matrices are N(0, gain/sqrt(fan_in)) in bf16 so every projection keeps the RMS of its input; output
+projections (o_proj, down) use gain 0.5 so the residual stream grows slowly through the layers; norms ≈ 1;
+sinks and biases small. MXFP4 experts are drawn as random nibble bytes directly (fast: no float quantization) with
+one block scale per 32 values set so the values' RMS matches the same fan-in rule; a uniform nibble has
+amax 6·2^(e-127), so the scales are what llama.cpp's quantizer would pick for such blocks. The bf16 layout holds
+exactly the dequantized values of the mxfp4 layout of the same seed, transposed as fine-tunes store them.
+
+Files are streamed tensor by tensor into ~4 GB shards, so the full 120b needs no more RAM than its largest chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import mxfp4
+
+# The shared data beside the repository, as tests/conftest.py finds it (or OSSRT_SHARED).
+DEFAULT_VOCAB = Path(os.environ.get("OSSRT_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "o200k_base.tiktoken"
+
+# The 21 special tokens of o200k_harmony that HF tokenizer.json defines (spec §6).
+SPECIAL_TOKENS = {
+    199998: "<|startoftext|>", 199999: "<|endoftext|>", 200000: "<|reserved_200000|>",
+    200001: "<|reserved_200001|>", 200002: "<|return|>", 200003: "<|constrain|>", 200004: "<|reserved_200004|>",
+    200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
+    200009: "<|reserved_200009|>", 200010: "<|reserved_200010|>", 200011: "<|reserved_200011|>",
+    200012: "<|call|>", 200013: "<|reserved_200013|>", 200014: "<|reserved_200014|>",
+    200015: "<|reserved_200015|>", 200016: "<|reserved_200016|>", 200017: "<|reserved_200017|>",
+    200018: "<|endofprompt|>",
+}
+BOS_ID, EOS_ID, PAD_ID = 199998, 200002, 199999
+
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+
+# A Harmony chat template in the HF style: system, developer instructions, user/assistant turns, tool calls and
+# results, past assistant turns as `final` only (spec §7). It is stored verbatim in `tokenizer.chat_template`.
+CHAT_TEMPLATE = """\
+{%- set reasoning = reasoning_effort | default('medium') -%}
+<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+{%- if model_identity is not defined %}{% endif %}
+{%- if current_date is defined %}
+Current date: {{ current_date }}{% endif %}
+
+Reasoning: {{ reasoning }}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.
+{%- if tools %}
+Calls to these tools must go to the commentary channel: 'functions'.{% endif %}<|end|>
+{%- set sys = messages[0].content if messages and messages[0].role in ['system', 'developer'] else none -%}
+{%- if sys or tools %}<|start|>developer<|message|>
+{%- if sys %}# Instructions
+
+{{ sys }}{% endif %}
+{%- if tools %}{% if sys %}
+
+{% endif %}# Tools
+
+## functions
+
+namespace functions {
+{% for t in tools %}{% set f = t.function if t.function is defined else t %}
+// {{ f.description }}
+type {{ f.name }} = (_: {{ f.parameters | tojson }}) => any;
+{% endfor %}
+} // namespace functions{% endif %}<|end|>{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>
+{%- elif m.role == 'assistant' %}
+{%- if m.tool_calls %}{% for c in m.tool_calls %}{% set f = c.function if c.function is defined else c %}\
+<|start|>assistant to=functions.{{ f.name }}<|channel|>commentary json<|message|>\
+{{ f.arguments if f.arguments is string else f.arguments | tojson }}<|call|>{% endfor %}
+{%- else %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}
+{%- elif m.role == 'tool' %}<|start|>functions.{{ m.name }} to=assistant<|channel|>commentary<|message|>\
+{{ m.content }}<|end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|start|>assistant{% endif %}"""
+
+
+# --- configurations ------------------------------------------------------------------------------------------
+def _base_config() -> dict:
+    """config.json of the release checkpoints (spec §4.1), 20b sizes."""
+    return {
+        "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+        "eos_token_id": EOS_ID, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+        "intermediate_size": 2880, "max_position_embeddings": 131072, "model_type": "gpt_oss",
+        "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+        "num_local_experts": 32, "output_router_logits": False, "pad_token_id": PAD_ID, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 4096, "truncate": False},
+        "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
+    }
+
+
+def hf_config(size: str = "tiny", **overrides) -> dict:
+    """The HF config.json dict for `tiny`, `20b` or `120b`, with keyword overrides (HF key names).
+
+    tiny: 4 layers (2 sliding + 2 full), hidden 64, 8 experts top-4, 4 query / 2 KV heads of 16, window 8 (short
+    prompts cross it), context 4096, the full 201,088-token vocabulary so tokenizer and chat tests work on it.
+    YaRN keeps the real constants: for head_dim 16 they give low ≈ 2.02, high ≈ 4.35, inside (0, d_half - 1 = 7)
+    as the reference asserts.
+    """
+    cfg = _base_config()
+    if size == "tiny":
+        cfg.update(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, num_local_experts=8, sliding_window=8,
+                   max_position_embeddings=4096)
+    elif size == "120b":
+        cfg.update(num_hidden_layers=36, num_local_experts=128)
+    elif size != "20b":
+        raise ValueError(f"unknown size {size!r}: expected tiny, 20b or 120b")
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise ValueError(f"unknown config field {key!r}")
+        cfg[key] = value
+    # Keep the aliases consistent with the primary keys.
+    cfg["experts_per_token"] = cfg["num_experts_per_tok"]
+    cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                          for i in range(cfg["num_hidden_layers"])]
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return cfg
+
+
+# --- tokenizer files ---------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies.
+    TODO(dedup): tokenizer.py is to provide bytes_to_unicode_token; switch to it once it exists."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def load_ranks(vocab_path: str | os.PathLike) -> list[bytes]:
+    """o200k_base.tiktoken -> token bytes by rank (rank = id)."""
+    tokens: list[bytes] = []
+    with open(vocab_path, "rb") as f:
+        for n, line in enumerate(f):
+            b64, rank = line.split()
+            if int(rank) != n:
+                raise ValueError(f"{vocab_path}: line {n + 1} has rank {int(rank)}, expected {n}")
+            tokens.append(base64.b64decode(b64))
+    return tokens
+
+
+def bpe_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Merges for a rank-ordered BPE vocabulary, the way HF converts tiktoken files (transformers
+    `TikTokenConverter`): for each token in rank order, every split into two tokens of the vocabulary, ordered by
+    the pieces' ranks. For o200k_base this gives exactly the 446,189 merges of the published tokenizer.json."""
+    rank = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[bytes, bytes]] = []
+    for t in tokens:
+        local = []
+        for k in range(1, len(t)):
+            ra, rb = rank.get(t[:k]), rank.get(t[k:])
+            if ra is not None and rb is not None:
+                local.append((ra, rb, t[:k], t[k:]))
+        local.sort()
+        merges.extend((a, b) for _, _, a, b in local)
+    return merges
+
+
+def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike, n_vocab: int, max_length: int) -> None:
+    """tokenizer.json (byte-level BPE + the 21 specials) and tokenizer_config.json (with the chat template)."""
+    tokens = load_ranks(vocab_path)
+    b2u = _bytes_to_unicode()
+    table = [b2u[b] for b in range(256)]
+
+    def u(t: bytes) -> str:
+        return "".join(table[b] for b in t)
+
+    vocab = {u(t): i for i, t in enumerate(tokens)}
+    merges = [[u(a), u(b)] for a, b in bpe_merges(tokens)]
+    specials = {i: s for i, s in SPECIAL_TOKENS.items() if i < n_vocab}
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, s in sorted(specials.items())]
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    _write_json(out_dir / "tokenizer.json", tok, indent=None)
+    cfg = {
+        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
+        "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
+        "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": max_length, "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    _write_json(out_dir / "tokenizer_config.json", cfg)
+
+
+# --- weights -------------------------------------------------------------------------------------------------------
+@dataclass
+class _Planned:
+    name: str
+    dtype: str  # safetensors dtype: "BF16" or "U8"
+    shape: tuple[int, ...]
+    chunks: Callable[[np.random.Generator], Iterator[np.ndarray]]  # yields the data in C order
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * (2 if self.dtype == "BF16" else 1)
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), round to nearest even like torch/ggml."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+_CHUNK = 1 << 22  # values per generated chunk of a dense tensor (16 MB of float32)
+
+
+def _dense(shape: tuple[int, ...], std: float, mean: float = 0.0) -> Callable[[np.random.Generator], Iterator]:
+    def gen(rng: np.random.Generator) -> Iterator[np.ndarray]:
+        n = math.prod(shape)
+        for start in range(0, n, _CHUNK):
+            x = rng.standard_normal(min(_CHUNK, n - start), dtype=np.float32)
+            x *= np.float32(std)
+            x += np.float32(mean)
+            yield to_bf16_bits(x)
+    return gen
+
+
+def _uniform_rms_exponent(std: float) -> int:
+    """Scale exponent (biased, E8M0) whose uniform-nibble blocks have RMS ≈ std."""
+    rms_codes = float(np.sqrt(np.mean(mxfp4.FP4_VALUES.astype(np.float64) ** 2)))  # 2.93
+    return 127 + round(math.log2(std / rms_codes))
+
+
+def _expert_blocks(rng: np.random.Generator, rows: int, g: int, std: float) -> tuple[np.ndarray, np.ndarray]:
+    """One expert's MXFP4 weight in HF layout: blocks [rows, g, 16], scales [rows, g]."""
+    blocks = np.frombuffer(rng.bytes(rows * g * 16), dtype=np.uint8).reshape(rows, g, 16)
+    # Jitter the block exponents by ±1 so scales vary like a real checkpoint's.
+    scales = (_uniform_rms_exponent(std) + rng.integers(-1, 2, size=(rows, g), dtype=np.int16)).astype(np.uint8)
+    return blocks, scales
+
+
+def _experts(kind: str, n_exp: int, rows: int, cols: int, std: float) -> Callable:
+    """Expert tensors of one layer, streamed expert by expert. kind: "blocks", "scales" (mxfp4 layout) or
+    "dense" (bf16 layout: the dequantized blocks transposed to [in, out]). All three draw the same RNG stream,
+    so the layouts hold the same values for a seed."""
+    g = cols // mxfp4.QK
+
+    def gen(rng: np.random.Generator) -> Iterator[np.ndarray]:
+        for _ in range(n_exp):
+            blocks, scales = _expert_blocks(rng, rows, g, std)
+            if kind == "blocks":
+                yield blocks
+            elif kind == "scales":
+                yield scales
+            else:
+                yield to_bf16_bits(mxfp4.dequantize_hf(blocks, scales).T)
+    return gen
+
+
+def plan_tensors(cfg: dict, layout: str) -> list[_Planned]:
+    """Every tensor of the checkpoint, in the release order, with its generator."""
+    if layout not in ("mxfp4", "bf16"):
+        raise ValueError(f"unknown layout {layout!r}: expected mxfp4 or bf16")
+    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    E, L, hd = cfg["num_local_experts"], cfg["num_hidden_layers"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    nh = cfg["num_attention_heads"]
+    t = [_Planned("model.embed_tokens.weight", "BF16", (V, H), _dense((V, H), 1.0))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        t += [
+            _Planned(p + "input_layernorm.weight", "BF16", (H,), _dense((H,), 0.05, 1.0)),
+            _Planned(p + "self_attn.q_proj.weight", "BF16", (q, H), _dense((q, H), H ** -0.5)),
+            _Planned(p + "self_attn.q_proj.bias", "BF16", (q,), _dense((q,), 0.02)),
+            _Planned(p + "self_attn.k_proj.weight", "BF16", (kv, H), _dense((kv, H), H ** -0.5)),
+            _Planned(p + "self_attn.k_proj.bias", "BF16", (kv,), _dense((kv,), 0.02)),
+            _Planned(p + "self_attn.v_proj.weight", "BF16", (kv, H), _dense((kv, H), H ** -0.5)),
+            _Planned(p + "self_attn.v_proj.bias", "BF16", (kv,), _dense((kv,), 0.02)),
+            _Planned(p + "self_attn.o_proj.weight", "BF16", (H, q), _dense((H, q), 0.5 * q ** -0.5)),
+            _Planned(p + "self_attn.o_proj.bias", "BF16", (H,), _dense((H,), 0.02)),
+            _Planned(p + "self_attn.sinks", "BF16", (nh,), _dense((nh,), 0.5)),
+            _Planned(p + "post_attention_layernorm.weight", "BF16", (H,), _dense((H,), 0.05, 1.0)),
+            _Planned(p + "mlp.router.weight", "BF16", (E, H), _dense((E, H), H ** -0.5)),
+            _Planned(p + "mlp.router.bias", "BF16", (E,), _dense((E,), 0.02)),
+        ]
+        x = p + "mlp.experts."
+        gu_std, dn_std = H ** -0.5, 0.5 * I ** -0.5
+        if layout == "mxfp4":
+            t += [
+                _Planned(x + "gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16),
+                         _experts("blocks", E, 2 * I, H, gu_std)),
+                _Planned(x + "gate_up_proj_scales", "U8", (E, 2 * I, H // 32),
+                         _experts("scales", E, 2 * I, H, gu_std)),
+            ]
+        else:
+            t.append(_Planned(x + "gate_up_proj", "BF16", (E, H, 2 * I), _experts("dense", E, 2 * I, H, gu_std)))
+        t.append(_Planned(x + "gate_up_proj_bias", "BF16", (E, 2 * I), _dense((E, 2 * I), 0.02)))
+        if layout == "mxfp4":
+            t += [
+                _Planned(x + "down_proj_blocks", "U8", (E, H, I // 32, 16), _experts("blocks", E, H, I, dn_std)),
+                _Planned(x + "down_proj_scales", "U8", (E, H, I // 32), _experts("scales", E, H, I, dn_std)),
+            ]
+        else:
+            t.append(_Planned(x + "down_proj", "BF16", (E, I, H), _experts("dense", E, H, I, dn_std)))
+        t.append(_Planned(x + "down_proj_bias", "BF16", (E, H), _dense((E, H), 0.02)))
+    t += [
+        _Planned("model.norm.weight", "BF16", (H,), _dense((H,), 0.05, 1.0)),
+        _Planned("lm_head.weight", "BF16", (V, H), _dense((V, H), H ** -0.5)),
+    ]
+    return t
+
+
+def _rng_key(name: str) -> int:
+    """A stable per-tensor RNG key. Blocks and scales of one weight share it so they come from one stream,
+    and the bf16 layout's dense expert tensor shares it too."""
+    base = name.removesuffix("_blocks").removesuffix("_scales")
+    return int.from_bytes(hashlib.sha256(base.encode()).digest()[:8], "little")
+
+
+def write_safetensors(path: Path, tensors: list[_Planned], seed: int) -> None:
+    """Stream tensors into one safetensors file (header, then each tensor's chunks), atomically."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for t in tensors:
+                rng = np.random.default_rng([seed, _rng_key(t.name)])
+                written = 0
+                for chunk in t.chunks(rng):
+                    chunk = np.ascontiguousarray(chunk)
+                    f.write(chunk.data)
+                    written += chunk.nbytes
+                assert written == t.nbytes, (t.name, written, t.nbytes)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_checkpoint(out_dir: str | os.PathLike, hf_config: dict, *, layout: str = "mxfp4", seed: int = 0,
+                     vocab_path: str | os.PathLike = DEFAULT_VOCAB, shard_bytes: int = 4 << 30,
+                     progress: bool = False) -> Path:
+    """Write a gpt-oss HF checkpoint directory: config.json, sharded safetensors with their index, tokenizer
+    files. `layout` "mxfp4" is the release layout (spec §4.1), "bf16" the fine-tune layout (§4.2)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = dict(hf_config)
+    if layout == "bf16":
+        cfg.pop("quantization_config", None)
+    plan = plan_tensors(cfg, layout)
+    shards: list[list[_Planned]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    # The release converter's quirk: zero-based shard numbers "of" n-1 (spec §4.1); readers must use the index.
+    names = [f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        if progress:
+            print(f"writing {out / name} ({sum(t.nbytes for t in shard) / 1e9:.2f} GB)", file=sys.stderr)
+        write_safetensors(out / name, shard, seed)
+        weight_map.update({t.name: name for t in shard})
+    _write_json(out / "model.safetensors.index.json",
+                {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map})
+    _write_json(out / "config.json", cfg)
+    _write_json(out / "generation_config.json",
+                {"bos_token_id": BOS_ID, "eos_token_id": [200002, 199999, 200012], "pad_token_id": PAD_ID})
+    write_tokenizer(out, vocab_path, cfg["vocab_size"], cfg["max_position_embeddings"])
+    return out
+
+
+def _write_json(path: Path, obj: object, indent: int | None = 2) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ossrt.synthetic", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="output checkpoint directory")
+    ap.add_argument("--size", choices=["tiny", "20b", "120b"], default="tiny")
+    ap.add_argument("--layout", choices=["mxfp4", "bf16"], default="mxfp4")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="o200k_base.tiktoken")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config.json field, e.g. --set num_hidden_layers=2")
+    args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    cfg = hf_config(args.size, **overrides)
+    write_checkpoint(args.out, cfg, layout=args.layout, seed=args.seed, vocab_path=args.vocab, progress=True)
+
+
+if __name__ == "__main__":
+    main()
