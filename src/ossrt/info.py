@@ -1,0 +1,53 @@
+"""The report behind `ossrt info FILE`: architecture, sizes, tensor types, parameters and RAM needs."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from .modelfile import ModelFile
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def report(path: str | os.PathLike, context: int | None = None) -> str:
+    """A plain-text report of the model file at `path`; RAM figures for `context` tokens (default: the
+    model's training context)."""
+    with ModelFile.open(path) as m:
+        c = m.config
+        ctx = context or c.n_ctx_train
+        types = Counter(t.type.name for t in m.tensors.values())
+        experts = {s.name for s in c.tensor_specs() if s.kind == "experts"}
+        expert_bytes = sum(m.tensors[n].data.nbytes for n in experts)
+        embd = m.tensors["token_embd.weight"]
+        other = sum(t.data.nbytes for n, t in m.tensors.items() if n not in experts and n != "token_embd.weight")
+        # Per token: every dense tensor, one embedding row, and the selected experts' share of the expert data.
+        touched = other + embd.data.nbytes // embd.shape[0] + expert_bytes * c.n_expert_used // c.n_expert
+        kv = c.kv_cache_bytes(ctx)
+        sliding = sum(1 for i in range(c.n_layer) if c.is_sliding(i))
+        lines = [
+            f"file               {m.path}",
+            f"name               {m.get('general.name', '?')}",
+            f"architecture       {m.get('general.architecture')}",
+            f"layers             {c.n_layer} ({sliding} sliding window {c.sliding_window}, {c.n_layer - sliding} full)",
+            f"experts            {c.n_expert}, {c.n_expert_used} per token, feed-forward {c.n_ff_exp}",
+            f"embedding          {c.n_embd}",
+            f"heads              {c.n_head} query, {c.n_head_kv} key/value, head dim {c.head_dim}",
+            f"vocabulary         {c.n_vocab}",
+            f"context length     {c.n_ctx_train} (YaRN x{c.rope_scaling_factor:g} from {c.rope_orig_ctx})",
+            f"tensor types       {', '.join(f'{n} {k}' for k, n in sorted(types.items(), key=lambda kv: -kv[1]))}",
+            f"file size          {_gb(m.file_size)} ({m.file_size} bytes)",
+            f"parameters         {_params(c.n_params)} total, {_params(c.n_params_active)} active per token",
+            f"RAM at context {ctx}:",
+            f"  weights touched per token   {_gb(touched)}",
+            f"  whole file (memory-mapped)  {_gb(m.file_size)}",
+            f"  KV cache (f32)              {_gb(kv)}",
+            f"  file + KV cache             {_gb(m.file_size + kv)}",
+        ]
+    return "\n".join(lines)
