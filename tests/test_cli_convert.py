@@ -1,0 +1,45 @@
+"""`ossrt convert` / `ossrt info` / tools/convert.py: exit codes, one-line errors, no tracebacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ossrt.cli import main
+from ossrt.modelfile import ModelFile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_convert_and_info(tiny_checkpoint, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint()), "-o", str(out), "--outtype", "bf16", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out)
+    with ModelFile.open(out) as m:
+        assert m.tensors["token_embd.weight"].type.name == "BF16"
+    r = CliRunner().invoke(main, ["info", str(out), "--context", "1024"])
+    assert r.exit_code == 0
+    assert "architecture       gpt-oss" in r.stdout and "RAM at context 1024:" in r.stdout
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    (tmp_path / "x.gguf").write_bytes(b"nope")
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_tools_convert_script(tiny_checkpoint, tmp_path):
+    out = tmp_path / "t.gguf"
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), str(tiny_checkpoint()), str(out), "-q"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # no progress bar when stderr is not a terminal / with -q
+    assert out.is_file()
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), str(tmp_path / "nope"), str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
