@@ -61,3 +61,7 @@ def info(file: Path, context: int | None) -> None:
     from .info import report
 
     click.echo(report(file, context))
+
+
+if __name__ == "__main__":
+    main()
