@@ -139,6 +139,12 @@ class Checkpoint:
             return [single]
         raise ConvertError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
 
+    def release(self) -> None:
+        """Drop the source pages read so far from our RSS (they stay in the page cache): touched pages of a
+        file mapping count as resident, which would otherwise grow to the checkpoint's size."""
+        for m in self._maps:
+            m.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         # Views into the maps may still be referenced by the caller; closing is then deferred to the GC.
         for m in self._maps:
@@ -465,6 +471,7 @@ def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab, 
                   desc=out.name, file=sys.stderr, dynamic_ncols=True) as bar:
             for t in tensors:
                 w.write_tensor_data(_Streamed(t, bar.update))
+                ckpt.release()
         w.close()
         os.replace(tmp, out)
     except OSError as e:
