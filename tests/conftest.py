@@ -58,3 +58,29 @@ def tiny_gguf(tmp_path_factory, tiny_checkpoint):
         return cache[key]
 
     return make
+
+
+# --- tokenizer / Harmony (issue 4) ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def o200k_tokenizer(o200k_path: Path):
+    """ossrt's o200k_harmony Tokenizer built from the shared o200k_base.tiktoken."""
+    from ossrt.tokenizer import Tokenizer
+
+    return Tokenizer.from_tiktoken_file(o200k_path)
+
+
+@pytest.fixture(scope="session")
+def harmony_encoding(o200k_path: Path):
+    """openai-harmony's HarmonyGptOss encoding, offline: with TIKTOKEN_ENCODINGS_BASE set, its loader reads
+    `$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken` (hash-checked) instead of downloading; the variable is read only
+    while the encoding loads."""
+    openai_harmony = pytest.importorskip("openai_harmony")
+    old = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_path.parent)
+    try:
+        return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_ENCODINGS_BASE"]
+        else:
+            os.environ["TIKTOKEN_ENCODINGS_BASE"] = old
