@@ -5,6 +5,7 @@ import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 from hypothesis import given, settings
@@ -147,6 +148,8 @@ def test_decode_specials_unassigned_and_bad_ids(o200k_tokenizer):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             t.decode([24912, bad])
     assert t.decode_bytes([]) == b""
+    # Sampled ids arrive as NumPy integers.
+    assert t.decode(np.array([24912, 200500], dtype=np.int64)) == "hello" and t.has_string(np.int32(0))
 
 
 def test_incremental_decoder_never_splits_a_character(o200k_tokenizer):

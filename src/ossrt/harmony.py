@@ -42,7 +42,7 @@ CONSTRAIN = "<|constrain|>"
 
 # === renderer =====================================================================================================
 @dataclass
-class _Msg:
+class HarmonyMessage:
     """One Harmony message. `name` is the author name: the tool name for role `tool`."""
 
     role: str
@@ -73,7 +73,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
 
 def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                         reasoning_effort: str = "medium", current_date: str | _dt.date | None = None,
-                        model_identity: str = MODEL_IDENTITY) -> list[_Msg]:
+                        model_identity: str = MODEL_IDENTITY) -> list[HarmonyMessage]:
     """The Harmony messages `render_conversation` renders, system message first, chain of thought dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatFormatError(f"messages must be a list of message objects, got {type(messages).__name__}")
@@ -104,12 +104,12 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
     channels = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
     if functions:
         channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-    out = [_Msg("system", "\n\n".join(["\n".join(system), f"Reasoning: {effort}", channels]))]
+    out = [HarmonyMessage("system", "\n\n".join(["\n".join(system), f"Reasoning: {effort}", channels]))]
     if instructions is not None or functions:
         sections = ["# Instructions", instructions] if instructions is not None else []
         if functions:
             sections.append(_tools_section("functions", functions))
-        out.append(_Msg("developer", "\n\n".join(sections)))
+        out.append(HarmonyMessage("developer", "\n\n".join(sections)))
 
     calls: dict[str, str] = {}  # tool_call_id -> function name, of the assistant calls seen so far
     called: set[str] = set()
@@ -117,7 +117,7 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
         m = messages[i]
         role = m["role"]
         if role in ("system", "developer", "user"):
-            out.append(_Msg("user" if role == "user" else "developer", _text(m, i)))
+            out.append(HarmonyMessage("user" if role == "user" else "developer", _text(m, i)))
         elif role == "assistant":
             out += _assistant(m, i, i in keep_reasoning, calls, called)
         else:
@@ -163,7 +163,7 @@ def _reasoning_to_keep(messages: Sequence[Mapping[str, Any]]) -> set[int]:
 
 
 def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[str, str],
-               called: set[str]) -> list[_Msg]:
+               called: set[str]) -> list[HarmonyMessage]:
     out = []
     reasoning = m.get("reasoning")
     if reasoning is None:
@@ -180,9 +180,9 @@ def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[s
     if not content and not tool_calls and not reasoning:
         raise ChatFormatError(f"messages[{i}] (assistant): needs 'content', 'tool_calls' or 'reasoning'")
     if reasoning and keep_reasoning:
-        out.append(_Msg("assistant", reasoning, channel="analysis"))
+        out.append(HarmonyMessage("assistant", reasoning, channel="analysis"))
     if content:
-        out.append(_Msg("assistant", content, channel="commentary" if tool_calls else "final"))
+        out.append(HarmonyMessage("assistant", content, channel="commentary" if tool_calls else "final"))
     for j, call in enumerate(tool_calls):
         where = f"messages[{i}].tool_calls[{j}]"
         fn = call.get("function") if isinstance(call, Mapping) else None
@@ -198,12 +198,12 @@ def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[s
         if call.get("id") is not None:
             calls[str(call["id"])] = name
         called.add(name)
-        out.append(_Msg("assistant", args, recipient=f"functions.{name}", channel="commentary",
+        out.append(HarmonyMessage("assistant", args, recipient=f"functions.{name}", channel="commentary",
                         content_type=f"{CONSTRAIN}json"))
     return out
 
 
-def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: set[str]) -> _Msg:
+def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: set[str]) -> HarmonyMessage:
     call_id, name = m.get("tool_call_id"), m.get("name")
     if call_id is not None:
         if str(call_id) not in calls:
@@ -217,10 +217,10 @@ def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: se
         raise ChatFormatError(f"messages[{i}] (tool): needs 'tool_call_id' (or 'name')")
     elif name not in called:
         raise ChatFormatError(f"messages[{i}] (tool): no earlier assistant tool call to {name!r}")
-    return _Msg("tool", _text(m, i), name=f"functions.{name}", recipient="assistant", channel="commentary")
+    return HarmonyMessage("tool", _text(m, i), name=f"functions.{name}", recipient="assistant", channel="commentary")
 
 
-def _drop_analysis(msgs: list[_Msg]) -> list[_Msg]:
+def _drop_analysis(msgs: list[HarmonyMessage]) -> list[HarmonyMessage]:
     """openai-harmony's `auto_drop_analysis`: if the last assistant message is on `final`, drop every `analysis`
     message before the first `final` message."""
     last = next((m for m in reversed(msgs) if m.role == "assistant"), None)
@@ -230,7 +230,7 @@ def _drop_analysis(msgs: list[_Msg]) -> list[_Msg]:
     return [m for k, m in enumerate(msgs) if not (k < first_final and m.channel == "analysis")]
 
 
-def _render_message(tok: Tokenizer, m: _Msg, out: list[int]) -> None:
+def _render_message(tok: Tokenizer, m: HarmonyMessage, out: list[int]) -> None:
     """One message, piece by piece as openai-harmony encodes it (each text piece encoded on its own)."""
     out.append(tok.start)
     if m.role == "tool":
@@ -451,15 +451,50 @@ def _one_of_property(key: str, opt: str, val: Any, variants: list, indent: str) 
 
 
 def json_text(v: Any) -> str:
-    """Compact JSON as serde_json's `Display` writes it (openai-harmony prints defaults with it): non-ASCII kept,
-    floats in Rust's shortest form (`1e20`, `1.5e-7`, `10.0`)."""
+    """Compact JSON as openai-harmony prints a default: Python's JSON text read by serde_json, shown by its
+    `Display` (non-ASCII kept, numbers as serde_json holds and formats them)."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, int):
+        return str(v) if -2**63 <= v < 2**64 else _rust_float(_serde_f64(str(v)))
     if isinstance(v, float):
-        return _rust_float(v)
+        return _rust_float(_serde_f64(repr(v))) if math.isfinite(v) else "null"
     if isinstance(v, Mapping):
         return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + json_text(x) for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(json_text(x) for x in v) + "]"
     return json.dumps(v, ensure_ascii=False)
+
+
+_POW10 = [float(f"1e{k}") for k in range(309)]  # correctly rounded literals, like serde_json's table
+_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
+
+
+def _serde_f64(text: str) -> float:
+    """serde_json's default (not round-trip exact) parse of a JSON number to f64: the digits that fit in a u64
+    as the significand, then one multiplication or division by an exact power of ten. It can be 1 ULP off the
+    correctly rounded value for long mantissas, and openai-harmony prints what it gets."""
+    sign, whole, frac, exp = _NUMBER.fullmatch(text).groups()
+    significand, exponent = 0, int(exp or 0)
+    digits = whole + (frac or "")
+    for k, d in enumerate(digits):
+        if significand * 10 + int(d) > 2**64 - 1:
+            # Digits that do not fit are dropped; only those before the decimal point still count as powers of 10.
+            exponent += max(len(whole) - k, 0)
+            break
+        significand = significand * 10 + int(d)
+        if k >= len(whole):
+            exponent -= 1
+    f = float(significand)
+    while True:
+        if abs(exponent) <= 308:
+            f = f * _POW10[exponent] if exponent >= 0 else f / _POW10[-exponent]
+            break
+        if f == 0.0 or exponent > 0:
+            break
+        f /= 1e308
+        exponent += 308
+    return -f if sign else f
 
 
 def _rust_float(f: float) -> str:
@@ -607,7 +642,9 @@ class HarmonyParser:
     def feed(self, token_id: int) -> list[Event]:
         events: list[Event] = []
         self._n += 1
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.tok.n_vocab:
+        try:
+            token_id = self.tok.check_id(token_id)
+        except ValueError:
             self._problem(f"token {token_id!r} is not a vocabulary id; skipped")
             return events
         stop = self._stops.get(token_id)
@@ -721,20 +758,22 @@ class HarmonyParser:
         if parts and parts[0] == role:
             parts.pop(0)
         recipient = content_type = None
-        if parts:
-            n, last = len(parts), parts.pop()
-            if last.startswith("to="):
-                recipient = last[3:]
-            elif n == 1 and last.startswith(CONSTRAIN):
-                content_type = last  # structured output on a channel; openai-harmony would take it as a recipient
-            elif n == 1:
-                recipient = last
-            else:
-                content_type = last
-                raw = parts.pop()
-                recipient = raw[3:] if raw.startswith("to=") else raw
+        to = [k for k, part in enumerate(parts) if part.startswith("to=")]
+        if to:
+            # "to=X" names the recipient wherever it stands; what follows it is the content type.
+            recipient = parts.pop(to[-1])[3:]
             if parts:
-                self._problem(f"unexpected text in message header ignored: {' '.join(parts)!r}")
+                content_type = parts.pop()
+        elif len(parts) == 1:
+            # A lone word is a bare recipient (openai-harmony's rule), unless it is a constrained format.
+            if parts[0].startswith(CONSTRAIN):
+                content_type = parts.pop()
+            else:
+                recipient = parts.pop()
+        elif parts:
+            content_type, recipient = parts.pop(), parts.pop()
+        if parts:
+            self._problem(f"unexpected text in message header ignored: {' '.join(parts)!r}")
         return ParsedMessage(role=role, name=name, channel=channel, recipient=recipient, content_type=content_type)
 
     def _header_without_message(self, stop: str | None, events: list[Event], keep_open: bool = False) -> None:

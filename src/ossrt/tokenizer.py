@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from typing import AbstractSet, Literal
@@ -181,15 +182,13 @@ class Tokenizer:
 
     # --- decoding ---
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """Ids -> bytes; special tokens give their literal text, ids without a string give nothing."""
-        ids = list(ids)
+        """Ids (ints or NumPy integers) -> bytes; special tokens give their literal text, ids without a string
+        give nothing."""
+        ids = [self.check_id(i) for i in ids]
         try:
             return self._enc.decode_bytes(ids)
-        except (KeyError, OverflowError, TypeError, ValueError):
-            pass  # an id without a string, or a bad id: find out which, below
-        for i in ids:
-            self._check_id(i)
-        return self._enc.decode_bytes([i for i in ids if self._assigned[i]])
+        except KeyError:  # an id without a string
+            return self._enc.decode_bytes([i for i in ids if self._assigned[i]])
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Ids -> text; invalid UTF-8 becomes U+FFFD (`errors="strict"` raises instead)."""
@@ -199,14 +198,19 @@ class Tokenizer:
         """The bytes of one id (b"" for an id without a string)."""
         return self.decode_bytes([token_id])
 
-    def _check_id(self, i: object) -> None:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_vocab:
+    def check_id(self, i: object) -> int:
+        """An id as a Python int (NumPy integers accepted); `ValueError` if it is not in the vocabulary."""
+        try:
+            k = operator.index(i)
+        except TypeError:
+            k = -1
+        if not 0 <= k < self.n_vocab:
             raise ValueError(f"token id {i!r} is outside the vocabulary [0, {self.n_vocab})")
+        return k
 
     def has_string(self, token_id: int) -> bool:
         """False for ids the vocabulary leaves empty (200019..201087 in gpt-oss)."""
-        self._check_id(token_id)
-        return bool(self._assigned[token_id])
+        return bool(self._assigned[self.check_id(token_id)])
 
     # --- special tokens ---
     def special_id(self, text: str) -> int:
