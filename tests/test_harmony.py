@@ -5,7 +5,7 @@ import datetime
 import json
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 openai_harmony = pytest.importorskip("openai_harmony")

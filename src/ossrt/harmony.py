@@ -24,9 +24,9 @@ import json
 import math
 import re
 import uuid
-from decimal import Decimal
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Union
 
 from .errors import ChatFormatError
@@ -677,13 +677,11 @@ class HarmonyParser:
             self._state, self._role, self._header = _HEADER, None, []
         elif stop is not None:
             self._problem(f"{self._name(t)} where <|start|> was expected; ignored")
-        elif t == self.tok.channel:
-            # The model skipped "<|start|>assistant": read on as an assistant header.
-            self._problem("<|channel|> without <|start|>assistant; assuming an assistant message")
-            self._state, self._role, self._header = _HEADER, "assistant", [t]
         else:
-            self._problem(f"{self._name(t)} where <|start|> was expected; reading it as a message header")
-            self._state, self._role, self._header = _HEADER, "assistant", [t]
+            # The model skipped "<|start|>assistant" (typically it went straight on with "<|channel|>…").
+            self._problem(f"{self._name(t)} where <|start|> was expected; assuming an assistant message")
+            self._state, self._role, self._header = _HEADER, "assistant", []
+            self._in_header(t, stop, events)
 
     def _in_header(self, t: int, stop: str | None, events: list[Event]) -> None:
         if t == self.tok.message:
@@ -726,17 +724,7 @@ class HarmonyParser:
     # --- messages ---
     def _parse_header(self, text: str, role: str | None) -> ParsedMessage:
         """openai-harmony's header rules (spec §7.9), with what it rejects recorded instead."""
-        channel = None
-        at = text.find("<|channel|>")
-        if at >= 0:
-            after = text[at + len("<|channel|>"):]
-            value = re.match(r"[^\s<]*", after).group()
-            if value:
-                channel = value
-            else:
-                self._problem("<|channel|> without a channel name")
-            text = text[:at] + after[len(value):]
-        text = text.strip()
+        channel, text = self._split_channel(text)
         if CONSTRAIN in text:
             text = text.replace(CONSTRAIN, " " + CONSTRAIN).strip()
         parts = [p for p in _ASCII_WS.split(text) if p]
@@ -776,16 +764,20 @@ class HarmonyParser:
             self._problem(f"unexpected text in message header ignored: {' '.join(parts)!r}")
         return ParsedMessage(role=role, name=name, channel=channel, recipient=recipient, content_type=content_type)
 
+    def _split_channel(self, text: str) -> tuple[str | None, str]:
+        """The channel named after `<|channel|>` (up to whitespace or "<"), and the header text without it."""
+        at = text.find("<|channel|>")
+        if at < 0:
+            return None, text.strip()
+        after = text[at + len("<|channel|>"):]
+        value = re.match(r"[^\s<]*", after).group()
+        if not value:
+            self._problem("<|channel|> without a channel name")
+        return value or None, (text[:at] + after[len(value):]).strip()
+
     def _header_without_message(self, stop: str | None, events: list[Event], keep_open: bool = False) -> None:
         """A header that never reached <|message|>: its channel is used, the rest of its text becomes content."""
-        text = self.tok.decode(self._header)
-        channel = None
-        at = text.find("<|channel|>")
-        if at >= 0:
-            after = text[at + len("<|channel|>"):]
-            channel = re.match(r"[^\s<]*", after).group() or None
-            text = text[:at] + after[len(channel or ""):]
-        text = text.strip()
+        channel, text = self._split_channel(self.tok.decode(self._header))
         role = self._role or "assistant"
         if text.split(maxsplit=1)[:1] == [role]:
             text = text[len(role):].lstrip()
