@@ -38,7 +38,7 @@ from ossrt.harmony import (  # noqa: E402
     schema_to_typescript,
 )
 
-HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+HYPO = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
 
 WEATHER_TOOL = {"type": "function", "function": {
