@@ -23,3 +23,7 @@ class ChatFormatError(OssrtError):
 
 class ContextLengthError(OssrtError):
     """A sequence would pass the context length the model was loaded with."""
+
+
+class ParameterError(OssrtError, ValueError):
+    """A generation or API parameter is out of range (e.g. a negative temperature or top_p above 1)."""
