@@ -1,0 +1,172 @@
+"""The gpt-oss forward pass over the packed weights of a model file, with a KV cache (spec §2).
+
+Weights are used where they lie in the memory-mapped file; `kernels` does the weight math (one row: Numba decode
+kernels; many rows: dequantized tiles and BLAS). Activations and accumulation are float32. The small ops here are
+plain array expressions, so the same code can run on another array module later.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from . import kernels
+from .config import ModelConfig
+from .errors import ContextLengthError, ParameterError
+from .kv_cache import KVCache
+from .modelfile import ModelFile
+
+_ATTENTION_SCORE_BYTES = 64 << 20  # bound on the prefill score block [n_head, queries, keys]
+
+
+def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies with YaRN blending, and the concentration that scales cos and sin (spec §2.3).
+    The correction range is not rounded (llama.cpp rounds it; the reference does not)."""
+    d, d_half = cfg.head_dim, cfg.head_dim // 2
+    base, factor = cfg.rope_freq_base, cfg.rope_scaling_factor
+    freq = base ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    low = d_half * math.log(cfg.rope_orig_ctx / (cfg.rope_beta_fast * 2 * math.pi)) / math.log(base)
+    high = d_half * math.log(cfg.rope_orig_ctx / (cfg.rope_beta_slow * 2 * math.pi)) / math.log(base)
+    extrapolate = 1 - np.clip((np.arange(d_half) - low) / (high - low), 0, 1)  # 1 = keep the original frequency
+    inv_freq = extrapolate / freq + (1 - extrapolate) / (factor * freq)
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
+
+
+def apply_rope(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Half-split rotation of v [T, heads, d] by cos/sin [T, d/2]."""
+    half = v.shape[-1] // 2
+    a, b = v[..., :half], v[..., half:]
+    c, s = cos[:, None], sin[:, None]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+def softmax_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Router (spec §2.5): the k largest logits per row and the softmax over just those."""
+    ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    sel = np.take_along_axis(logits, ids, axis=1)
+    w = np.exp(sel - sel.max(axis=1, keepdims=True))
+    return ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class Transformer:
+    """gpt-oss over a `ModelFile`: `forward(tokens, cache)` runs the next positions of the cache's sequence."""
+
+    def __init__(self, model_file: ModelFile):
+        self.config = cfg = model_file.config
+        t = model_file.tensors
+        self.token_embd = t["token_embd.weight"]
+        self.output_norm = t["output_norm.weight"].data
+        self.output = t["output.weight"]
+        self.layers = [{name[len(f"blk.{i}."):]: tensor for name, tensor in t.items() if name.startswith(f"blk.{i}.")}
+                       for i in range(cfg.n_layer)]
+        self.inv_freq, self.concentration = yarn_frequencies(cfg)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # One forward pass at a time: Numba's parallel kernels must not be entered from two threads at once.
+        self._lock = threading.Lock()
+
+    def new_cache(self, context_length: int) -> KVCache:
+        return KVCache(self.config, context_length)
+
+    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        angles = positions[:, None].astype(np.float64) * self.inv_freq[None, :]
+        return ((np.cos(angles) * self.concentration).astype(np.float32),
+                (np.sin(angles) * self.concentration).astype(np.float32))
+
+    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at the cache's next positions and append them to it. Returns float32 logits
+        [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position. If anything fails midway
+        the cache is emptied, since a ring may already hold the new positions."""
+        cfg = self.config
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ParameterError(f"tokens must be a non-empty 1-D sequence of ids, got shape {tokens.shape}")
+        if tokens.min() < 0 or tokens.max() >= cfg.n_vocab:
+            bad = tokens[(tokens < 0) | (tokens >= cfg.n_vocab)][0]
+            raise ParameterError(f"token id {bad} is outside the vocabulary of {cfg.n_vocab}")
+        if cache.length + len(tokens) > cache.context_length:
+            raise ContextLengthError(f"{cache.length} + {len(tokens)} tokens pass the context length "
+                                     f"{cache.context_length}")
+        with self._lock:
+            return self._forward(tokens, cache, all_logits)
+
+    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+        cfg = self.config
+        start = cache.length
+        try:
+            x = kernels.dequantize(self.token_embd, rows=tokens)
+            cos, sin = self.rope_tables(start + np.arange(len(tokens)))
+            for layer, w in enumerate(self.layers):
+                x = x + self._attention(layer, w, rms_norm(x, w["attn_norm.weight"].data, cfg.rms_norm_eps),
+                                        cos, sin, cache, start)
+                x = x + self._moe(w, rms_norm(x, w["post_attention_norm.weight"].data, cfg.rms_norm_eps))
+        except BaseException:
+            cache.length = 0
+            raise
+        cache.length = start + len(tokens)
+        if not all_logits:
+            x = x[-1:]
+        return kernels.linear(self.output, rms_norm(x, self.output_norm, cfg.rms_norm_eps))
+
+    def _attention(self, layer: int, w: dict, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
+                   start: int) -> np.ndarray:
+        cfg = self.config
+        T = h.shape[0]
+        q = (kernels.linear(w["attn_q.weight"], h) + w["attn_q.bias"].data).reshape(T, cfg.n_head, cfg.head_dim)
+        k = (kernels.linear(w["attn_k.weight"], h) + w["attn_k.bias"].data).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = (kernels.linear(w["attn_v.weight"], h) + w["attn_v.bias"].data).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        sinks = w["attn_sinks.weight"].data
+        if T == 1:
+            cache.store(layer, start, k, v)
+            first = cache.window_start(layer, start)
+            out = kernels.attend(q[0], cache.keys[layer], cache.values[layer], first % cache.capacity[layer],
+                                 start + 1 - first, sinks, self.scale).reshape(1, -1)
+        else:
+            out = self._attention_block(layer, q, k, v, sinks, cache, start)
+            cache.store(layer, start, k, v)
+        return kernels.linear(w["attn_output.weight"], out) + w["attn_output.bias"].data
+
+    def _attention_block(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
+                         cache: KVCache, start: int) -> np.ndarray:
+        """Attention with sinks (spec §2.4) for queries at positions start.. against the cached keys in the
+        window plus the new ones, in blocks of queries that bound the score matrix."""
+        cfg = self.config
+        T = q.shape[0]
+        per_kv = cfg.n_head // cfg.n_head_kv
+        first = cache.window_start(layer, start)
+        past_k, past_v = cache.past(layer, first, start)
+        keys = np.concatenate([past_k, k.transpose(1, 0, 2)], axis=1)[:, None]  # [kv, 1, N, d]
+        values = np.concatenate([past_v, v.transpose(1, 0, 2)], axis=1)[:, None]
+        key_pos = np.arange(first, start + T)
+        query_pos = start + np.arange(T)
+        queries = q.reshape(T, cfg.n_head_kv, per_kv, cfg.head_dim).transpose(1, 2, 0, 3)  # [kv, per, T, d]
+        sink = sinks.reshape(cfg.n_head_kv, per_kv, 1)
+        out = np.empty_like(queries)
+        block = max(1, _ATTENTION_SCORE_BYTES // (4 * cfg.n_head * len(key_pos)))
+        for b0 in range(0, T, block):
+            b1 = min(T, b0 + block)
+            scores = np.matmul(queries[:, :, b0:b1], keys.transpose(0, 1, 3, 2)) * np.float32(self.scale)
+            delta = query_pos[b0:b1, None] - key_pos[None, :]
+            allowed = delta >= 0
+            if cfg.is_sliding(layer):
+                allowed &= delta < cfg.sliding_window
+            scores = np.where(allowed, scores, np.float32(-np.inf))
+            m = np.maximum(scores.max(axis=-1), sink)  # the sink takes part in the max and the denominator only
+            p = np.exp(scores - m[..., None])
+            denom = p.sum(axis=-1) + np.exp(sink - m)
+            out[:, :, b0:b1] = np.matmul(p, values) / denom[..., None]
+        return out.transpose(2, 0, 1, 3).reshape(T, cfg.n_head * cfg.head_dim)
+
+    def _moe(self, w: dict, h: np.ndarray) -> np.ndarray:
+        cfg = self.config
+        router = kernels.linear(w["ffn_gate_inp.weight"], h) + w["ffn_gate_inp.bias"].data
+        ids, weights = softmax_top_k(router, cfg.n_expert_used)
+        return kernels.moe(w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"],
+                           w["ffn_gate_exps.bias"].data, w["ffn_up_exps.bias"].data, w["ffn_down_exps.bias"].data,
+                           h, ids, weights, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)

@@ -1,0 +1,119 @@
+"""The fast forward pass against the float64 NumPy reference written from the spec, and the KV cache."""
+
+import numpy as np
+import pytest
+
+from ossrt import reference
+from ossrt.errors import ContextLengthError, ParameterError
+from ossrt.kv_cache import KVCache
+from ossrt.model import Transformer, yarn_frequencies
+from ossrt.modelfile import ModelFile
+
+# (outtype, source layout, HF config overrides): more than one shape, more experts than top-k, prompts that cross
+# the sliding window.
+SHAPES = {
+    "tiny-q8_0": ("q8_0", "mxfp4", {}),
+    "odd-bf16": ("bf16", "mxfp4", dict(hidden_size=96, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                        num_local_experts=5, num_experts_per_tok=2, sliding_window=5)),
+    "fine-tune-f32": ("f32", "bf16", dict(num_attention_heads=8, num_key_value_heads=1, sliding_window=16)),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def tiny(request, tiny_gguf):
+    outtype, layout, overrides = SHAPES[request.param]
+    mf = ModelFile.open(tiny_gguf(outtype, layout, **overrides))
+    yield mf, Transformer(mf), reference.load_weights(mf)
+    mf.close()
+
+
+def prompt(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 201088, n)
+
+
+def assert_close(got: np.ndarray, expect: np.ndarray) -> None:
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+def test_logits_match_reference_at_every_position(tiny):
+    mf, model, weights = tiny
+    tokens = prompt(40)
+    expect = reference.forward(mf.config, weights, tokens)
+    got = model.forward(tokens, model.new_cache(64), all_logits=True)
+    assert got.shape == (40, mf.config.n_vocab) and got.dtype == np.float32
+    assert_close(got, expect)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 24, [3, 5, 1, 1, 9, 2, 3], [17, 1, 1, 1, 4]])
+def test_incremental_decode_equals_recomputing(tiny, chunks):
+    """Chunked prefill and single-token decode, across window and chunk boundaries, equal one pass."""
+    mf, model, weights = tiny
+    tokens = prompt(sum(chunks), seed=1)
+    cache = model.new_cache(32)
+    pieces, start = [], 0
+    for n in chunks:
+        pieces.append(model.forward(tokens[start:start + n], cache, all_logits=True))
+        start += n
+    assert cache.length == len(tokens)
+    assert_close(np.concatenate(pieces), reference.forward(mf.config, weights, tokens))
+
+
+def test_greedy_continuation_equals_reference(tiny):
+    mf, model, weights = tiny
+    tokens = list(prompt(12, seed=2))
+    cache = model.new_cache(64)
+    fast = list(tokens)
+    logits = model.forward(fast, cache)[-1]
+    for _ in range(32):
+        fast.append(int(np.argmax(logits)))
+        logits = model.forward(fast[-1:], cache)[-1]
+    slow = list(tokens)
+    for _ in range(32):
+        slow.append(int(np.argmax(reference.forward(mf.config, weights, slow)[-1])))
+    assert fast == slow
+
+
+def test_forward_rejects_bad_tokens_and_full_context(tiny):
+    mf, model, _ = tiny
+    cache = model.new_cache(8)
+    with pytest.raises(ParameterError, match="201088"):
+        model.forward([1, 201088], cache)
+    with pytest.raises(ParameterError, match="non-empty"):
+        model.forward([], cache)
+    model.forward(prompt(6), cache)
+    with pytest.raises(ContextLengthError, match="6 \\+ 3 tokens pass the context length 8"):
+        model.forward(prompt(3), cache)
+    assert cache.length == 6
+    model.forward(prompt(2), cache)
+    with pytest.raises(ContextLengthError):
+        model.forward([5], cache)
+
+
+def test_yarn_constants_of_the_spec():
+    """Spec §2.3 for gpt-oss-20b: low 8.0928, high 17.398 (not rounded), concentration 1.34657."""
+    from ossrt import synthetic
+    from ossrt.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(synthetic.hf_config("20b"))
+    inv_freq, concentration = yarn_frequencies(cfg)
+    freq = 150000.0 ** (np.arange(0, 64, 2) / 64)
+    assert concentration == pytest.approx(1.3465735902799727, rel=1e-15)
+    np.testing.assert_allclose(inv_freq[:9], 1 / freq[:9], rtol=1e-15)  # i <= 8 unscaled
+    np.testing.assert_allclose(inv_freq[18:], 1 / (32 * freq[18:]), rtol=1e-15)  # i >= 18 divided by 32
+    ramp = (9 - 8.092779115512402) / (17.39802450158856 - 8.092779115512402)
+    assert inv_freq[9] == pytest.approx((1 - ramp) / freq[9] + ramp / (32 * freq[9]), rel=1e-12)
+
+
+def test_kv_cache_size_and_ring(tiny):
+    mf, model, _ = tiny
+    cfg = mf.config
+    cache = KVCache(cfg, 100)
+    assert cache.nbytes == cfg.kv_cache_bytes(100)
+    assert all(c == (min(cfg.sliding_window, 100) if cfg.is_sliding(i) else 100)
+               for i, c in enumerate(cache.capacity))
+    model.forward(prompt(30), cache)
+    with pytest.raises(ValueError, match="no longer holds"):
+        cache.truncate(20)  # the sliding rings have moved on
+    cache.truncate(30)
+    assert cache.length == 30
