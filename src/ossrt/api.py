@@ -1,0 +1,105 @@
+"""The Python API: `ossrt.load(path) -> Model`, with `logits` and a streaming `generate`."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import kernels
+from .config import ModelConfig
+from .errors import ContextLengthError, ParameterError
+from .generate import PREFILL_CHUNK, GenerationStats, generate_tokens
+from .model import Transformer
+from .modelfile import ModelFile
+from .sampling import Sampler
+from .tokenizer import Tokenizer
+
+
+DEFAULT_CONTEXT_LENGTH = 8192
+
+
+class Model:
+    """A loaded gpt-oss model. Thread-safe: forward passes are serialised, and every `generate` call has its own
+    KV cache, so concurrent calls interleave without touching each other's state."""
+
+    def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None):
+        cfg = model_file.config
+        if context_length is None:
+            context_length = min(DEFAULT_CONTEXT_LENGTH, cfg.n_ctx_train)
+        if not 1 <= context_length <= cfg.n_ctx_train:
+            raise ParameterError(f"context_length must be between 1 and {cfg.n_ctx_train} "
+                                 f"(the model's training context), got {context_length}")
+        try:
+            self.threads = kernels.set_num_threads(threads)
+        except ValueError as e:
+            raise ParameterError(str(e)) from None
+        self.model_file = model_file
+        self.context_length = context_length
+        self.transformer = Transformer(model_file)
+        self.stats = GenerationStats()  # of the most recent generate call
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model_file.config
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_model_file(self.model_file)
+
+    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
+        tokens = self._check_tokens(token_ids)
+        cache = self.transformer.new_cache(len(tokens))
+        return np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
+                               for i in range(0, len(tokens), PREFILL_CHUNK)])
+
+    def generate(self, token_ids: Iterable[int], *, max_tokens: int | None, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop_tokens: Iterable[int] | None = None) -> Iterator[int]:
+        """Yield new token ids after `token_ids` until a stop token (not yielded; default: the model's end
+        tokens <|return|>, <|call|>, <|endoftext|>), `max_tokens` (None: until the context is full) or the
+        context length. Temperature 0 is greedy; the same seed gives the same tokens. Parameters are checked
+        here, before the first token; `self.stats` describes the run as it goes."""
+        tokens = self._check_tokens(token_ids)
+        if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0):
+            raise ParameterError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}")
+        sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+        if stop_tokens is None:
+            stops = frozenset(self.tokenizer.stop_tokens_for_assistant)
+        else:
+            stops = frozenset(int(t) for t in stop_tokens)
+        self.stats = stats = GenerationStats()
+        cache = self.transformer.new_cache(self.context_length)
+        return generate_tokens(self.transformer, cache, tokens, sampler, max_tokens=max_tokens, stop_tokens=stops,
+                               stats=stats)
+
+    def _check_tokens(self, token_ids: Iterable[int]) -> np.ndarray:
+        tokens = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids)
+        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ParameterError("token_ids must be a non-empty sequence of integer token ids")
+        n_vocab = self.config.n_vocab
+        if tokens.min() < 0 or tokens.max() >= n_vocab:
+            bad = tokens[(tokens < 0) | (tokens >= n_vocab)][0]
+            raise ParameterError(f"token id {bad} is outside the vocabulary of {n_vocab}")
+        if len(tokens) > self.context_length:
+            raise ContextLengthError(f"{len(tokens)} prompt tokens do not fit the context length "
+                                     f"{self.context_length}")
+        return tokens.astype(np.int64)
+
+    def close(self) -> None:
+        self.model_file.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None) -> Model:
+    """Open a gpt-oss GGUF file (memory-mapped; the file is validated before anything runs). `context_length`
+    defaults to 8192 (or the model's training context if smaller); `threads` to all cores."""
+    return Model(ModelFile.open(path), context_length=context_length, threads=threads)
