@@ -43,3 +43,26 @@ def test_tools_convert_script(tiny_checkpoint, tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), str(tmp_path / "nope"), str(out)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def test_sigterm_during_convert_leaves_nothing(tiny_checkpoint, tmp_path):
+    """`kill` mid-write unwinds like Ctrl-C: exit 143, no temporary or partial file."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = (
+        "import os, signal, sys\n"
+        "import ossrt.mxfp4 as m\n"
+        "repack, calls = m.hf_to_gguf, []\n"
+        "def slow_repack(*a):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return repack(*a)\n"
+        "m.hf_to_gguf = slow_repack\n"
+        "from ossrt.cli import main\n"
+        "main(['convert', sys.argv[1], '-o', sys.argv[2], '-q'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint()), str(out_dir / "o.gguf")],
+                       capture_output=True, text=True)
+    assert r.returncode == 143, r.stderr
+    assert list(out_dir.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def expected_errors(fn):
 @click.version_option(package_name="ossrt")
 def main() -> None:
     """Run OpenAI's gpt-oss models from a GGUF file."""
+    # `kill` unwinds like Ctrl-C, so temporary files are removed and nothing is left half-written.
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame):
+    sys.exit(128 + signum)
 
 
 @main.command()
