@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +85,66 @@ def harmony_encoding(o200k_path: Path):
             del os.environ["TIKTOKEN_ENCODINGS_BASE"]
         else:
             os.environ["TIKTOKEN_ENCODINGS_BASE"] = old
+
+
+# --- scripted models (chat API, REPL, server) ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def scripted_gguf(tmp_path_factory, tiny_gguf):
+    """Factory: `scripted_gguf(text, loop=False) -> Path`, a tiny gpt-oss file (real format, real forward pass) whose
+    output after a prompt ending in `<|start|>assistant` is `text` (Harmony specials allowed), token by token.
+
+    Attention and expert outputs are zeroed, so each position's logits depend only on its own token: the scripted
+    tokens get distinct unit embeddings, and the unembedding row of each token's successor points along it (logit
+    80 against 0, so even sampling at temperature 1 follows the script). A token must therefore always have the
+    same successor. With `loop=True` the last token is followed by the first again, so output never ends."""
+    from ossrt.modelfile import ModelFile
+    from ossrt.tokenizer import Tokenizer
+
+    cache: dict = {}
+
+    def make(text: str, loop: bool = False) -> Path:
+        if (text, loop) in cache:
+            return cache[(text, loop)]
+        src = tiny_gguf("f32")
+        out = tmp_path_factory.mktemp("scripted") / "scripted.gguf"
+        out.write_bytes(src.read_bytes())
+        with ModelFile.open(out) as mf:
+            tok = Tokenizer.from_model_file(mf)
+            cfg = mf.config
+            base = np.frombuffer(mf._buf, np.uint8).__array_interface__["data"][0]
+            spans = {name: (t.data.__array_interface__["data"][0] - base, t.data.nbytes)
+                     for name, t in mf.tensors.items()}
+        ids = tok.encode("assistant") + tok.encode(text, allowed_special="all")
+        assert len(tok.encode("assistant")) == 1
+        pairs = dict()
+        for a, b in zip(ids, ids[1:] + (ids[1:2] if loop else [])):
+            if pairs.setdefault(a, b) != b:
+                raise ValueError(f"token {a} ({tok.decode([a])!r}) needs two successors in {text!r}")
+        order = list(dict.fromkeys(ids))
+        if len(order) > cfg.n_embd:
+            raise ValueError(f"{len(order)} distinct tokens do not fit {cfg.n_embd} dimensions")
+
+        maps = []
+
+        def tensor(name: str) -> np.ndarray:
+            offset, nbytes = spans[name]
+            maps.append(np.memmap(out, mode="r+", dtype=np.uint8, offset=offset, shape=(nbytes,)))
+            return maps[-1]
+
+        embd = tensor("token_embd.weight").view(np.float32).reshape(cfg.n_vocab, cfg.n_embd)
+        unembd = tensor("output.weight").view(np.float32).reshape(cfg.n_vocab, cfg.n_embd)
+        embd[:] = 0
+        unembd[:] = 0
+        for i, t in enumerate(order):
+            embd[t, i] = 1.0
+        for a, b in pairs.items():
+            unembd[b, order.index(a)] = 10.0
+        for layer in range(cfg.n_layer):
+            for name in ("attn_output.weight", "attn_output.bias", "ffn_down_exps.weight", "ffn_down_exps.bias"):
+                tensor(f"blk.{layer}.{name}")[:] = 0
+        for m in maps:
+            m.flush()
+        cache[(text, loop)] = out
+        return out
+
+    return make

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from functools import cached_property
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from . import kernels
+from .chat import ChatResponse, ChatSession, ChatStream
 from .config import ModelConfig
 from .errors import ContextLengthError, ParameterError
 from .generate import PREFILL_CHUNK, GenerationStats, generate_tokens
@@ -40,6 +41,7 @@ class Model:
         self.context_length = context_length
         self.transformer = Transformer(model_file)
         self.stats = GenerationStats()  # of the most recent generate call
+        self._session = ChatSession(self)
 
     @property
     def config(self) -> ModelConfig:
@@ -51,7 +53,7 @@ class Model:
 
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
-        tokens = self._check_tokens(token_ids)
+        tokens = self.check_prompt(token_ids)
         cache = self.transformer.new_cache(len(tokens))
         return np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
                                for i in range(0, len(tokens), PREFILL_CHUNK)])
@@ -63,7 +65,7 @@ class Model:
         tokens <|return|>, <|call|>, <|endoftext|>), `max_tokens` (None: until the context is full) or the
         context length. Temperature 0 is greedy; the same seed gives the same tokens. Parameters are checked
         here, before the first token; `self.stats` describes the run as it goes."""
-        tokens = self._check_tokens(token_ids)
+        tokens = self.check_prompt(token_ids)
         if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0):
             raise ParameterError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}")
         sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
@@ -76,7 +78,8 @@ class Model:
         return generate_tokens(self.transformer, cache, tokens, sampler, max_tokens=max_tokens, stop_tokens=stops,
                                stats=stats)
 
-    def _check_tokens(self, token_ids: Iterable[int]) -> np.ndarray:
+    def check_prompt(self, token_ids: Iterable[int]) -> np.ndarray:
+        """The ids as int64, or ParameterError / ContextLengthError saying what is wrong with them."""
         tokens = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids)
         if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
             raise ParameterError("token_ids must be a non-empty sequence of integer token ids")
@@ -88,6 +91,25 @@ class Model:
             raise ContextLengthError(f"{len(tokens)} prompt tokens do not fit the context length "
                                      f"{self.context_length}")
         return tokens.astype(np.int64)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+             reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
+             current_date: str | None = None) -> ChatResponse | ChatStream:
+        """Answer OpenAI-style chat `messages` (with function `tools`): render them in Harmony, generate, parse.
+
+        Returns a `ChatResponse` (content, reasoning, tool_calls, finish_reason, usage, timing, and the assistant
+        `message` to append to the history), or with `stream=True` a `ChatStream` of events ending in `Done`;
+        `ChatStream.cancel()` (any thread) or `close()` stops it. The model's own conversation cache is reused for
+        the prefix shared with the previous call; use `new_session()` for independent conversations. A call made
+        while another thread's turn is running on the same session gets a private cache instead of waiting."""
+        return self._session.chat(messages, tools=tools, reasoning_effort=reasoning_effort, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, seed=seed,
+                                  stream=stream, current_date=current_date)
+
+    def new_session(self) -> ChatSession:
+        """A conversation with its own KV cache: `session.chat(messages, ...)` takes the arguments of `chat`."""
+        return ChatSession(self)
 
     def close(self) -> None:
         self.model_file.close()

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .kv_cache import KVCache
-from .model import Transformer
+from .model import Cancelled, Transformer
 
 PREFILL_CHUNK = 512
 
@@ -25,7 +25,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # forward passes of single tokens after the prompt
     decode_steps: int = 0
-    stop_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens), "context_length"
+    stop_reason: str | None = None  # "stop" (a stop token), "length" (max_tokens), "context_length", "cancelled"
     stop_token: int | None = None  # the stop token that ended generation; it is not yielded
 
     @property
@@ -37,24 +37,40 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
-def prefill(transformer: Transformer, cache: KVCache, tokens: np.ndarray, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+def prefill(transformer: Transformer, cache: KVCache, tokens: np.ndarray, chunk: int = PREFILL_CHUNK,
+            should_stop: Callable[[], bool] | None = None) -> np.ndarray:
     """Append `tokens` to the cache in chunks; return the logits [vocab] of the last one."""
     for i in range(0, len(tokens), chunk):
-        logits = transformer.forward(tokens[i:i + chunk], cache)
+        logits = transformer.forward(tokens[i:i + chunk], cache, should_stop=should_stop)
     return logits[-1]
 
 
 def generate_tokens(transformer: Transformer, cache: KVCache, prompt: np.ndarray, sample: Callable[[np.ndarray], int],
                     *, max_tokens: int | None, stop_tokens: frozenset[int], stats: GenerationStats,
-                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+                    prefill_chunk: int = PREFILL_CHUNK, should_stop: Callable[[], bool] | None = None,
+                    on_prefilled: Callable[[np.ndarray], None] | None = None,
+                    last_logits: np.ndarray | None = None) -> Iterator[int]:
     """Continue the cache's sequence with `prompt`, then yield sampled ids until a stop token, `max_tokens`,
-    or the end of the context. `stats` is filled in as it goes."""
+    the end of the context, or `should_stop()` (asked between the layers of prefill and before each decode step).
+    An empty `prompt` continues from `last_logits`, the logits of the last token already in the cache.
+    `on_prefilled(logits)` runs once the prompt is in the cache. `stats` is filled in as it goes."""
     stats.prompt_tokens = len(prompt)
     if max_tokens == 0:
         stats.stop_reason = "length"
         return
     t0 = time.perf_counter()
-    logits = prefill(transformer, cache, prompt, prefill_chunk)
+    if len(prompt):
+        try:
+            logits = prefill(transformer, cache, prompt, prefill_chunk, should_stop)
+        except Cancelled:
+            stats.stop_reason = "cancelled"
+            return
+    elif last_logits is not None:
+        logits = last_logits
+    else:
+        raise ValueError("an empty prompt needs the logits of the last cached token")
+    if on_prefilled is not None:
+        on_prefilled(logits)
     token = sample(logits)
     stats.prefill_seconds = time.perf_counter() - t0
     while True:
@@ -68,6 +84,10 @@ def generate_tokens(transformer: Transformer, cache: KVCache, prompt: np.ndarray
             return
         if cache.length >= cache.context_length:
             stats.stop_reason = "context_length"
+            return
+        # Asked before a decode step, not inside it: an interrupted forward pass empties the cache.
+        if should_stop is not None and should_stop():
+            stats.stop_reason = "cancelled"
             return
         t0 = time.perf_counter()
         token = sample(transformer.forward([token], cache)[-1])

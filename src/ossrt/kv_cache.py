@@ -7,6 +7,8 @@ slot p % capacity. Arrays are allocated zeroed, so the OS commits their pages on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import ModelConfig
@@ -20,7 +22,18 @@ class KVCache:
                          for layer in range(config.n_layer)]
         self.keys = [np.zeros((config.n_head_kv, c, config.head_dim), dtype=np.float32) for c in self.capacity]
         self.values = [np.zeros_like(k) for k in self.keys]
-        self.length = 0  # positions [0, length) are filled
+        self._length = 0  # positions [0, length) are filled
+        self._floor = 0  # the lowest length since the last snapshot: a snapshot above it is stale
+        self._snapshots = 0  # only the latest snapshot can be restored
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
+        self._floor = min(self._floor, value)
 
     @property
     def nbytes(self) -> int:
@@ -50,12 +63,41 @@ class KVCache:
         self.keys[layer][:, slots] = keys[first - start:].transpose(1, 0, 2)
         self.values[layer][:, slots] = values[first - start:].transpose(1, 0, 2)
 
+    def can_truncate(self, length: int) -> bool:
+        """Whether `truncate(length)` is possible: every ring must still hold the window before `length`."""
+        return 0 <= length <= self.length and all(
+            self.window_start(layer, length) >= self.length - cap for layer, cap in enumerate(self.capacity))
+
     def truncate(self, length: int) -> None:
-        """Forget positions from `length` on (to reuse a shared prefix). A ring must still hold the window before
-        `length`, so sliding layers allow stepping back only as far as their spare capacity."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        for layer, cap in enumerate(self.capacity):
-            if self.window_start(layer, length) < self.length - cap:
-                raise ValueError(f"layer {layer} no longer holds the positions before {length}")
+        """Forget positions from `length` on (to reuse a shared prefix)."""
+        if not self.can_truncate(length):
+            raise ValueError(f"a cache of {self.length} positions no longer holds the window before {length}")
         self.length = length
+
+    def snapshot(self) -> "KVSnapshot":
+        """The rings as they are now (full layers need no copy: later positions never overwrite earlier ones)."""
+        rings = {layer: (self.keys[layer].copy(), self.values[layer].copy())
+                 for layer, cap in enumerate(self.capacity) if cap < self.context_length}
+        self._floor = self.length
+        self._snapshots += 1
+        return KVSnapshot(self.length, rings, self._snapshots)
+
+    def can_restore(self, snap: "KVSnapshot") -> bool:
+        """Whether `snap` is this cache's latest snapshot and nothing before it has been rewritten since."""
+        return snap.serial == self._snapshots and self._floor >= snap.length
+
+    def restore(self, snap: "KVSnapshot") -> None:
+        """Go back to the positions and rings of `snap`."""
+        if not self.can_restore(snap):
+            raise ValueError(f"the cache has been rewritten below the snapshot at {snap.length}")
+        for layer, (k, v) in snap.rings.items():
+            self.keys[layer][...] = k
+            self.values[layer][...] = v
+        self.length = snap.length
+
+
+@dataclass
+class KVSnapshot:
+    length: int
+    rings: dict[int, tuple[np.ndarray, np.ndarray]]
+    serial: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,10 @@ from .kv_cache import KVCache
 from .modelfile import ModelFile
 
 _ATTENTION_SCORE_BYTES = 64 << 20  # bound on the prefill score block [n_head, queries, keys]
+
+
+class Cancelled(Exception):
+    """A forward pass was stopped by its `should_stop` callback."""
 
 
 def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -78,10 +83,12 @@ class Transformer:
         return ((np.cos(angles) * self.concentration).astype(np.float32),
                 (np.sin(angles) * self.concentration).astype(np.float32))
 
-    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False,
+                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Run `tokens` at the cache's next positions and append them to it. Returns float32 logits
-        [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position. If anything fails midway
-        the cache is emptied, since a ring may already hold the new positions."""
+        [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position. `should_stop` is asked
+        between layers; if it says yes, `Cancelled` is raised. If anything fails midway the cache is emptied,
+        since a ring may already hold the new positions."""
         cfg = self.config
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1 or tokens.size == 0:
@@ -93,15 +100,18 @@ class Transformer:
             raise ContextLengthError(f"{cache.length} + {len(tokens)} tokens pass the context length "
                                      f"{cache.context_length}")
         with self._lock:
-            return self._forward(tokens, cache, all_logits)
+            return self._forward(tokens, cache, all_logits, should_stop)
 
-    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool) -> np.ndarray:
+    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool,
+                 should_stop: Callable[[], bool] | None) -> np.ndarray:
         cfg = self.config
         start = cache.length
         try:
             x = kernels.dequantize(self.token_embd, rows=tokens)
             cos, sin = self.rope_tables(start + np.arange(len(tokens)))
             for layer, w in enumerate(self.layers):
+                if should_stop is not None and should_stop():
+                    raise Cancelled
                 x = x + self._attention(layer, w, rms_norm(x, w["attn_norm.weight"].data, cfg.rms_norm_eps),
                                         cos, sin, cache, start)
                 x = x + self._moe(w, rms_norm(x, w["post_attention_norm.weight"].data, cfg.rms_norm_eps))

@@ -1,0 +1,228 @@
+"""Chat on top of generation: Harmony prompts in, reasoning / answer / tool calls out, streamed or whole.
+
+A `ChatSession` keeps one conversation's KV cache between turns. Each turn's prompt is compared with the tokens
+already in the cache; the shared prefix is kept and only the rest is prefilled. Sliding-window layers keep only a
+ring of recent positions, so the cache can step back only by restoring the ring snapshot taken when the previous
+prompt was prefilled — which is exactly where the next turn's prompt departs from the last generation (Harmony
+drops the previous answer's analysis from the history).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+
+from .generate import GenerationStats, generate_tokens
+from .harmony import (ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
+                      ToolCallDelta, completion_to_message, render_conversation)
+from .kv_cache import KVCache, KVSnapshot
+
+if TYPE_CHECKING:
+    from .api import Model
+
+__all__ = ["ChatResponse", "ChatSession", "ChatStream", "Done", "Usage", "Timing", "ReasoningDelta",
+           "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall"]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # generated tokens, the final stop token included
+    cached_tokens: int = 0  # prompt tokens reused from the session's cache, not prefilled again
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Timing:
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_tokens_per_second: float = 0.0  # over the tokens actually prefilled
+    decode_tokens_per_second: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass
+class ChatResponse:
+    content: str | None  # the final answer (or the preamble when the model only calls tools)
+    reasoning: str | None  # the analysis channel
+    tool_calls: list[dict[str, Any]]  # OpenAI style: {"id", "type": "function", "function": {"name", "arguments"}}
+    finish_reason: str  # "stop", "length", "tool_calls" or "cancelled"
+    usage: Usage
+    timing: Timing
+    message: dict[str, Any]  # the assistant message to append to the history for the next turn
+    problems: list[str] = field(default_factory=list)  # malformed model output the parser worked around
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event of a stream."""
+
+    response: ChatResponse
+
+
+ChatEvent = Union[Event, Done]
+
+
+class ChatSession:
+    """One conversation's KV cache, reused across turns for the prefix shared with the previous prompt.
+    One turn at a time: `busy` is held while a turn runs."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.cache: KVCache | None = None
+        self.tokens: list[int] = []  # the ids whose keys and values are in the cache, in order
+        self.snapshot: KVSnapshot | None = None  # taken right after the last prompt was prefilled
+        self.snapshot_logits: np.ndarray | None = None  # the logits of that prompt's last token
+        self.busy = threading.Lock()
+
+    def reset(self) -> None:
+        self.tokens, self.snapshot, self.snapshot_logits = [], None, None
+        if self.cache is not None:
+            self.cache.length = 0
+
+    def reuse(self, prompt: Sequence[int]) -> tuple[int, np.ndarray | None]:
+        """Keep the longest usable prefix of `prompt` in the cache. Returns its length and, when that is the whole
+        prompt (the previous prompt again, e.g. to regenerate), the logits to continue from."""
+        if self.cache is None:
+            self.cache = self.model.transformer.new_cache(self.model.context_length)
+        cache, snap = self.cache, self.snapshot
+        limit = min(len(prompt), len(self.tokens))
+        common = 0
+        while common < limit and self.tokens[common] == prompt[common]:
+            common += 1
+        usable = snap is not None and snap.length <= common and cache.can_restore(snap)
+        if usable and snap.length == len(prompt):
+            cache.restore(snap)
+            self.tokens = self.tokens[:snap.length]
+            return snap.length, self.snapshot_logits
+        common = min(common, len(prompt) - 1)  # the last prompt token must run to give the first logits
+        if cache.can_truncate(common):
+            cache.truncate(common)
+        elif usable:
+            cache.restore(snap)
+        else:
+            cache.length = 0
+        self.tokens = self.tokens[:cache.length]
+        return cache.length, None
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+             reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
+             current_date: str | None = None) -> "ChatResponse | ChatStream":
+        """See `Model.chat`."""
+        from .sampling import Sampler
+
+        tok = self.model.tokenizer
+        prompt = render_conversation(tok, messages, tools=tools, reasoning_effort=reasoning_effort,
+                                     current_date=current_date)
+        self.model.check_prompt(prompt)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            from .errors import ParameterError
+
+            raise ParameterError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+        sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+        s = ChatStream(self, prompt, sampler, max_tokens)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.response
+
+
+class ChatStream:
+    """Iterator of chat events: `ReasoningDelta`, `PreambleDelta`, `ContentDelta`, `ToolCallBegin`,
+    `ToolCallDelta`, `ToolCall`, and finally `Done(response)`. `cancel()` (from any thread) or `close()` stops
+    generation; a cancelled stream still ends with `Done` (finish_reason "cancelled")."""
+
+    def __init__(self, session: ChatSession, prompt: list[int], sampler, max_tokens: int | None):
+        self.session = session
+        self.prompt = prompt
+        self.response: ChatResponse | None = None
+        self._cancel = threading.Event()
+        self._events = self._run(sampler, max_tokens)
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> ChatEvent:
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._events.close()
+
+    def __enter__(self) -> "ChatStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, sampler, max_tokens: int | None) -> Iterator[ChatEvent]:
+        session = self.session
+        if not session.busy.acquire(blocking=False):
+            # The session is in use by another turn (another thread): answer from a fresh, private cache.
+            session = ChatSession(session.model)
+            session.busy.acquire()
+        try:
+            yield from self._turn(session, sampler, max_tokens)
+        finally:
+            session.busy.release()
+
+    def _turn(self, session: ChatSession, sampler, max_tokens: int | None) -> Iterator[ChatEvent]:
+        model, prompt = session.model, self.prompt
+        tok = model.tokenizer
+        t_start = time.perf_counter()
+        cached, last_logits = session.reuse(prompt)
+        cache = session.cache
+        stats = GenerationStats()
+        parser = HarmonyParser(tok)
+        generated: list[int] = []
+
+        def prefilled(logits: np.ndarray) -> None:
+            session.snapshot, session.snapshot_logits = cache.snapshot(), logits
+
+        ids = generate_tokens(model.transformer, cache, np.asarray(prompt[cached:], dtype=np.int64), sampler,
+                              max_tokens=max_tokens, stop_tokens=frozenset(tok.stop_tokens_for_assistant),
+                              stats=stats, should_stop=self._cancel.is_set, on_prefilled=prefilled,
+                              last_logits=last_logits)
+        try:
+            for token in ids:
+                generated.append(token)
+                yield from parser.feed(token)
+            if stats.stop_token is not None:
+                yield from parser.feed(stats.stop_token)
+            yield from parser.finish()
+        finally:
+            ids.close()
+            session.tokens = (list(prompt) + generated)[:cache.length]
+        message = completion_to_message(parser.messages)
+        calls = message.get("tool_calls", [])
+        if stats.stop_reason == "cancelled":
+            finish = "cancelled"
+        elif calls and parser.stop_reason == "call":
+            finish = "tool_calls"
+        elif stats.stop_reason == "stop":
+            finish = "stop"
+        else:
+            finish = "length"
+        timing = Timing(prefill_seconds=stats.prefill_seconds, decode_seconds=stats.decode_seconds,
+                        prefill_tokens_per_second=stats.prefill_tokens_per_second,
+                        decode_tokens_per_second=stats.decode_tokens_per_second,
+                        total_seconds=time.perf_counter() - t_start)
+        usage = Usage(prompt_tokens=len(prompt), cached_tokens=cached,
+                      completion_tokens=len(generated) + (stats.stop_token is not None))
+        self.response = ChatResponse(content=message.get("content"), reasoning=message.get("reasoning"),
+                                     tool_calls=calls, finish_reason=finish, usage=usage, timing=timing,
+                                     message=message, problems=list(parser.problems))
+        yield Done(self.response)
