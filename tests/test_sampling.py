@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ossrt.errors import ParameterError
-from ossrt.sampling import Sampler, check_params, probabilities
+from ossrt.sampling import Sampler, _draw, check_params, probabilities
 
 # Chi-square critical values at p = 0.001 for 1..5 degrees of freedom.
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
@@ -141,6 +141,35 @@ def test_draws_follow_the_distribution(params):
         assert chi2 < CHI2_999[int(kept.sum()) - 1]
     else:
         assert counts[kept].item() == n
+
+
+def test_draw_inverts_the_cumulative_distribution_across_blocks():
+    """The two-level draw (blocks of 1024, then tokens) equals a flat inverse CDF and never picks a zero weight."""
+    rng = np.random.default_rng(2)
+    w = np.zeros(5000, np.float32)
+    hot = [0, 1023, 1024, 2047, 3000, 4999]
+    w[hot] = [0.5, 1.0, 2.0, 0.25, 3.0, 1.25]
+    cum = np.cumsum(w.astype(np.float64))
+    for u in np.concatenate([rng.random(2000), [0.0, 1 - 2.0**-53, 0.5 / 8, 1.5 / 8]]):
+        assert _draw(w, u) == min(int(np.searchsorted(cum, u * cum[-1], side="right")), 4999)
+    assert _draw(w, 0.0) == 0 and _draw(w, 1 - 2.0**-53) == 4999
+    w[4999] = 0  # the last token is now excluded: even u -> 1 lands on the last kept one
+    assert _draw(w, 1 - 2.0**-53) == 3000
+    w[0] = 0
+    assert _draw(w, 0.0) == 1023
+
+
+def test_draws_over_a_large_vocabulary_follow_the_distribution():
+    logits = np.full(201088, -np.inf, np.float32)
+    hot = np.array([3, 1500, 70000, 150001, 201087])
+    logits[hot] = [0.0, 0.5, -0.5, 1.0, 0.2]
+    probs = probabilities(logits)
+    s = Sampler(seed=5)
+    n = 3000
+    counts = np.bincount([s(logits) for _ in range(n)], minlength=logits.size)
+    assert counts[hot].sum() == n
+    chi2 = ((counts[hot] - n * probs[hot]) ** 2 / (n * probs[hot])).sum()
+    assert chi2 < CHI2_999[4]
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -16,6 +16,9 @@ from .errors import ParameterError
 
 # A positive temperature below float32's smallest number would divide by zero in float32.
 _MIN_TEMPERATURE = float(np.finfo(np.float32).smallest_subnormal)
+# Draws invert the distribution in two levels, blocks then tokens: a cumulative sum runs in sequence, ~1 ms over
+# a whole 201k vocabulary.
+_DRAW_BLOCK = 1024
 # Top-p without top-k first sorts this many of the largest logits, then 16 times more until the mass is reached.
 _NUCLEUS_START = 1024
 
@@ -102,6 +105,22 @@ def _nucleus_size(cum: np.ndarray, goal: float) -> int:
     return min(int(np.searchsorted(cum, goal)) + 1, cum.size)
 
 
+def _draw(w: np.ndarray, u: float) -> int:
+    """The index i with sum(w[:i]) <= u * sum(w) < sum(w[:i + 1]) for u in [0, 1); never a zero weight."""
+    sums = np.add.reduceat(w, np.arange(0, w.size, _DRAW_BLOCK), dtype=np.float64)
+    cum = np.cumsum(sums)
+    target = u * cum[-1]
+    b = int(np.searchsorted(cum, target, side="right"))
+    if b == cum.size:  # u * total rounded up to the total
+        b = int(np.flatnonzero(sums)[-1])
+    block = w[b * _DRAW_BLOCK:(b + 1) * _DRAW_BLOCK]
+    inner = np.cumsum(block, dtype=np.float64)
+    j = int(np.searchsorted(inner, target - (cum[b - 1] if b else 0.0), side="right"))
+    if j == inner.size:  # the block's sum and its cumulative sum round differently
+        j = int(np.flatnonzero(block)[-1])
+    return b * _DRAW_BLOCK + j
+
+
 def probabilities(logits: np.ndarray, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   min_p: float = 0.0) -> np.ndarray:
     """The sampling distribution: float64 over the whole vocabulary, zero for excluded tokens, summing to 1.
@@ -137,8 +156,5 @@ class Sampler:
         if self.temperature == 0:
             return int(np.argmax(x))
         ids, w = _kept(x, top, self.temperature, self.top_p, self.top_k, self.min_p)
-        cum = np.cumsum(w, dtype=np.float64)
-        i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))  # never a zero-weight token
-        if i == cum.size:  # u * total rounded up to the total
-            i = int(np.flatnonzero(w)[-1])
+        i = _draw(w, self.rng.random())
         return i if ids is None else int(ids[i])
