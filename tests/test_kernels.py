@@ -67,10 +67,10 @@ def test_matvec_matches_dequantized_product(qtype, shape):
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_matmul_tiles_match_dequantized_product(qtype, monkeypatch):
-    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 96 * 5)  # tiles of 5 rows: a ragged last tile
+    monkeypatch.setattr(kernels, "_TOKEN_TILE", 6)  # tiles of 6 tokens: a ragged last tile, and a tail of 4 + 1
     rng = np.random.default_rng(3)
     w = make_tensor(rng.standard_normal((23, 96)), qtype)
-    X = rng.standard_normal((6, 96)).astype(np.float32)
+    X = rng.standard_normal((11, 96)).astype(np.float32)
     expect = X.astype(np.float64) @ reference(w).T.astype(np.float64)
     np.testing.assert_allclose(kernels.matmul(w, X), expect, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(kernels.linear(w, X[:1]), expect[:1], rtol=1e-5, atol=1e-4)

@@ -1,7 +1,7 @@
-"""CPU kernels over the packed weights of a model file: Numba for the hot loops, BLAS for prefill.
+"""CPU kernels over the packed weights of a model file, in Numba.
 
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
-block in registers as they go, prefill dequantizes tiles of rows and hands them to BLAS. Activations and
+block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
 accumulation are float32. Every public function checks shapes and types in Python before a kernel touches memory.
 
 `w` arguments are `ossrt.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
@@ -15,18 +15,13 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import mxfp4
+from .simd import BF16_TO_F32, F16_TO_F32, dequant_row_mxfp4, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0
 
 # Reassociation lets LLVM vectorize the dot-product reductions; results differ from NumPy only in rounding order.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
-# Lookup tables, frozen into the compiled kernels as constants.
-_KVALUES = mxfp4.KVALUES.astype(np.float32)  # doubled E2M1 table of ggml
-_E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 128).astype(np.float32)  # 2^(e-128)
-_F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-_BF16_TO_F32 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 
 Q8_0_BLOCK = 34  # f16 scale + 32 int8
-_TILE_BYTES = 16 << 20  # f32 tile size for prefill matmuls
 
 
 def set_num_threads(n: int | None) -> int:
@@ -43,13 +38,7 @@ def set_num_threads(n: int | None) -> int:
 def _dequant_mxfp4(w, out):
     n_blocks = out.shape[1] // 32
     for r in prange(w.shape[0]):
-        for b in range(n_blocks):
-            o = b * 17
-            d = _E8M0_HALF[w[r, o]]
-            for j in range(16):
-                q = w[r, o + 1 + j]
-                out[r, b * 32 + j] = _KVALUES[q & 15] * d
-                out[r, b * 32 + 16 + j] = _KVALUES[q >> 4] * d
+        dequant_row_mxfp4(w[r], out[r], n_blocks)
 
 
 @njit(parallel=True, cache=True)
@@ -58,7 +47,7 @@ def _dequant_q8_0(w, out):
     for r in prange(w.shape[0]):
         for b in range(n_blocks):
             o = b * Q8_0_BLOCK
-            d = _F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
+            d = F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
             for j in range(32):
                 out[r, b * 32 + j] = np.float32(np.int8(w[r, o + 2 + j])) * d
 
@@ -102,39 +91,26 @@ def dequantize(w, rows=None) -> np.ndarray:
 def _matvec_mxfp4(w, x, out):
     n_blocks = x.shape[0] // 32
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
-            o = b * 17
-            s = np.float32(0.0)
-            for j in range(16):
-                q = w[r, o + 1 + j]
-                s += _KVALUES[q & 15] * x[b * 32 + j] + _KVALUES[q >> 4] * x[b * 32 + 16 + j]
-            acc += s * _E8M0_HALF[w[r, o]]
-        out[r] = acc
+        out[r] = row_dot_mxfp4(w[r], x, n_blocks)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _matvec_q8_0(w, x, out):
     n_blocks = x.shape[0] // 32
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
-            o = b * Q8_0_BLOCK
-            s = np.float32(0.0)
-            for j in range(32):
-                s += np.float32(np.int8(w[r, o + 2 + j])) * x[b * 32 + j]
-            acc += s * _F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
-        out[r] = acc
+        out[r] = row_dot_q8_0(w[r], x, n_blocks)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _matvec_16bit(w, table, x, out):
-    """BF16 or F16 rows (uint16 bit patterns) through a 65536-entry conversion table."""
+def _matvec_bf16(w, x, out):
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(x.shape[0]):
-            acc += table[w[r, i]] * x[i]
-        out[r] = acc
+        out[r] = row_dot_bf16(w[r], x)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matvec_f16(w, x, out):
+    for r in prange(w.shape[0]):
+        out[r] = row_dot_f16(w[r], x)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -168,38 +144,114 @@ def matvec(w, x: np.ndarray) -> np.ndarray:
     elif w.type == GGMLType.Q8_0:
         _matvec_q8_0(w.data, x, out)
     elif w.type == GGMLType.BF16:
-        _matvec_16bit(w.data, _BF16_TO_F32, x, out)
+        _matvec_bf16(w.data, x, out)
     elif w.type == GGMLType.F16:
-        _matvec_16bit(w.data.view(np.uint16), _F16_TO_F32, x, out)
+        _matvec_f16(w.data.view(np.uint16), x, out)
     else:
         _matvec_f32(w.data, x, out)
     return out
 
 
 # --- matrix-matrix (prefill) ---------------------------------------------------------------------------------------
+# Each kernel decodes one weight row into float32 once, then multiplies it with every token of a tile small enough
+# to stay in cache. No BLAS: its threads and Numba's would spin against each other on few cores.
+_TOKEN_TILE = 64
+
+
+@njit(cache=True, inline="always")
+def _row_times_tokens(row, X, out, r):
+    """out[t, r] = row · X[t] for every token, four tokens per pass so each row value is loaded once per four.
+    Inlined, it takes its caller's fastmath flags, which let LLVM vectorize the sums."""
+    T, H = X.shape
+    t = 0
+    while t + 4 <= T:
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for j in range(H):
+            v = row[j]
+            s0 += v * X[t, j]
+            s1 += v * X[t + 1, j]
+            s2 += v * X[t + 2, j]
+            s3 += v * X[t + 3, j]
+        out[t, r] = s0
+        out[t + 1, r] = s1
+        out[t + 2, r] = s2
+        out[t + 3, r] = s3
+        t += 4
+    while t < T:
+        s = np.float32(0.0)
+        for j in range(H):
+            s += row[j] * X[t, j]
+        out[t, r] = s
+        t += 1
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matmul_mxfp4(w, X, out):
+    for r in prange(w.shape[0]):
+        row = np.empty(X.shape[1], dtype=np.float32)
+        dequant_row_mxfp4(w[r], row, X.shape[1] // 32)
+        _row_times_tokens(row, X, out, r)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matmul_q8_0(w, X, out):
+    for r in prange(w.shape[0]):
+        row = np.empty(X.shape[1], dtype=np.float32)
+        for b in range(X.shape[1] // 32):
+            o = b * Q8_0_BLOCK
+            d = F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
+            for j in range(32):
+                row[b * 32 + j] = np.float32(np.int8(w[r, o + 2 + j])) * d
+        _row_times_tokens(row, X, out, r)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matmul_16bit(w, table, X, out):
+    for r in prange(w.shape[0]):
+        row = np.empty(X.shape[1], dtype=np.float32)
+        for j in range(X.shape[1]):
+            row[j] = table[w[r, j]]
+        _row_times_tokens(row, X, out, r)
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _matmul_f32(w, X, out):
+    for r in prange(w.shape[0]):
+        _row_times_tokens(w[r], X, out, r)
+
+
+def _matmul_rows(w, data: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
+    """out [T, rows] = X @ rows(data).T, tile by tile of tokens."""
+    for t0 in range(0, X.shape[0], _TOKEN_TILE):
+        Xt, Ot = X[t0:t0 + _TOKEN_TILE], out[t0:t0 + _TOKEN_TILE]
+        if w.type == GGMLType.MXFP4:
+            _matmul_mxfp4(data, Xt, Ot)
+        elif w.type == GGMLType.Q8_0:
+            _matmul_q8_0(data, Xt, Ot)
+        elif w.type == GGMLType.BF16:
+            _matmul_16bit(data, BF16_TO_F32, Xt, Ot)
+        elif w.type == GGMLType.F16:
+            _matmul_16bit(data.view(np.uint16), F16_TO_F32, Xt, Ot)
+        else:
+            _matmul_f32(data, Xt, Ot)
+
+
 def matmul(w, X: np.ndarray) -> np.ndarray:
-    """`X @ W.T` for X float32 [T, in] → float32 [T, out]: dequantize tiles of rows, multiply with BLAS."""
+    """`X @ W.T` for X float32 [T, in] → float32 [T, out]."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"{w.name}: matmul needs a matrix of activations, got shape {X.shape}")
     _check_matrix(w, X.shape[1])
-    n_out, n_in = w.shape
-    out = np.empty((X.shape[0], n_out), dtype=np.float32)
-    if w.type == GGMLType.F32:
-        np.dot(X, w.data.T, out=out)
-        return out
-    step = max(1, _TILE_BYTES // (4 * n_in))
-    tile = np.empty((min(step, n_out), n_in), dtype=np.float32)
-    for r0 in range(0, n_out, step):
-        r1 = min(n_out, r0 + step)
-        t = tile[: r1 - r0]
-        _dequant_rows(w, w.data[r0:r1], t)
-        out[:, r0:r1] = X @ t.T
+    out = np.empty((X.shape[0], w.shape[0]), dtype=np.float32)
+    _matmul_rows(w, w.data, X, out)
     return out
 
 
 def linear(w, X: np.ndarray) -> np.ndarray:
-    """`X @ W.T` for X [T, in]: the decode kernel for one row, tiles and BLAS for more."""
+    """`X @ W.T` for X [T, in]: the decode kernel for one row, the prefill kernels for more."""
     if X.ndim == 2 and X.shape[0] == 1:
         return matvec(w, X[0])[None]
     return matmul(w, X)
@@ -215,8 +267,8 @@ def _swiglu(g, u, alpha, limit):
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
-    """out[tok[a]] += wt[a] * expert exp[a] applied to X[tok[a]], for each assignment a; MXFP4 rows decoded in
-    registers, gate and up read together. `out` rows must start at zero."""
+    """out[tok[a]] += wt[a] * expert exp[a] applied to X[tok[a]], for each assignment a, over the packed MXFP4
+    rows. `out` rows must start at zero."""
     n_assign = tok.shape[0]
     n_ff = gate.shape[1]
     n_embd = X.shape[1]
@@ -225,36 +277,14 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
         a = ar // n_ff
         r = ar - a * n_ff
         e = exp[a]
-        x = X[tok[a]]
-        g = np.float32(0.0)
-        u = np.float32(0.0)
-        for b in range(n_embd // 32):
-            o = b * 17
-            sg = np.float32(0.0)
-            su = np.float32(0.0)
-            for j in range(16):
-                qg = gate[e, r, o + 1 + j]
-                qu = up[e, r, o + 1 + j]
-                x0 = x[b * 32 + j]
-                x1 = x[b * 32 + 16 + j]
-                sg += _KVALUES[qg & 15] * x0 + _KVALUES[qg >> 4] * x1
-                su += _KVALUES[qu & 15] * x0 + _KVALUES[qu >> 4] * x1
-            g += sg * _E8M0_HALF[gate[e, r, o]]
-            u += su * _E8M0_HALF[up[e, r, o]]
-        act[a, r] = _swiglu(g + gate_b[e, r], u + up_b[e, r], alpha, limit)
+        g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // 32) + gate_b[e, r]
+        u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // 32) + up_b[e, r]
+        act[a, r] = _swiglu(g, u, alpha, limit)
     # Parallel over output rows, so every output element has one writer.
     for r in prange(n_embd):
         for a in range(n_assign):
             e = exp[a]
-            y = np.float32(0.0)
-            for b in range(n_ff // 32):
-                o = b * 17
-                s = np.float32(0.0)
-                for j in range(16):
-                    q = down[e, r, o + 1 + j]
-                    s += _KVALUES[q & 15] * act[a, b * 32 + j] + _KVALUES[q >> 4] * act[a, b * 32 + 16 + j]
-                y += s * _E8M0_HALF[down[e, r, o]]
-            out[tok[a], r] += wt[a] * (y + down_b[e, r])
+            out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // 32) + down_b[e, r])
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -270,8 +300,8 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
-    An expert chosen by at least `dense_min_tokens` tokens is dequantized once and multiplied with BLAS; the
-    rest go through the fused kernel that decodes the packed rows in registers (all of decode).
+    An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
+    once for all its tokens); the rest through the fused decode kernel (all of decode).
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -301,22 +331,19 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     if sparse.any():
         _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
                          gate_b, up_b, down_b, alpha, limit, out)
-    dense_experts = np.flatnonzero(counts >= dense_min_tokens)
-    if dense_experts.size:
-        w_gate = np.empty((I, H), dtype=np.float32)
-        w_up = np.empty((I, H), dtype=np.float32)
-        w_down = np.empty((H, I), dtype=np.float32)
-        for e in dense_experts:
-            sel = np.flatnonzero(exp == e)
-            rows = tok[sel]
-            _dequant_mxfp4(gate_exps.data[e], w_gate)
-            _dequant_mxfp4(up_exps.data[e], w_up)
-            _dequant_mxfp4(down_exps.data[e], w_down)
-            xe = X[rows]
-            act = np.empty((len(rows), I), dtype=np.float32)
-            _swiglu_rows(xe @ w_gate.T + gate_b[e], xe @ w_up.T + up_b[e], alpha, limit, act)
-            y = act @ w_down.T + down_b[e]
-            out[rows] += wt[sel, None] * y  # rows are distinct: a token picks an expert at most once
+    for e in np.flatnonzero(counts >= dense_min_tokens):
+        sel = np.flatnonzero(exp == e)
+        rows = tok[sel]
+        xe = X[rows]
+        g = np.empty((len(rows), I), dtype=np.float32)
+        u = np.empty((len(rows), I), dtype=np.float32)
+        _matmul_rows(gate_exps, gate_exps.data[e], xe, g)
+        _matmul_rows(up_exps, up_exps.data[e], xe, u)
+        act = np.empty_like(g)
+        _swiglu_rows(g + gate_b[e], u + up_b[e], alpha, limit, act)
+        y = np.empty((len(rows), H), dtype=np.float32)
+        _matmul_rows(down_exps, down_exps.data[e], act, y)
+        out[rows] += wt[sel, None] * (y + down_b[e])  # rows are distinct: a token picks an expert at most once
     return out
 
 
@@ -364,4 +391,53 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_slot: int,
     out = np.empty((n_head, d), dtype=np.float32)
     _attend(np.ascontiguousarray(q, dtype=np.float32), keys, values, first_slot, n_keys,
             np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attend_block(q, keys, values, first, last, sinks, scale, out):
+    T, n_head, d = q.shape
+    per_kv = n_head // keys.shape[0]
+    for th in prange(T * n_head):
+        t = th // n_head
+        h = th - t * n_head
+        g = h // per_kv
+        lo, hi = first[t], last[t]
+        scores = np.empty(hi - lo, dtype=np.float32)
+        m = sinks[h]
+        for j in range(lo, hi):
+            s = np.float32(0.0)
+            for i in range(d):
+                s += q[t, h, i] * keys[g, j, i]
+            s *= scale
+            scores[j - lo] = s
+            m = max(m, s)
+        denom = np.exp(sinks[h] - m)
+        acc = np.zeros(d, dtype=np.float32)
+        for j in range(lo, hi):
+            p = np.exp(scores[j - lo] - m)
+            denom += p
+            for i in range(d):
+                acc[i] += p * values[g, j, i]
+        for i in range(d):
+            out[t, h, i] = acc[i] / denom
+
+
+def attend_block(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: np.ndarray, last: np.ndarray,
+                 sinks: np.ndarray, scale: float) -> np.ndarray:
+    """Queries q [T, n_head, d] against keys/values [n_head_kv, N, d] with sinks: query t sees keys
+    [first[t], last[t]) (its causal window). → [T, n_head, d]."""
+    T, n_head, d = q.shape
+    n_kv, N = keys.shape[0], keys.shape[1]
+    if keys.shape != (n_kv, N, d) or values.shape != keys.shape or n_head % n_kv or sinks.shape != (n_head,):
+        raise ValueError(f"attention shapes do not fit: q {q.shape}, keys {keys.shape}, values {values.shape}, "
+                         f"sinks {sinks.shape}")
+    first = np.asarray(first, dtype=np.int64)
+    last = np.asarray(last, dtype=np.int64)
+    if first.shape != (T,) or last.shape != (T,) or (first < 0).any() or (last > N).any() or (first >= last).any():
+        raise ValueError(f"key ranges must be non-empty and inside the {N} keys")
+    out = np.empty((T, n_head, d), dtype=np.float32)
+    _attend_block(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.float32),
+                  np.ascontiguousarray(values, dtype=np.float32), first, last,
+                  np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
     return out

@@ -19,8 +19,6 @@ from .errors import ContextLengthError, ParameterError
 from .kv_cache import KVCache
 from .modelfile import ModelFile
 
-_ATTENTION_SCORE_BYTES = 64 << 20  # bound on the prefill score block [n_head, queries, keys]
-
 
 class Cancelled(Exception):
     """A forward pass was stopped by its `should_stop` callback."""
@@ -145,33 +143,17 @@ class Transformer:
     def _attention_block(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
                          cache: KVCache, start: int) -> np.ndarray:
         """Attention with sinks (spec §2.4) for queries at positions start.. against the cached keys in the
-        window plus the new ones, in blocks of queries that bound the score matrix."""
+        window plus the new ones."""
         cfg = self.config
         T = q.shape[0]
-        per_kv = cfg.n_head // cfg.n_head_kv
         first = cache.window_start(layer, start)
         past_k, past_v = cache.past(layer, first, start)
-        keys = np.concatenate([past_k, k.transpose(1, 0, 2)], axis=1)[:, None]  # [kv, 1, N, d]
-        values = np.concatenate([past_v, v.transpose(1, 0, 2)], axis=1)[:, None]
-        key_pos = np.arange(first, start + T)
+        keys = np.concatenate([past_k, k.transpose(1, 0, 2)], axis=1)  # [kv, N, d], positions first..start+T-1
+        values = np.concatenate([past_v, v.transpose(1, 0, 2)], axis=1)
         query_pos = start + np.arange(T)
-        queries = q.reshape(T, cfg.n_head_kv, per_kv, cfg.head_dim).transpose(1, 2, 0, 3)  # [kv, per, T, d]
-        sink = sinks.reshape(cfg.n_head_kv, per_kv, 1)
-        out = np.empty_like(queries)
-        block = max(1, _ATTENTION_SCORE_BYTES // (4 * cfg.n_head * len(key_pos)))
-        for b0 in range(0, T, block):
-            b1 = min(T, b0 + block)
-            scores = np.matmul(queries[:, :, b0:b1], keys.transpose(0, 1, 3, 2)) * np.float32(self.scale)
-            delta = query_pos[b0:b1, None] - key_pos[None, :]
-            allowed = delta >= 0
-            if cfg.is_sliding(layer):
-                allowed &= delta < cfg.sliding_window
-            scores = np.where(allowed, scores, np.float32(-np.inf))
-            m = np.maximum(scores.max(axis=-1), sink)  # the sink takes part in the max and the denominator only
-            p = np.exp(scores - m[..., None])
-            denom = p.sum(axis=-1) + np.exp(sink - m)
-            out[:, :, b0:b1] = np.matmul(p, values) / denom[..., None]
-        return out.transpose(2, 0, 1, 3).reshape(T, cfg.n_head * cfg.head_dim)
+        lo = np.array([cache.window_start(layer, p) for p in query_pos]) - first
+        out = kernels.attend_block(q, keys, values, lo, query_pos - first + 1, sinks, self.scale)
+        return out.reshape(T, cfg.n_head * cfg.head_dim)
 
     def _moe(self, w: dict, h: np.ndarray) -> np.ndarray:
         cfg = self.config
