@@ -140,3 +140,70 @@ def test_set_num_threads():
     assert kernels.set_num_threads(None) == numba.config.NUMBA_NUM_THREADS
     with pytest.raises(ValueError, match="threads"):
         kernels.set_num_threads(0)
+
+
+def test_scalar_fallbacks_match_the_reference():
+    """The plain loops used where the SIMD code cannot run (non-x86 CPUs) give the same values."""
+    from numba import njit
+
+    from ossrt import simd
+
+    @njit
+    def dots(w, x, kind):
+        out = np.empty(w.shape[0], dtype=np.float32)
+        for r in range(w.shape[0]):
+            if kind == 0:
+                out[r] = simd.row_dot_mxfp4_scalar(w[r], x, x.shape[0] // 32)
+            else:
+                out[r] = simd.row_dot_q8_0_scalar(w[r], x, x.shape[0] // 32)
+        return out
+
+    @njit
+    def dequant(w, n):
+        out = np.empty((w.shape[0], n), dtype=np.float32)
+        for r in range(w.shape[0]):
+            simd.dequant_row_mxfp4_scalar(w[r], out[r], n // 32)
+        return out
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(96).astype(np.float32)
+    for kind, qtype in enumerate((T.MXFP4, T.Q8_0)):
+        w = make_tensor(rng.standard_normal((9, 96)), qtype)
+        np.testing.assert_allclose(dots(w.data, x, kind), reference(w).astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
+    w = make_tensor(rng.standard_normal((9, 96)), T.MXFP4)
+    np.testing.assert_array_equal(dequant(w.data, 96), reference(w))
+
+
+def attend_reference(q, keys, values, first, last, sinks, scale):
+    out = np.zeros(q.shape)
+    per_kv = q.shape[1] // keys.shape[0]
+    for t in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            k = keys[h // per_kv, first[t]:last[t]].astype(np.float64)
+            a = k @ q[t, h] * scale
+            z = np.concatenate([a, [sinks[h]]])
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            out[t, h] = p[:-1] @ values[h // per_kv, first[t]:last[t]]
+    return out
+
+
+def test_attention_kernels_match_the_reference():
+    rng = np.random.default_rng(7)
+    n_head, n_kv, d, N = 6, 2, 16, 20
+    keys = rng.standard_normal((n_kv, N, d)).astype(np.float32)
+    values = rng.standard_normal((n_kv, N, d)).astype(np.float32)
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    q = rng.standard_normal((5, n_head, d)).astype(np.float32)
+    first, last = np.array([0, 3, 3, 10, 19]), np.array([1, 8, 20, 15, 20])
+    np.testing.assert_allclose(kernels.attend_block(q, keys, values, first, last, sinks, 0.25),
+                               attend_reference(q, keys, values, first, last, sinks, 0.25), rtol=1e-5, atol=1e-5)
+    # Decode: 7 keys from ring slot 16, wrapping past the end of the 20 slots.
+    slots = np.arange(16, 23) % N
+    got = kernels.attend(q[0], keys, values, 16, 7, sinks, 0.25)
+    expect = attend_reference(q[:1], keys[:, slots], values[:, slots], [0], [7], sinks, 0.25)[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="key ranges"):
+        kernels.attend_block(q, keys, values, first, last + 1, sinks, 0.25)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.attend(q[0], keys, values, 16, 21, sinks, 0.25)
