@@ -12,7 +12,7 @@ from ossrt.errors import ContextLengthError, ModelFileError, ParameterError
 
 @pytest.fixture(scope="module")
 def model(tiny_gguf):
-    with ossrt.load(tiny_gguf(), context_length=64, threads=2) as m:
+    with ossrt.load(tiny_gguf(), context_length=64, threads=2, kv_type="f32") as m:
         yield m
 
 
@@ -135,3 +135,8 @@ def test_load_errors(tiny_gguf, tmp_path):
         ossrt.load(tiny_gguf(), context_length=10**7)
     with pytest.raises(ParameterError, match="threads"):
         ossrt.load(tiny_gguf(), threads=0)
+
+
+def test_kv_type_is_checked(tiny_gguf):
+    with pytest.raises(ParameterError, match="kv_type"):
+        ossrt.load(tiny_gguf(), kv_type="q4_0")

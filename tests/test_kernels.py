@@ -207,3 +207,16 @@ def test_attention_kernels_match_the_reference():
         kernels.attend_block(q, keys, values, first, last + 1, sinks, 0.25)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.attend(q[0], keys, values, 16, 21, sinks, 0.25)
+
+
+def test_ring_attention_over_an_f16_cache():
+    rng = np.random.default_rng(8)
+    keys = rng.standard_normal((2, 12, 16)).astype(np.float16)
+    values = rng.standard_normal((2, 12, 16)).astype(np.float16)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    got = kernels.attend(q, keys.view(np.uint16), values.view(np.uint16), 9, 5, sinks, 0.25)
+    slots = np.arange(9, 14) % 12
+    expect = attend_reference(q[None], keys[:, slots].astype(np.float32), values[:, slots].astype(np.float32),
+                              [0], [5], sinks, 0.25)[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)

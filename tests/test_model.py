@@ -40,7 +40,7 @@ def test_logits_match_reference_at_every_position(tiny):
     mf, model, weights = tiny
     tokens = prompt(40)
     expect = reference.forward(mf.config, weights, tokens)
-    got = model.forward(tokens, model.new_cache(64), all_logits=True)
+    got = model.forward(tokens, model.new_cache(64, "f32"), all_logits=True)
     assert got.shape == (40, mf.config.n_vocab) and got.dtype == np.float32
     assert_close(got, expect)
 
@@ -50,7 +50,7 @@ def test_incremental_decode_equals_recomputing(tiny, chunks):
     """Chunked prefill and single-token decode, across window and chunk boundaries, equal one pass."""
     mf, model, weights = tiny
     tokens = prompt(sum(chunks), seed=1)
-    cache = model.new_cache(32)
+    cache = model.new_cache(32, "f32")
     pieces, start = [], 0
     for n in chunks:
         pieces.append(model.forward(tokens[start:start + n], cache, all_logits=True))
@@ -62,7 +62,7 @@ def test_incremental_decode_equals_recomputing(tiny, chunks):
 def test_greedy_continuation_equals_reference(tiny):
     mf, model, weights = tiny
     tokens = list(prompt(12, seed=2))
-    cache = model.new_cache(64)
+    cache = model.new_cache(64, "f32")
     fast = list(tokens)
     logits = model.forward(fast, cache)[-1]
     for _ in range(32):
@@ -72,6 +72,23 @@ def test_greedy_continuation_equals_reference(tiny):
     for _ in range(32):
         slow.append(int(np.argmax(reference.forward(mf.config, weights, slow)[-1])))
     assert fast == slow
+
+
+@pytest.mark.parametrize("chunks", [[1] * 24, [17, 1, 1, 1, 4]])
+def test_f16_cache_stays_close_to_the_reference(tiny, chunks):
+    """The default f16 cache rounds keys and values to 11 significant bits: logits move by well under 1%."""
+    mf, model, weights = tiny
+    tokens = prompt(sum(chunks), seed=3)
+    cache = model.new_cache(32, "f16")
+    assert cache.keys[0].dtype == np.uint16
+    pieces, start = [], 0
+    for n in chunks:
+        pieces.append(model.forward(tokens[start:start + n], cache, all_logits=True))
+        start += n
+    expect = reference.forward(mf.config, weights, tokens)
+    got = np.concatenate(pieces)
+    np.testing.assert_allclose(got, expect, atol=5e-3 * np.abs(expect).max())
+    assert np.abs(got - expect).max() > 0  # the cache really is f16
 
 
 def test_forward_rejects_bad_tokens_and_full_context(tiny):
@@ -109,7 +126,10 @@ def test_kv_cache_size_and_ring(tiny):
     mf, model, _ = tiny
     cfg = mf.config
     cache = KVCache(cfg, 100)
-    assert cache.nbytes == cfg.kv_cache_bytes(100)
+    assert cache.nbytes == cfg.kv_cache_bytes(100, bytes_per_value=2)  # f16 by default
+    assert KVCache(cfg, 100, "f32").nbytes == cfg.kv_cache_bytes(100)
+    with pytest.raises(ValueError, match="kv_type"):
+        KVCache(cfg, 100, "q4")
     assert all(c == (min(cfg.sliding_window, 100) if cfg.is_sliding(i) else 100)
                for i, c in enumerate(cache.capacity))
     model.forward(prompt(30), cache)

@@ -12,6 +12,7 @@ from . import kernels
 from .chat import ChatResponse, ChatSession, ChatStream
 from .config import ModelConfig
 from .errors import ContextLengthError, ParameterError
+from .kv_cache import KV_TYPES
 from .generate import PREFILL_CHUNK, GenerationStats, generate_tokens
 from .model import Transformer
 from .modelfile import ModelFile
@@ -26,7 +27,8 @@ class Model:
     """A loaded gpt-oss model. Thread-safe: forward passes are serialised, and every `generate` call has its own
     KV cache, so concurrent calls interleave without touching each other's state."""
 
-    def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None):
+    def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None,
+                 kv_type: str = "f16"):
         cfg = model_file.config
         if context_length is None:
             context_length = min(DEFAULT_CONTEXT_LENGTH, cfg.n_ctx_train)
@@ -37,8 +39,11 @@ class Model:
             self.threads = kernels.set_num_threads(threads)
         except ValueError as e:
             raise ParameterError(str(e)) from None
+        if kv_type not in KV_TYPES:
+            raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self.model_file = model_file
         self.context_length = context_length
+        self.kv_type = kv_type
         self.transformer = Transformer(model_file)
         self.stats = GenerationStats()  # of the most recent generate call
         self._session = ChatSession(self)
@@ -54,7 +59,7 @@ class Model:
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
         tokens = self.check_prompt(token_ids)
-        cache = self.transformer.new_cache(len(tokens))
+        cache = self.transformer.new_cache(len(tokens), self.kv_type)
         return np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
                                for i in range(0, len(tokens), PREFILL_CHUNK)])
 
@@ -74,7 +79,7 @@ class Model:
         else:
             stops = frozenset(int(t) for t in stop_tokens)
         self.stats = stats = GenerationStats()
-        cache = self.transformer.new_cache(self.context_length)
+        cache = self.transformer.new_cache(self.context_length, self.kv_type)
         return generate_tokens(self.transformer, cache, tokens, sampler, max_tokens=max_tokens, stop_tokens=stops,
                                stats=stats)
 
@@ -121,7 +126,9 @@ class Model:
         self.close()
 
 
-def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None) -> Model:
+def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
+         kv_type: str = "f16") -> Model:
     """Open a gpt-oss GGUF file (memory-mapped; the file is validated before anything runs). `context_length`
-    defaults to 8192 (or the model's training context if smaller); `threads` to all cores."""
-    return Model(ModelFile.open(path), context_length=context_length, threads=threads)
+    defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
+    cache's precision, "f16" (as llama.cpp; the 20b's full context fits 16 GB) or "f32" (exact)."""
+    return Model(ModelFile.open(path), context_length=context_length, threads=threads, kv_type=kv_type)

@@ -91,7 +91,7 @@ class ChatSession:
         """Keep the longest usable prefix of `prompt` in the cache. Returns its length and, when that is the whole
         prompt (the previous prompt again, e.g. to regenerate), the logits to continue from."""
         if self.cache is None:
-            self.cache = self.model.transformer.new_cache(self.model.context_length)
+            self.cache = self.model.transformer.new_cache(self.model.context_length, self.model.kv_type)
         cache, snap = self.cache, self.snapshot
         limit = min(len(prompt), len(self.tokens))
         common = 0

@@ -29,7 +29,7 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
         other = sum(t.data.nbytes for n, t in m.tensors.items() if n not in experts and n != "token_embd.weight")
         # Per token: every dense tensor, one embedding row, and the selected experts' share of the expert data.
         touched = other + embd.data.nbytes // embd.shape[0] + expert_bytes * c.n_expert_used // c.n_expert
-        kv = c.kv_cache_bytes(ctx)
+        kv = c.kv_cache_bytes(ctx, bytes_per_value=2)  # f16, the default cache type
         sliding = sum(1 for i in range(c.n_layer) if c.is_sliding(i))
         lines = [
             f"file               {m.path}",
@@ -47,7 +47,7 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
             f"RAM at context {ctx}:",
             f"  weights touched per token   {_gb(touched)}",
             f"  whole file (memory-mapped)  {_gb(m.file_size)}",
-            f"  KV cache (f32)              {_gb(kv)}",
+            f"  KV cache (f16)              {_gb(kv)}  (f32: {_gb(2 * kv)})",
             f"  file + KV cache             {_gb(m.file_size + kv)}",
         ]
     return "\n".join(lines)

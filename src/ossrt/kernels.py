@@ -404,10 +404,37 @@ def _attend(q, keys, values, first_slot, n_keys, sinks, scale, out):
             out[h, i] = acc[i] / denom
 
 
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attend_f16(q, keys, values, first_slot, n_keys, sinks, scale, out):
+    """`_attend` over a cache of f16 bit patterns."""
+    n_head, head_dim = q.shape
+    capacity = keys.shape[1]
+    per_kv = n_head // keys.shape[0]
+    for h in prange(n_head):
+        g = h // per_kv
+        scores = np.empty(n_keys, dtype=np.float32)
+        m = sinks[h]
+        for j in range(n_keys):
+            s = row_dot_f16(keys[g, (first_slot + j) % capacity], q[h]) * scale
+            scores[j] = s
+            m = max(m, s)
+        denom = np.exp(sinks[h] - m)
+        acc = np.zeros(head_dim, dtype=np.float32)
+        for j in range(n_keys):
+            slot = (first_slot + j) % capacity
+            p = np.exp(scores[j] - m)
+            denom += p
+            for i in range(head_dim):
+                acc[i] += p * F16_TO_F32[values[g, slot, i]]
+        for i in range(head_dim):
+            out[h, i] = acc[i] / denom
+
+
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_slot: int, n_keys: int, sinks: np.ndarray,
            scale: float) -> np.ndarray:
     """One query position against `n_keys` cached keys starting at ring slot `first_slot` (wrapping around the
-    cache's capacity), with attention sinks. q [n_head, d]; keys/values [n_head_kv, capacity, d] → [n_head, d]."""
+    cache's capacity), with attention sinks. q [n_head, d]; keys/values [n_head_kv, capacity, d], float32 or f16
+    bit patterns (uint16) → [n_head, d]."""
     n_head, d = q.shape
     n_kv, capacity = keys.shape[0], keys.shape[1]
     if keys.shape != (n_kv, capacity, d) or values.shape != keys.shape or n_head % n_kv or sinks.shape != (n_head,):
@@ -415,9 +442,12 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_slot: int,
                          f"sinks {sinks.shape}")
     if not (0 < n_keys <= capacity and 0 <= first_slot < capacity):
         raise ValueError(f"{n_keys} keys from slot {first_slot} do not fit a cache of {capacity}")
+    if keys.dtype not in (np.float32, np.uint16) or values.dtype != keys.dtype:
+        raise ValueError(f"cache arrays must be float32 or uint16 (f16 bits), got {keys.dtype} / {values.dtype}")
     out = np.empty((n_head, d), dtype=np.float32)
-    _attend(np.ascontiguousarray(q, dtype=np.float32), keys, values, first_slot, n_keys,
-            np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
+    kernel = _attend if keys.dtype == np.float32 else _attend_f16
+    kernel(np.ascontiguousarray(q, dtype=np.float32), keys, values, first_slot, n_keys,
+           np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
     return out
 
 

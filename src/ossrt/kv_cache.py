@@ -3,6 +3,9 @@
 Full-attention layers keep every position up to the context length; sliding-window layers keep a ring of the last
 `sliding_window` positions (spec §2.4; RoPE is applied before caching, so a ring is enough). Position p lives in
 slot p % capacity. Arrays are allocated zeroed, so the OS commits their pages only as positions are written.
+
+`kv_type` is "f16" (llama.cpp's default: half the memory, so the 20b's full 131072-token context fits a 16 GB
+machine) or "f32" (exact). f16 entries are stored as their uint16 bit patterns, since Numba has no float16 arrays.
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ import numpy as np
 from .config import ModelConfig
 
 
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
+
+
 class KVCache:
-    def __init__(self, config: ModelConfig, context_length: int):
+    def __init__(self, config: ModelConfig, context_length: int, kv_type: str = "f16"):
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self.config = config
         self.context_length = context_length
+        self.kv_type = kv_type
         self.capacity = [min(config.sliding_window, context_length) if config.is_sliding(layer) else context_length
                          for layer in range(config.n_layer)]
-        self.keys = [np.zeros((config.n_head_kv, c, config.head_dim), dtype=np.float32) for c in self.capacity]
+        self.keys = [np.zeros((config.n_head_kv, c, config.head_dim), dtype=KV_TYPES[kv_type])
+                     for c in self.capacity]
         self.values = [np.zeros_like(k) for k in self.keys]
         self._length = 0  # positions [0, length) are filled
         self._floor = 0  # the lowest length since the last snapshot: a snapshot above it is stale
@@ -52,7 +62,7 @@ class KVCache:
         if not (0 <= start <= stop <= self.length and stop - start <= cap and start >= self.length - cap):
             raise IndexError(f"layer {layer}: positions [{start}, {stop}) are not in the cache")
         slots = np.arange(start, stop) % cap
-        return self.keys[layer][:, slots], self.values[layer][:, slots]
+        return self._float(self.keys[layer][:, slots]), self._float(self.values[layer][:, slots])
 
     def store(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Write keys/values [T, n_head_kv, head_dim] of positions [start, start + T); a ring keeps the last ones."""
@@ -60,8 +70,14 @@ class KVCache:
         T = keys.shape[0]
         first = max(start, start + T - cap)
         slots = np.arange(first, start + T) % cap
-        self.keys[layer][:, slots] = keys[first - start:].transpose(1, 0, 2)
-        self.values[layer][:, slots] = values[first - start:].transpose(1, 0, 2)
+        self.keys[layer][:, slots] = self._stored(keys[first - start:].transpose(1, 0, 2))
+        self.values[layer][:, slots] = self._stored(values[first - start:].transpose(1, 0, 2))
+
+    def _stored(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float16).view(np.uint16) if self.kv_type == "f16" else x
+
+    def _float(self, x: np.ndarray) -> np.ndarray:
+        return x.view(np.float16).astype(np.float32) if self.kv_type == "f16" else x
 
     def can_truncate(self, length: int) -> bool:
         """Whether `truncate(length)` is possible: every ring must still hold the window before `length`."""

@@ -73,8 +73,8 @@ class Transformer:
         # One forward pass at a time: Numba's parallel kernels must not be entered from two threads at once.
         self._lock = threading.Lock()
 
-    def new_cache(self, context_length: int) -> KVCache:
-        return KVCache(self.config, context_length)
+    def new_cache(self, context_length: int, kv_type: str = "f16") -> KVCache:
+        return KVCache(self.config, context_length, kv_type)
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         angles = positions[:, None].astype(np.float64) * self.inv_freq[None, :]
