@@ -6,8 +6,12 @@
 Each engine runs in its own child process (so each has its own peak RSS): decode tokens/s after a 128-token prompt
 (greedy, median of `--runs` runs of 16 tokens), prefill tokens/s on 512 tokens, peak RSS. ossrt's child also
 measures its MXFP4 matvec (G weights/s, GB/s) and the machine's read bandwidth over the same mapped file with the
-same threads, in the same run. llama.cpp runs without its extra buffer types (AMX/repacked weights): on these
-sandboxed machines its AMX path crashes, and plain CPU buffers are what most users' machines run.
+same threads, in the same run, and its peak RSS once a KV cache for the model's whole context is filled.
+
+llama.cpp runs without its extra buffer types (AMX tiles, repacked weights) unless `--extra-bufts`: a stock
+llama-cpp-python build on an AMX-capable CPU in these sandboxes segfaults in its AMX path. To measure the repacked
+path, build llama-cpp-python without AMX (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ... -DGGML_AMX_TILE=OFF
+-DGGML_AMX_INT8=OFF") in its own venv and pass `--llama-python that/venv/bin/python --extra-bufts`.
 """
 
 from __future__ import annotations
@@ -87,17 +91,26 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
         for _ in range(DECODE):
             logits = tr.forward([int(np.argmax(logits))], cache)[-1]
         decode.append(DECODE / (time.perf_counter() - t0))
+    rss = peak_rss_gib()
+    # The memory a conversation at the model's whole context needs: a KV cache of that size with every page
+    # written (the cache's pages are committed as positions fill).
+    full = tr.new_cache(model.config.n_ctx_train)
+    for k, v in zip(full.keys, full.values):
+        k.fill(1)
+        v.fill(1)
     return {"engine": f"ossrt {ossrt.__version__} (numba {numba.__version__})", "decode": statistics.median(decode),
-            "decode_runs": decode, "prefill": prefill, "rss": peak_rss_gib(), "bandwidth": bandwidth,
-            "matvec_gw": flat.n_elements / matvec_s / 1e9, "matvec_gb": flat.nbytes / matvec_s / 1e9}
+            "decode_runs": decode, "prefill": prefill, "rss": rss, "bandwidth": bandwidth,
+            "matvec_gw": flat.n_elements / matvec_s / 1e9, "matvec_gb": flat.nbytes / matvec_s / 1e9,
+            "rss_full": peak_rss_gib(), "n_ctx_train": model.config.n_ctx_train, "kv_full": full.nbytes / 2**30}
 
 
-def child_llama(path: str, threads: int, runs: int, context: int) -> dict:
+def child_llama(path: str, threads: int, runs: int, context: int, extra_bufts: bool) -> dict:
     import llama_cpp
     import llama_cpp.llama as high_level
 
-    params = high_level.llama_cpp.llama_model_default_params  # what `Llama` calls
-    high_level.llama_cpp.llama_model_default_params = lambda: _no_extra_bufts(params())
+    if not extra_bufts:
+        params = high_level.llama_cpp.llama_model_default_params  # what `Llama` calls
+        high_level.llama_cpp.llama_model_default_params = lambda: _no_extra_bufts(params())
     llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
                           n_batch=PREFILL, n_ubatch=PREFILL, verbose=False)
     llm.eval(tokens(4, 9))
@@ -114,7 +127,8 @@ def child_llama(path: str, threads: int, runs: int, context: int) -> dict:
         for _ in range(DECODE):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         decode.append(DECODE / (time.perf_counter() - t0))
-    return {"engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
+    bufts = "with" if extra_bufts else "without"
+    return {"engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, {bufts} extra buffer types",
             "decode": statistics.median(decode), "decode_runs": decode, "prefill": prefill, "rss": peak_rss_gib()}
 
 
@@ -124,8 +138,9 @@ def _no_extra_bufts(p):
 
 
 def run_child(engine: str, path: str, args) -> dict:
-    cmd = [sys.executable, __file__, path, "--child", engine, "--threads", str(args.threads), "--runs",
-           str(args.runs), "--context", str(args.context)]
+    python = args.llama_python if engine == "llama" else sys.executable
+    cmd = [python, __file__, path, "--child", engine, "--threads", str(args.threads), "--runs",
+           str(args.runs), "--context", str(args.context)] + (["--extra-bufts"] if args.extra_bufts else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -136,11 +151,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3, help="decode runs of 16 tokens (median)")
     ap.add_argument("--context", type=int, default=8192, help="context length both engines are loaded with")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the Python that has llama-cpp-python (e.g. a venv with a custom build)")
+    ap.add_argument("--extra-bufts", action="store_true",
+                    help="let llama.cpp use its extra buffer types (AMX, repacked weights)")
     ap.add_argument("--child", choices=["ossrt", "llama"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        fn = child_ossrt if args.child == "ossrt" else child_llama
-        print(json.dumps(fn(args.models[0], args.threads, args.runs, args.context)))
+        if args.child == "ossrt":
+            result = child_ossrt(args.models[0], args.threads, args.runs, args.context)
+        else:
+            result = child_llama(args.models[0], args.threads, args.runs, args.context, args.extra_bufts)
+        print(json.dumps(result))
         return
 
     for path in args.models:
@@ -153,6 +175,8 @@ def main() -> None:
                                  ("prefill 512 tokens", "prefill", "tok/s")):
             print(f"{label + ' (' + unit + ')':34}{o[key]:12.2f}{ll[key]:12.2f}{o[key] / ll[key]:8.2f}x")
         print(f"{'peak RSS (GiB)':34}{o['rss']:12.2f}{ll['rss']:12.2f}")
+        print(f"ossrt peak RSS with a full {o['n_ctx_train']}-token f16 KV cache ({o['kv_full']:.2f} GiB): "
+              f"{o['rss_full']:.2f} GiB = {o['rss_full'] * 2**30 / 1e9:.1f} GB")
         print(f"ossrt decode runs (tok/s): {', '.join(f'{v:.2f}' for v in o['decode_runs'])}; "
               f"llama.cpp: {', '.join(f'{v:.2f}' for v in ll['decode_runs'])}")
         print(f"ossrt MXFP4 matvec: {o['matvec_gw']:.1f} G weights/s = {o['matvec_gb']:.1f} GB/s, "
