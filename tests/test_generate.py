@@ -140,3 +140,5 @@ def test_load_errors(tiny_gguf, tmp_path):
 def test_kv_type_is_checked(tiny_gguf):
     with pytest.raises(ParameterError, match="kv_type"):
         ossrt.load(tiny_gguf(), kv_type="q4_0")
+    with pytest.raises(ParameterError, match="multiple of 32"):
+        ossrt.load(tiny_gguf(), kv_type="q8_0")  # head dim 16

@@ -18,4 +18,5 @@ def test_report_figures(tiny_gguf):
     assert f"{c.n_params / 1e6:.2f} M total, {c.n_params_active / 1e6:.2f} M active" in text
     kv = c.kv_cache_bytes(2048)
     assert kv == 2 * 32 * 4 * (2 * 2048 + 2 * 8)  # K and V, kv_dim 32, f32; full layers 2048, sliding 8
-    assert f"KV cache (f16)              {kv / 2 / 2**20:.1f} MiB  (f32: {kv / 2**20:.1f} MiB)" in text
+    assert (f"KV cache (f16)              {kv / 2 / 2**20:.1f} MiB  (f32: {kv / 2**20:.1f} MiB, "
+            f"q8_0: {kv * 1.125 / 4 / 2**20:.1f} MiB)") in text

@@ -220,3 +220,20 @@ def test_ring_attention_over_an_f16_cache():
     expect = attend_reference(q[None], keys[:, slots].astype(np.float32), values[:, slots].astype(np.float32),
                               [0], [5], sinks, 0.25)[0]
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_ring_attention_over_a_q8_0_cache():
+    from ossrt.kv_cache import _dequantize_q8, _quantize_q8
+
+    rng = np.random.default_rng(9)
+    keys, key_scales = _quantize_q8(rng.standard_normal((2, 12, 64)).astype(np.float32))
+    values, value_scales = _quantize_q8(rng.standard_normal((2, 12, 64)).astype(np.float32))
+    sinks = rng.standard_normal(4).astype(np.float32)
+    q = rng.standard_normal((4, 64)).astype(np.float32)
+    got = kernels.attend_q8(q, keys, key_scales, values, value_scales, 10, 6, sinks, 0.125)
+    slots = np.arange(10, 16) % 12
+    expect = attend_reference(q[None], _dequantize_q8(keys, key_scales)[:, slots],
+                              _dequantize_q8(values, value_scales)[:, slots], [0], [6], sinks, 0.125)[0]
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q8_0 attention shapes"):
+        kernels.attend_q8(q, keys, key_scales[..., :1], values, value_scales, 10, 6, sinks, 0.125)

@@ -137,3 +137,46 @@ def test_kv_cache_size_and_ring(tiny):
         cache.truncate(20)  # the sliding rings have moved on
     cache.truncate(30)
     assert cache.length == 30
+
+
+@pytest.fixture(scope="module")
+def head_dim_32(tiny_gguf):
+    """q8_0 caches quantize head vectors in blocks of 32, so they need a head dimension of 32 or more."""
+    mf = ModelFile.open(tiny_gguf("q8_0", head_dim=32))
+    yield mf, Transformer(mf), reference.load_weights(mf)
+    mf.close()
+
+
+@pytest.mark.parametrize("kv_type, bound", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_compact_caches_stay_close_to_the_reference(head_dim_32, kv_type, bound):
+    mf, model, weights = head_dim_32
+    tokens = prompt(30, seed=4)
+    cache = model.new_cache(64, kv_type)
+    got = np.concatenate([model.forward(tokens[:10], cache, all_logits=True)] +
+                         [model.forward([t], cache) for t in tokens[10:]])
+    expect = reference.forward(mf.config, weights, tokens)
+    error = np.abs(got - expect).max() / np.abs(expect).max()
+    assert 0 < error < bound
+    assert cache.nbytes == mf.config.kv_cache_bytes(64, bytes_per_value={"f16": 2, "q8_0": 1.125}[kv_type])
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_snapshot_restores_the_rings(head_dim_32, kv_type):
+    """Back to a snapshot after more positions overwrote the rings: the same continuation gives the same logits."""
+    mf, model, _ = head_dim_32
+    tokens = prompt(40, seed=5)
+    cache = model.new_cache(64, kv_type)
+    model.forward(tokens[:20], cache)
+    snap = cache.snapshot()
+    first = model.forward(tokens[20:], cache, all_logits=True)
+    assert not cache.can_truncate(20)
+    cache.restore(snap)
+    np.testing.assert_array_equal(model.forward(tokens[20:], cache, all_logits=True), first)
+    cache.length = 5  # rewritten below the snapshot: it is stale now
+    assert not cache.can_restore(snap)
+
+
+def test_q8_0_cache_needs_head_dim_multiple_of_32(tiny):
+    mf, model, _ = tiny  # head dims 16, 8, 16
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.new_cache(16, "q8_0")

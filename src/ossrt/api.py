@@ -41,6 +41,9 @@ class Model:
             raise ParameterError(str(e)) from None
         if kv_type not in KV_TYPES:
             raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if kv_type == "q8_0" and cfg.head_dim % 32:
+            raise ParameterError(f"kv_type q8_0 needs a head dimension that is a multiple of 32, this model's is "
+                                 f"{cfg.head_dim}")
         self.model_file = model_file
         self.context_length = context_length
         self.kv_type = kv_type
@@ -130,5 +133,5 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
          kv_type: str = "f16") -> Model:
     """Open a gpt-oss GGUF file (memory-mapped; the file is validated before anything runs). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
-    cache's precision, "f16" (as llama.cpp; the 20b's full context fits 16 GB) or "f32" (exact)."""
+    cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact)."""
     return Model(ModelFile.open(path), context_length=context_length, threads=threads, kv_type=kv_type)

@@ -47,7 +47,7 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
             f"RAM at context {ctx}:",
             f"  weights touched per token   {_gb(touched)}",
             f"  whole file (memory-mapped)  {_gb(m.file_size)}",
-            f"  KV cache (f16)              {_gb(kv)}  (f32: {_gb(2 * kv)})",
+            f"  KV cache (f16)              {_gb(kv)}  (f32: {_gb(2 * kv)}, q8_0: {_gb(kv * 1.125 / 2)})",
             f"  file + KV cache             {_gb(m.file_size + kv)}",
         ]
     return "\n".join(lines)

@@ -430,6 +430,59 @@ def _attend_f16(q, keys, values, first_slot, n_keys, sinks, scale, out):
             out[h, i] = acc[i] / denom
 
 
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _attend_q8(q, keys, key_scales, values, value_scales, first_slot, n_keys, sinks, scale, out):
+    """`_attend` over a q8_0 cache: int8 values, one scale per 32."""
+    n_head, head_dim = q.shape
+    capacity = keys.shape[1]
+    per_kv = n_head // keys.shape[0]
+    for h in prange(n_head):
+        g = h // per_kv
+        scores = np.empty(n_keys, dtype=np.float32)
+        m = sinks[h]
+        for j in range(n_keys):
+            slot = (first_slot + j) % capacity
+            s = np.float32(0.0)
+            for b in range(head_dim // 32):
+                sb = np.float32(0.0)
+                for i in range(b * 32, b * 32 + 32):
+                    sb += q[h, i] * np.float32(keys[g, slot, i])
+                s += sb * key_scales[g, slot, b]
+            s *= scale
+            scores[j] = s
+            m = max(m, s)
+        denom = np.exp(sinks[h] - m)
+        acc = np.zeros(head_dim, dtype=np.float32)
+        for j in range(n_keys):
+            slot = (first_slot + j) % capacity
+            p = np.exp(scores[j] - m)
+            denom += p
+            for b in range(head_dim // 32):
+                pb = p * value_scales[g, slot, b]
+                for i in range(b * 32, b * 32 + 32):
+                    acc[i] += pb * np.float32(values[g, slot, i])
+        for i in range(head_dim):
+            out[h, i] = acc[i] / denom
+
+
+def attend_q8(q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, values: np.ndarray, value_scales: np.ndarray,
+              first_slot: int, n_keys: int, sinks: np.ndarray, scale: float) -> np.ndarray:
+    """`attend` over a q8_0 cache: keys/values int8 [n_head_kv, capacity, d], scales float32 [.., .., d/32]."""
+    n_head, d = q.shape
+    n_kv, capacity = keys.shape[0], keys.shape[1]
+    if (keys.dtype != np.int8 or values.dtype != np.int8 or keys.shape != (n_kv, capacity, d)
+            or values.shape != keys.shape or d % 32 or key_scales.shape != (n_kv, capacity, d // 32)
+            or value_scales.shape != key_scales.shape or n_head % n_kv or sinks.shape != (n_head,)):
+        raise ValueError(f"q8_0 attention shapes do not fit: q {q.shape}, keys {keys.shape} {keys.dtype}, "
+                         f"scales {key_scales.shape}")
+    if not (0 < n_keys <= capacity and 0 <= first_slot < capacity):
+        raise ValueError(f"{n_keys} keys from slot {first_slot} do not fit a cache of {capacity}")
+    out = np.empty((n_head, d), dtype=np.float32)
+    _attend_q8(np.ascontiguousarray(q, dtype=np.float32), keys, key_scales, values, value_scales, first_slot, n_keys,
+               np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
+    return out
+
+
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_slot: int, n_keys: int, sinks: np.ndarray,
            scale: float) -> np.ndarray:
     """One query position against `n_keys` cached keys starting at ring slot `first_slot` (wrapping around the

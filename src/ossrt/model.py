@@ -132,9 +132,7 @@ class Transformer:
         sinks = w["attn_sinks.weight"].data
         if T == 1:
             cache.store(layer, start, k, v)
-            first = cache.window_start(layer, start)
-            out = kernels.attend(q[0], cache.keys[layer], cache.values[layer], first % cache.capacity[layer],
-                                 start + 1 - first, sinks, self.scale).reshape(1, -1)
+            out = cache.attend(layer, q[0], start, sinks, self.scale).reshape(1, -1)
         else:
             out = self._attention_block(layer, q, k, v, sinks, cache, start)
             cache.store(layer, start, k, v)
