@@ -93,15 +93,18 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
         decode.append(DECODE / (time.perf_counter() - t0))
     rss = peak_rss_gib()
     # The memory a conversation at the model's whole context needs: a KV cache of that size with every page
-    # written (the cache's pages are committed as positions fill).
-    full = tr.new_cache(model.config.n_ctx_train)
-    for k, v in zip(full.keys, full.values):
-        k.fill(1)
-        v.fill(1)
+    # written (the cache's pages are committed as positions fill). Smaller type first, as RSS is a peak.
+    full = {}
+    for kv_type in ("q8_0", "f16"):
+        cache = tr.new_cache(model.config.n_ctx_train, kv_type)
+        for a in cache.keys + cache.values + [s for s in cache.key_scales + cache.value_scales if s is not None]:
+            a.fill(1)
+        full[kv_type] = (cache.nbytes / 2**30, peak_rss_gib())
+        del cache
     return {"engine": f"ossrt {ossrt.__version__} (numba {numba.__version__})", "decode": statistics.median(decode),
             "decode_runs": decode, "prefill": prefill, "rss": rss, "bandwidth": bandwidth,
             "matvec_gw": flat.n_elements / matvec_s / 1e9, "matvec_gb": flat.nbytes / matvec_s / 1e9,
-            "rss_full": peak_rss_gib(), "n_ctx_train": model.config.n_ctx_train, "kv_full": full.nbytes / 2**30}
+            "rss_full": full, "n_ctx_train": model.config.n_ctx_train}
 
 
 def child_llama(path: str, threads: int, runs: int, context: int, extra_bufts: bool) -> dict:
@@ -175,8 +178,9 @@ def main() -> None:
                                  ("prefill 512 tokens", "prefill", "tok/s")):
             print(f"{label + ' (' + unit + ')':34}{o[key]:12.2f}{ll[key]:12.2f}{o[key] / ll[key]:8.2f}x")
         print(f"{'peak RSS (GiB)':34}{o['rss']:12.2f}{ll['rss']:12.2f}")
-        print(f"ossrt peak RSS with a full {o['n_ctx_train']}-token f16 KV cache ({o['kv_full']:.2f} GiB): "
-              f"{o['rss_full']:.2f} GiB = {o['rss_full'] * 2**30 / 1e9:.1f} GB")
+        for kv_type, (kv, rss) in o["rss_full"].items():
+            print(f"ossrt peak RSS with a full {o['n_ctx_train']}-token {kv_type} KV cache ({kv:.2f} GiB): "
+                  f"{rss:.2f} GiB = {rss * 2**30 / 1e9:.1f} GB")
         print(f"ossrt decode runs (tok/s): {', '.join(f'{v:.2f}' for v in o['decode_runs'])}; "
               f"llama.cpp: {', '.join(f'{v:.2f}' for v in ll['decode_runs'])}")
         print(f"ossrt MXFP4 matvec: {o['matvec_gw']:.1f} G weights/s = {o['matvec_gb']:.1f} GB/s, "
