@@ -70,5 +70,80 @@ def info(file: Path, context: int | None) -> None:
     click.echo(report(file, context))
 
 
+_EFFORTS = click.Choice(["low", "medium", "high"])
+_KV_TYPES = click.Choice(["f16", "q8_0", "f32"])
+
+
+@main.command()
+@click.argument("model")
+@click.option("-p", "--prompt", required=True, help="the prompt; - reads it from stdin")
+@click.option("--system", help="system instructions (rendered as the Harmony developer message)")
+@click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]")
+@click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
+@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@click.option("--show-reasoning", is_flag=True, help="print the reasoning (analysis) before the answer")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: content, reasoning, tool calls, "
+              "finish reason, usage, timing")
+@click.option("--raw", is_flag=True, help="no chat format: continue PROMPT as plain text")
+@expected_errors
+def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
+             top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str,
+             show_reasoning: bool, as_json: bool, raw: bool) -> None:
+    """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
+    import dataclasses
+    import json
+
+    import ossrt
+    from ossrt.chat import ContentDelta, Done, ReasoningDelta
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type)
+    if raw:
+        ids = m.tokenizer.encode(prompt)
+        decoder = m.tokenizer.incremental_decoder()
+        pieces = []
+        for token in m.generate(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed):
+            text = decoder.feed(token)
+            pieces.append(text)
+            if not as_json:
+                click.echo(text, nl=False)
+        pieces.append(decoder.flush())
+        s = m.stats
+        if as_json:
+            click.echo(json.dumps({"content": "".join(pieces), "finish_reason": s.stop_reason,
+                                   "usage": {"prompt_tokens": s.prompt_tokens,
+                                             "completion_tokens": s.generated_tokens}}))
+        else:
+            click.echo(pieces[-1])
+        return
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    color = sys.stdout.isatty()
+    in_reasoning = False
+    for event in m.chat(messages, reasoning_effort=effort, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                        seed=seed, stream=True):
+        if as_json:
+            if isinstance(event, Done):
+                r = event.response
+                click.echo(json.dumps({"content": r.content, "reasoning": r.reasoning, "tool_calls": r.tool_calls,
+                                       "finish_reason": r.finish_reason, "usage": dataclasses.asdict(r.usage),
+                                       "timing": dataclasses.asdict(r.timing)}))
+        elif isinstance(event, ReasoningDelta) and show_reasoning:
+            click.echo(click.style(event.text, dim=True) if color else event.text, nl=False)
+            in_reasoning = True
+        elif isinstance(event, ContentDelta):
+            if in_reasoning:
+                click.echo("\n")
+                in_reasoning = False
+            click.echo(event.text, nl=False)
+        elif isinstance(event, Done):
+            click.echo()
+
+
 if __name__ == "__main__":
     main()

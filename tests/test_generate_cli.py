@@ -1,0 +1,60 @@
+"""`ossrt generate`: one answer on stdout, --json, --raw, and errors as one line with exit code 2."""
+
+import json
+
+from click.testing import CliRunner
+
+from ossrt.cli import main
+
+ANSWER = "<|channel|>final<|message|>Hello from the scripted model!<|return|>"
+TOOL_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Berlin"}<|call|>'
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input)
+
+
+def test_prints_the_answer(scripted_gguf):
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "Hi there", "-c", "512")
+    assert r.exit_code == 0, r.output
+    assert r.output == "Hello from the scripted model!\n"
+
+
+def test_prompt_from_stdin_and_json(scripted_gguf):
+    r = run("generate", str(scripted_gguf(TOOL_CALL)), "-p", "-", "--json", "-c", "512",
+            input="What's the weather in Berlin right now?")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["finish_reason"] == "tool_calls" and out["content"] is None
+    assert [c["function"] for c in out["tool_calls"]] == [{"name": "get_weather", "arguments": '{"city":"Berlin"}'}]
+    assert out["usage"]["completion_tokens"] > 5 and out["timing"]["total_seconds"] > 0
+
+
+def test_raw_continues_plain_text(scripted_gguf):
+    # The scripted model continues "assistant" with the script's tokens, chat format or not.
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "assistant", "--raw", "-n", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["content"] == "<|channel|>final<|message|>Hello"  # four tokens, special ones as their text
+    assert out["usage"] == {"prompt_tokens": 1, "completion_tokens": 4} and out["finish_reason"] == "length"
+    plain = run("generate", str(scripted_gguf(ANSWER)), "-p", "assistant", "--raw", "-n", "4")
+    assert plain.output == out["content"] + "\n"
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, scripted_gguf):
+    r = run("generate", str(tmp_path / "missing.gguf"), "-p", "hi")
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "missing.gguf" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--temp", "-1")
+    assert r.exit_code == 2 and "--temp" in r.output
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--kv-type", "q8_0")
+    assert r.exit_code == 2 and "multiple of 32" in r.output  # the tiny model's head dim is 16
+
+
+def test_reasoning_only_with_show_reasoning(scripted_gguf, o200k_tokenizer):
+    script = "<|channel|>analysis<|message|>Thinking hard.<|end|>"
+    n = str(len(o200k_tokenizer.encode(script, allowed_special="all")))
+    shown = run("generate", str(scripted_gguf(script)), "-p", "hi", "-n", n, "--show-reasoning")
+    hidden = run("generate", str(scripted_gguf(script)), "-p", "hi", "-n", n)
+    assert shown.exit_code == hidden.exit_code == 0
+    assert "Thinking hard." in shown.output and "Thinking hard." not in hidden.output
