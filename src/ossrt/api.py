@@ -16,6 +16,7 @@ from .kv_cache import KV_TYPES
 from .generate import PREFILL_CHUNK, GenerationStats, generate_tokens
 from .model import Transformer
 from .modelfile import ModelFile
+from .resolve import resolve_model
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 
@@ -131,7 +132,9 @@ class Model:
 
 def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
          kv_type: str = "f16") -> Model:
-    """Open a gpt-oss GGUF file (memory-mapped; the file is validated before anything runs). `context_length`
+    """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
+    a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
     cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact)."""
-    return Model(ModelFile.open(path), context_length=context_length, threads=threads, kv_type=kv_type)
+    return Model(ModelFile.open(resolve_model(path)), context_length=context_length, threads=threads,
+                 kv_type=kv_type)

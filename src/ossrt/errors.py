@@ -27,3 +27,7 @@ class ContextLengthError(OssrtError):
 
 class ParameterError(OssrtError, ValueError):
     """A generation or API parameter is out of range (e.g. a negative temperature or top_p above 1)."""
+
+
+class ModelNotFoundError(OssrtError):
+    """A model name cannot be resolved to a file: unknown, not downloadable, or not cached while offline."""
