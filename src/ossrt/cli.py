@@ -145,5 +145,64 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
             click.echo()
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--system", help="system instructions (rendered as the Harmony developer message)")
+@click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]")
+@click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
+@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@click.option("--hide-reasoning", is_flag=True, help="do not show the model's reasoning (/reasoning toggles)")
+@click.option("--verbose", is_flag=True, help="tokens and tokens/s after each answer")
+@expected_errors
+def run(model: str | None, system: str | None, effort: str, max_tokens: int | None, temp: float, top_p: float,
+        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, hide_reasoning: bool,
+        verbose: bool) -> None:
+    """Chat with MODEL [default: gpt-oss-20b]. Piped input is answered once; /help lists the commands."""
+    import ossrt
+    from ossrt.repl import Repl
+
+    m = ossrt.load(model or "gpt-oss-20b", context_length=ctx, threads=threads, kv_type=kv_type)
+    repl = Repl(m, sys.stdout, system=system, effort=effort, show_reasoning=not hide_reasoning, verbose=verbose,
+                color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    if not sys.stdin.isatty():
+        text = sys.stdin.read().strip()
+        if text:
+            repl.ask(text)
+        return
+    _enable_line_editing()
+    click.echo("Type a message, /help for commands, Ctrl-D to leave.")
+    repl.run(input)
+
+
+def _enable_line_editing() -> None:
+    """Line editing and a history file through the standard readline module, where it exists."""
+    try:
+        import atexit
+        import readline
+
+        from .resolve import cache_dir
+    except ImportError:
+        return
+    history = cache_dir() / "history"
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    atexit.register(lambda: _save_history(readline, history))
+
+
+def _save_history(readline, history: Path) -> None:
+    try:
+        readline.write_history_file(history)
+    except OSError:
+        pass
+
+
 if __name__ == "__main__":
     main()
