@@ -74,18 +74,30 @@ _EFFORTS = click.Choice(["low", "medium", "high"])
 _KV_TYPES = click.Choice(["f16", "q8_0", "f32"])
 
 
+def _model_options(fn):
+    """The loading, sampling and chat flags `run` and `generate` share, spelled as in llama.cpp."""
+    options = [
+        click.option("--system", help="system instructions (rendered as the Harmony developer message)"),
+        click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort"),
+        click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]"),
+        click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy"),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+                     help="context length [default: 8192]"),
+        click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]"),
+        click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model")
 @click.option("-p", "--prompt", required=True, help="the prompt; - reads it from stdin")
-@click.option("--system", help="system instructions (rendered as the Harmony developer message)")
-@click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]")
-@click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
-@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@_model_options
 @click.option("--show-reasoning", is_flag=True, help="print the reasoning (analysis) before the answer")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: content, reasoning, tool calls, "
               "finish reason, usage, timing")
@@ -147,15 +159,7 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--system", help="system instructions (rendered as the Harmony developer message)")
-@click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]")
-@click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
-@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@_model_options
 @click.option("--hide-reasoning", is_flag=True, help="do not show the model's reasoning (/reasoning toggles)")
 @click.option("--verbose", is_flag=True, help="tokens and tokens/s after each answer")
 @expected_errors

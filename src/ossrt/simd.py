@@ -73,33 +73,39 @@ def _prefetch(builder, ptr, offset):
 
 
 # --- MXFP4 ----------------------------------------------------------------------------------------------------------
+def _mxfp4_block(builder, wp, b):
+    """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two <16 x float>
+    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling."""
+    v16i8 = ir.VectorType(_I8, 16)
+    pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i8, [v16i8, v16i8]),
+                                            "llvm.x86.ssse3.pshuf.b.128")
+    table = ir.Constant(v16i8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
+    base = builder.mul(b, _const(builder, b, 17))
+    _prefetch(builder, wp, base)
+    # The scale built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
+    e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
+    normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
+    denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
+    scale = builder.bitcast(builder.select(builder.icmp_unsigned("<", e, ir.Constant(_I32, 2)), denormal, normal),
+                            _F32)
+    qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), v16i8, 1)
+    low4 = ir.Constant(v16i8, [ir.Constant(_I8, 15)] * 16)
+    four = ir.Constant(v16i8, [ir.Constant(_I8, 4)] * 16)
+    lo = builder.sitofp(builder.call(pshufb, [table, builder.and_(qs, low4)]), _V16F)
+    hi = builder.sitofp(builder.call(pshufb, [table, builder.lshr(qs, four)]), _V16F)
+    return scale, lo, hi
+
+
 @intrinsic
 def _row_dot_mxfp4_simd(typingctx, row, x, n_blocks):
     sig = types.float32(row, x, n_blocks)
 
     def codegen(context, builder, signature, args):
         wp, xp = _pointers(context, builder, signature, args)
-        nb = args[2]
-        v16i8 = ir.VectorType(_I8, 16)
-        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i8, [v16i8, v16i8]),
-                                                "llvm.x86.ssse3.pshuf.b.128")
-        table = ir.Constant(v16i8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
-        low4 = ir.Constant(v16i8, [ir.Constant(_I8, 15)] * 16)
-        four = ir.Constant(v16i8, [ir.Constant(_I8, 4)] * 16)
         acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
-        with cgutils.for_range(builder, nb) as loop:
+        with cgutils.for_range(builder, args[2]) as loop:
             b = loop.index
-            base = builder.mul(b, _const(builder, b, 17))
-            _prefetch(builder, wp, base)
-            # Scale 2^(e-128) built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
-            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-            normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
-            denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
-            scale = builder.bitcast(builder.select(builder.icmp_unsigned("<", e, ir.Constant(_I32, 2)),
-                                                   denormal, normal), _F32)
-            qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), v16i8, 1)
-            lo = builder.sitofp(builder.call(pshufb, [table, builder.and_(qs, low4)]), _V16F)  # elements 0..15
-            hi = builder.sitofp(builder.call(pshufb, [table, builder.lshr(qs, four)]), _V16F)  # 16..31
+            scale, lo, hi = _mxfp4_block(builder, wp, b)
             xoff = builder.mul(b, _const(builder, b, 32))
             x0 = _load(builder, xp, xoff, _V16F, 4)
             x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
@@ -117,25 +123,10 @@ def _dequant_row_mxfp4_simd(typingctx, row, out, n_blocks):
 
     def codegen(context, builder, signature, args):
         wp, op = _pointers(context, builder, signature, args)
-        nb = args[2]
-        v16i8 = ir.VectorType(_I8, 16)
-        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i8, [v16i8, v16i8]),
-                                                "llvm.x86.ssse3.pshuf.b.128")
-        table = ir.Constant(v16i8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
-        low4 = ir.Constant(v16i8, [ir.Constant(_I8, 15)] * 16)
-        four = ir.Constant(v16i8, [ir.Constant(_I8, 4)] * 16)
-        with cgutils.for_range(builder, nb) as loop:
+        with cgutils.for_range(builder, args[2]) as loop:
             b = loop.index
-            base = builder.mul(b, _const(builder, b, 17))
-            _prefetch(builder, wp, base)
-            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-            normal = builder.shl(builder.sub(e, ir.Constant(_I32, 1)), ir.Constant(_I32, 23))
-            denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
-            scale = _splat(builder, builder.bitcast(builder.select(
-                builder.icmp_unsigned("<", e, ir.Constant(_I32, 2)), denormal, normal), _F32), _V16F)
-            qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), v16i8, 1)
-            lo = builder.sitofp(builder.call(pshufb, [table, builder.and_(qs, low4)]), _V16F)
-            hi = builder.sitofp(builder.call(pshufb, [table, builder.lshr(qs, four)]), _V16F)
+            scale, lo, hi = _mxfp4_block(builder, wp, b)
+            scale = _splat(builder, scale, _V16F)
             ooff = builder.mul(b, _const(builder, b, 32))
             for off, v in ((ooff, lo), (builder.add(ooff, _const(builder, b, 16)), hi)):
                 ptr = builder.bitcast(builder.gep(op, [off]), _V16F.as_pointer())
