@@ -147,20 +147,24 @@ class ChatStream:
         self.prompt = prompt
         self.response: ChatResponse | None = None
         self._cancel = threading.Event()
+        self._step = threading.Lock()  # one `next` at a time, and `close` waits for the one in progress
         self._events = self._run(sampler, max_tokens)
 
     def __iter__(self) -> "ChatStream":
         return self
 
     def __next__(self) -> ChatEvent:
-        return next(self._events)
+        with self._step:
+            return next(self._events)
 
     def cancel(self) -> None:
         self._cancel.set()
 
     def close(self) -> None:
+        """Stop and release the session; safe from any thread (it waits for a step in progress to return)."""
         self._cancel.set()
-        self._events.close()
+        with self._step:
+            self._events.close()
 
     def __enter__(self) -> "ChatStream":
         return self
