@@ -208,28 +208,5 @@ def _save_history(readline, history: Path) -> None:
         pass
 
 
-@main.command()
-@click.argument("model", required=False)
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
-@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
-@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
-@expected_errors
-def serve(model: str | None, host: str, port: int, api_key: str | None, ctx: int | None, threads: int | None,
-          kv_type: str) -> None:
-    """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
-    try:
-        from .server import serve as run_server
-    except ImportError:
-        raise OssrtError("the server needs its extra: pip install 'ossrt[serve]'") from None
-    import ossrt
-
-    name = model or "gpt-oss-20b"
-    m = ossrt.load(name, context_length=ctx, threads=threads, kv_type=kv_type)
-    run_server(m, Path(name).stem if name.endswith(".gguf") else name, host=host, port=port, api_key=api_key)
-
-
 if __name__ == "__main__":
     main()
