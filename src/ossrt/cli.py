@@ -208,5 +208,43 @@ def _save_history(readline, history: Path) -> None:
         pass
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback: this machine "
+              "only)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
+@click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
+@click.option("-np", "--parallel", type=click.IntRange(min=1), default=2, show_default=True,
+              help="requests generated at once (each keeps its own KV cache)")
+@click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="requests waiting beyond those; more get 503")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
+@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@expected_errors
+def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
+          queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
+    """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
+    try:
+        from .server import model_names, serve as run_server
+    except ImportError as e:
+        raise OssrtError(f"ossrt serve needs the serve extra ({e.name} is missing): pip install 'ossrt[serve]'") \
+            from None
+    import ossrt
+    from .resolve import resolve_model
+
+    spec = model or "gpt-oss-20b"
+    path = resolve_model(spec)
+    model_id, aliases = model_names(spec, path)
+    m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    click.echo(f"serving {path} as {name or model_id!r} at http://{host}:{port}/v1", err=True)
+    run_server(m, model_id=name or model_id, aliases=[model_id, *aliases], host=host, port=port, api_key=api_key,
+               parallel=parallel, queue=queue)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,356 @@
+"""`ossrt serve`: an OpenAI-compatible HTTP server over one loaded model (Starlette + uvicorn, the `serve` extra).
+
+Each request's turn runs on its own thread (the model is blocking CPU work and serialises its forward passes, so
+concurrent turns interleave token by token). At most `parallel` turns run at once, each on a chat session of a
+pool (the one whose cached conversation shares the longest prefix with the new prompt, so a client's next turn
+reuses its KV cache); up to `queue` more wait, and beyond that requests get 503. A client that disconnects has its
+turn cancelled. Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .chat import ChatResponse, ChatSession, Done
+from .errors import OssrtError
+from .harmony import render_conversation
+from .server_chat import ChatCompletion, parse_chat_request
+from .server_common import ApiError, Turn, api_error, field_of
+from .server_responses import ResponsesOutput, parse_responses_request
+
+log = logging.getLogger("ossrt.server")
+
+DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
+_STARTED, _END = object(), object()
+
+
+class SessionPool:
+    """Chat sessions, each with its own KV cache; `take` hands out the free one that already holds the longest
+    prefix of the prompt."""
+
+    def __init__(self, sessions: Iterable[ChatSession]):
+        self.free = list(sessions)
+        self.lock = threading.Lock()
+
+    def take(self, prompt: list[int]) -> ChatSession:
+        p = np.asarray(prompt)
+
+        def shared(s: ChatSession) -> int:
+            n = min(len(s.tokens), len(p))
+            diff = np.flatnonzero(np.asarray(s.tokens[:n]) != p[:n])
+            return int(diff[0]) if diff.size else n
+
+        with self.lock:
+            best = max(self.free, key=shared)
+            self.free.remove(best)
+            return best
+
+    def give(self, session: ChatSession) -> None:
+        with self.lock:
+            self.free.append(session)
+
+
+class Generation:
+    """One turn on its own thread. `_STARTED` (the conversation rendered and checked), its events, then `_END`
+    reach the event loop through `queue`; an exception raised before or during generation arrives there instead. `cancel()` is thread-safe and idempotent."""
+
+    def __init__(self, server: "Server", turn: Turn):
+        self.server, self.turn = server, turn
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.response: ChatResponse | None = None
+        self.consumed = False  # the client got everything up to `_END`
+        self._stream = None
+        self._cancelled = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="ossrt-turn").start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        model, turn, session = self.server.model, self.turn, None
+        try:
+            prompt = render_conversation(model.tokenizer, turn.messages, tools=turn.tools,
+                                         reasoning_effort=turn.reasoning_effort)
+            session = self.server.pool.take(prompt)
+            self._stream = session.chat(turn.messages, stream=True, **turn.chat_kwargs())
+            if self._cancelled.is_set():
+                self._stream.cancel()
+            self._put(_STARTED)
+            for event in self._stream:
+                if isinstance(event, Done):
+                    self.response = event.response
+                self._put(event)
+        except BaseException as e:  # handed to the request's task, which answers or logs it
+            self._put(e)
+        finally:
+            if session is not None:
+                self.server.pool.give(session)
+            self._put(_END)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.server._ended, self)
+
+    async def payloads(self, fmt) -> AsyncIterator[dict[str, Any]]:
+        """The API objects for the client: `fmt.start()`, one batch per event, `fmt.finish(response)`."""
+        for p in fmt.start():
+            yield p
+        while (item := await self.queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            batch = fmt.finish(item.response) if isinstance(item, Done) else fmt.event(item)
+            if fmt.stopped:
+                self.cancel()
+            for p in batch:
+                yield p
+        self.consumed = True
+
+
+class Server:
+    def __init__(self, model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
+                 parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY):
+        if parallel < 1 or queue < 0:
+            raise ValueError("parallel must be at least 1 and queue at least 0")
+        self.model, self.model_id, self.api_key = model, model_id, api_key
+        self.names = {_norm(n) for n in (model_id, *aliases)}
+        self.parallel, self.queue_size, self.max_body = parallel, queue, max_body
+        self.pool = SessionPool(model.new_session() for _ in range(parallel))
+        self.slots = asyncio.Semaphore(parallel)
+        self.waiting = 0
+        self.running: set[Generation] = set()
+        self.created = int(time.time())
+        self.counts = dict(requests=0, rejected=0, disconnected=0, prompt_tokens=0, completion_tokens=0)
+
+    # --- turns ---
+    async def start(self, turn: Turn) -> Generation:
+        """Wait for a free slot (503 when the queue is full), start the turn, and return once it is rendered and
+        validated: a bad conversation raises here, before any response is sent."""
+        if len(self.running) + self.waiting >= self.parallel + self.queue_size:
+            self.counts["rejected"] += 1
+            raise ApiError(503, f"the server is busy ({len(self.running)} requests running, {self.waiting} "
+                                f"waiting); try again shortly", type="server_error", code="server_busy")
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        gen = Generation(self, turn)
+        self.running.add(gen)
+        try:
+            first = await gen.queue.get()
+        except BaseException:
+            gen.cancel()
+            raise
+        if isinstance(first, BaseException):
+            raise api_error(first, turn.where) if isinstance(first, OssrtError) else first
+        return gen
+
+    def _ended(self, gen: Generation) -> None:
+        self.running.discard(gen)
+        self.slots.release()
+        if gen.response is not None:
+            self.counts["prompt_tokens"] += gen.response.usage.prompt_tokens
+            self.counts["completion_tokens"] += gen.response.usage.completion_tokens
+
+    # --- requests ---
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        self.check_key(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_body}",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError(413, f"request body is over the limit of {self.max_body} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "the request body must be a JSON object", code="invalid_type")
+        model = field_of(body, "model", "string", required=True)
+        if _norm(model) not in self.names:
+            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
+        self.counts["requests"] += 1
+        return body
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(auth[7:].strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    async def respond(self, request: Request, turn: Turn, fmt, stream: bool, named_events: bool) -> Response:
+        gen = await self.start(turn)
+        if stream:
+            return StreamingResponse(self._sse(gen, fmt, named_events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(self._watch_disconnect(request, gen))
+        try:
+            async for _ in gen.payloads(fmt):
+                pass
+        except OssrtError as e:
+            raise api_error(e, turn.where) from None
+        finally:
+            watcher.cancel()
+        return JSONResponse(fmt.result(gen.response))
+
+    async def _watch_disconnect(self, request: Request, gen: Generation) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gen.cancel()
+        self.counts["disconnected"] += 1
+
+    async def _sse(self, gen: Generation, fmt, named_events: bool) -> AsyncIterator[bytes]:
+        try:
+            async for p in gen.payloads(fmt):
+                yield _sse_event(p, p["type"] if named_events else None)
+            if not named_events:
+                yield b"data: [DONE]\n\n"
+        except Exception as e:  # the status line is sent: the error goes out as an event
+            err = api_error(e) if isinstance(e, OssrtError) else _internal(e)
+            if named_events:
+                yield _sse_event({"type": "error", "sequence_number": getattr(fmt, "seq", 0), "code": err.code,
+                                  "message": err.message, "param": err.param}, "error")
+            else:
+                yield _sse_event(err.body(), None)
+        finally:
+            if not gen.consumed:  # the client went away (or an error ended the stream): stop generating
+                gen.cancel()
+                self.counts["disconnected"] += 1
+
+    # --- endpoints ---
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id, "parallel": self.parallel,
+                             "queue": self.queue_size, "running": len(self.running), "waiting": self.waiting,
+                             **self.counts})
+
+    def model_object(self) -> dict[str, Any]:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "ossrt",
+                "context_length": self.model.context_length}
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse({"object": "list", "data": [self.model_object()]})
+
+    async def model_info(self, request: Request) -> Response:
+        self.check_key(request)
+        name = request.path_params["name"]
+        if _norm(name) not in self.names:
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
+        return JSONResponse(self.model_object())
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self.read_json(request)
+        turn, stream, include_usage = parse_chat_request(body, self.model.context_length)
+        return await self.respond(request, turn, ChatCompletion(self.model_id, turn, include_usage), stream, False)
+
+    async def responses(self, request: Request) -> Response:
+        body = await self.read_json(request)
+        turn, stream, echo = parse_responses_request(body, self.model.context_length)
+        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo), stream, True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        yield
+        for gen in list(self.running):
+            gen.cancel()
+
+
+def _norm(name: str) -> str:
+    name = name.strip().lower()
+    return name[len("openai/"):] if name.startswith("openai/") else name
+
+
+def _sse_event(payload: dict[str, Any], name: str | None) -> bytes:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
+
+
+def _internal(e: BaseException) -> ApiError:
+    log.error("request failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
+               parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY) -> Starlette:
+    """The ASGI app serving `model` (an `ossrt.Model`) as `model_id` (requests may also name an alias)."""
+    server = Server(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
+                    max_body=max_body)
+
+    async def api_error_response(request: Request, e: ApiError) -> Response:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                     code=code).body(), status_code=e.status_code, headers=e.headers)
+
+    async def internal_error(request: Request, e: Exception) -> Response:
+        err = _internal(e)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    routes = [Route("/health", server.health), Route("/v1/models", server.models),
+              Route("/v1/models/{name:path}", server.model_info),
+              Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+              Route("/v1/responses", server.responses, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=server.lifespan,
+                    exception_handlers={ApiError: api_error_response, HTTPException: http_error,
+                                        Exception: internal_error})
+    app.state.server = server
+    return app
+
+
+_OUTTYPES = ("-q8_0", "-bf16", "-f16", "-f32", "-mxfp4")
+
+
+def model_names(spec: str, path: Path) -> tuple[str, list[str]]:
+    """The id to serve a model under and the other names requests may use: for a file, its name with and without
+    `.gguf` and the output-type suffix; for a hub name, the repository and its short aliases."""
+    from .resolve import ALIASES
+
+    if Path(spec).exists():
+        stem = path.stem
+        base = next((stem[:-len(s)] for s in _OUTTYPES if stem.lower().endswith(s)), stem)
+        return base, [spec, path.name, stem]
+    repo = ALIASES.get(spec.lower(), spec)
+    return repo.split("/")[-1], [spec, repo, *(k for k, v in ALIASES.items() if v == repo)]
+
+
+def serve(model, *, model_id: str, aliases: Iterable[str] = (), host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, parallel: int = 2, queue: int = 16, log_level: str = "info") -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run()

@@ -1,0 +1,141 @@
+"""POST /v1/chat/completions: the request as a `Turn`, and chat events as a completion or as SSE chunks.
+
+Reasoning goes out as `reasoning_content`, mirrored as `reasoning` (the two names clients read), never in
+`content`. A preamble (commentary text before tool calls) streams as content; a non-streamed reply carries it as
+content only when there is no final answer, like `ChatResponse.content`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Mapping
+
+from .chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
+from .server_common import (ApiError, StopMatcher, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
+                            reasoning_effort, stop_field)
+
+
+def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, bool]:
+    """The turn, `stream`, and `stream_options.include_usage`."""
+    messages = field_of(body, "messages", "array", required=True)
+    if not messages:
+        raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
+    tools = field_of(body, "tools", "array")
+    n = field_of(body, "n", "integer", 1)
+    if n != 1:
+        raise ApiError(400, f"only n=1 is supported, got {n}", param="n", code="unsupported_value")
+    if field_of(body, "logprobs", "boolean", False):
+        raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    fmt = field_of(body, "response_format", "object")
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
+                       param="response_format", code="unsupported_value")
+    turn = Turn(messages=list(messages), tools=tools,
+                reasoning_effort=reasoning_effort(field_of(body, "reasoning_effort", "string"), "reasoning_effort"),
+                temperature=field_of(body, "temperature", "number", 1.0),
+                top_p=field_of(body, "top_p", "number", 1.0),
+                max_tokens=max_tokens_field(body, ("max_completion_tokens", "max_tokens"), context_length),
+                seed=field_of(body, "seed", "integer"), stop=stop_field(body.get("stop")))
+    check_range("temperature", turn.temperature, 0, 2)
+    check_range("top_p", turn.top_p, 0, 1, lo_open=True)
+    choice = body.get("tool_choice")
+    named = None
+    if isinstance(choice, Mapping):
+        fn = choice.get("function")
+        named = fn.get("name") if isinstance(fn, Mapping) else None
+        if choice.get("type") != "function" or not isinstance(named, str):
+            raise ApiError(400, "'tool_choice' as an object must be {\"type\": \"function\", \"function\": "
+                                "{\"name\": ...}}", param="tool_choice", code="invalid_value")
+    apply_tool_choice(turn, choice, named=named)
+    stream = field_of(body, "stream", "boolean", False)
+    options = field_of(body, "stream_options", "object", {})
+    include_usage = field_of(options, "include_usage", "boolean", False, where="stream_options.")
+    return turn, stream, include_usage
+
+
+def usage(r: ChatResponse) -> dict[str, Any]:
+    u = r.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+class ChatCompletion:
+    """Turns one generation's events into `chat.completion.chunk`s (`start`, `event`, `finish`) and its end
+    into a `chat.completion` (`result`). `stopped` is set when a stop sequence appeared: generation should end."""
+
+    def __init__(self, model_id: str, turn: Turn, include_usage: bool = False):
+        self.model_id = model_id
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.matcher = StopMatcher(turn.stop)
+        self.content: list[str] = []  # what went out as content, stop sequences applied
+        self.calls: list[dict[str, Any]] = []  # streamed tool calls, each {"id", "name", "complete"}
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def event(self, e: Any) -> list[dict[str, Any]]:
+        if self.stopped:
+            return []
+        if isinstance(e, ReasoningDelta):
+            return [self._chunk({"reasoning_content": e.text, "reasoning": e.text})]
+        if isinstance(e, (ContentDelta, PreambleDelta)):
+            text = self.matcher.feed(e.text)
+            self.content.append(text)
+            return [self._chunk({"content": text})] if text else []
+        if isinstance(e, ToolCallBegin):
+            self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "name": e.name, "complete": False})
+            return [self._chunk({"tool_calls": [{"index": len(self.calls) - 1, "id": self.calls[-1]["id"],
+                                                 "type": "function",
+                                                 "function": {"name": e.name, "arguments": ""}}]})]
+        if isinstance(e, ToolCallDelta):
+            return [self._chunk({"tool_calls": [{"index": len(self.calls) - 1,
+                                                 "function": {"arguments": e.text}}]})]
+        if isinstance(e, ToolCall):
+            self.calls[-1]["complete"] = e.complete
+        return []
+
+    def finish_reason(self, r: ChatResponse) -> str:
+        if self.stopped or r.finish_reason == "cancelled":
+            return "stop"
+        return r.finish_reason
+
+    def finish(self, r: ChatResponse) -> list[dict[str, Any]]:
+        out = []
+        rest = self.matcher.flush()
+        if rest:
+            self.content.append(rest)
+            out.append(self._chunk({"content": rest}))
+        out.append(self._chunk({}, self.finish_reason(r)))
+        if self.include_usage:
+            out.append({**self._chunk({}), "choices": [], "usage": usage(r)})
+        return out
+
+    def result(self, r: ChatResponse) -> dict[str, Any]:
+        self.matcher.flush()
+        message: dict[str, Any] = {"role": "assistant"}
+        if self.stopped:
+            message["content"] = "".join(self.content)
+            calls = [c for c, s in zip(r.tool_calls, self.calls) if s["complete"]]
+        else:
+            message["content"] = r.content
+            calls = r.tool_calls
+        if calls:
+            message["tool_calls"] = calls
+        if r.reasoning is not None:
+            message["reasoning_content"] = message["reasoning"] = r.reasoning
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": self.finish_reason(r)}],
+                "usage": usage(r)}

@@ -1,0 +1,264 @@
+"""POST /v1/responses: input items as chat messages, and chat events as Responses output items and stream events.
+
+Output items follow the Harmony messages in order: `reasoning` (analysis, as `reasoning_text` content), `message`
+(a preamble with phase "commentary", the answer with phase "final_answer") and `function_call`. Sending them back
+as input, with `function_call_output` items, continues the conversation. Responses are not stored:
+`previous_response_id` is refused, the client sends the whole conversation."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Mapping
+
+from .chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
+from .server_common import ApiError, Turn, apply_tool_choice, check_range, field_of, max_tokens_field, reasoning_effort
+
+_ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, dict[str, Any]]:
+    """The turn, `stream`, and the request fields a Response object echoes."""
+    if field_of(body, "previous_response_id", "string") is not None:
+        raise ApiError(400, "previous_response_id is not supported: responses are not stored; send the whole "
+                            "conversation as 'input'", param="previous_response_id", code="unsupported_value")
+    if field_of(body, "background", "boolean", False):
+        raise ApiError(400, "background responses are not supported", param="background", code="unsupported_value")
+    text = field_of(body, "text", "object", {})
+    fmt = field_of(text, "format", "object", {}, where="text.")
+    if fmt.get("type", "text") != "text":
+        raise ApiError(400, f"text.format {fmt.get('type')!r} is not supported; only 'text'", param="text.format",
+                       code="unsupported_value")
+    instructions = field_of(body, "instructions", "string")
+    value = field_of(body, "input", "string|array", required=True)
+    messages, where = input_messages(value, instructions)
+    tools = field_of(body, "tools", "array")
+    reasoning = field_of(body, "reasoning", "object", {})
+    turn = Turn(messages=messages, tools=tools,
+                reasoning_effort=reasoning_effort(field_of(reasoning, "effort", "string", where="reasoning."),
+                                                  "reasoning.effort"),
+                temperature=field_of(body, "temperature", "number", 1.0),
+                top_p=field_of(body, "top_p", "number", 1.0),
+                max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length),
+                seed=field_of(body, "seed", "integer"), where=where)
+    check_range("temperature", turn.temperature, 0, 2)
+    check_range("top_p", turn.top_p, 0, 1, lo_open=True)
+    choice = body.get("tool_choice")
+    named = None
+    if isinstance(choice, Mapping):
+        named = choice.get("name")
+        if choice.get("type") != "function" or not isinstance(named, str):
+            raise ApiError(400, "'tool_choice' as an object must be {\"type\": \"function\", \"name\": ...}",
+                           param="tool_choice", code="invalid_value")
+    apply_tool_choice(turn, choice, named=named)
+    echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
+            "top_p": turn.top_p, "tools": tools or [], "tool_choice": choice if choice is not None else "auto",
+            "reasoning": {"effort": turn.reasoning_effort, "summary": None},
+            "metadata": field_of(body, "metadata", "object", {})}
+    return turn, field_of(body, "stream", "boolean", False), echo
+
+
+def input_messages(value: str | list, instructions: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Chat messages for `input`, and for each message the request field it came from (for error messages).
+    Reasoning, assistant messages and function calls in a row become one assistant message."""
+    msgs: list[dict[str, Any]] = []
+    where: list[str] = []
+    if instructions is not None:
+        msgs.append({"role": "developer", "content": instructions})
+        where.append("instructions")
+    if isinstance(value, str):
+        return msgs + [{"role": "user", "content": value}], where + ["input"]
+    pending: dict[str, Any] | None = None
+    pending_at = ""
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            msgs.append(pending)
+            where.append(pending_at)
+        pending = None
+
+    for i, item in enumerate(value):
+        at = f"input[{i}]"
+        if not isinstance(item, Mapping):
+            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+        kind = field_of(item, "type", "string", "message", where=f"{at}.")
+        if kind == "message":
+            role = field_of(item, "role", "string", required=True, where=f"{at}.")
+            if role not in _ROLES:
+                raise ApiError(400, f"'{at}.role' must be one of {', '.join(_ROLES)}, got {role!r}",
+                               param=f"{at}.role", code="invalid_value")
+            text = _text(item.get("content"), f"{at}.content")
+            if role != "assistant":
+                flush()
+                msgs.append({"role": role, "content": text})
+                where.append(at)
+                continue
+            if pending is not None and (pending.get("content") or pending.get("tool_calls")):
+                flush()
+            if pending is None:
+                pending, pending_at = {"role": "assistant"}, at
+            pending["content"] = text
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            if not isinstance(parts, list):
+                raise ApiError(422, f"'{at}.content' must be an array", param=f"{at}.content", code="invalid_type")
+            text = "".join(p.get("text", "") for p in parts if isinstance(p, Mapping))
+            if pending is not None and (pending.get("content") or pending.get("tool_calls")):
+                flush()
+            if pending is None:
+                pending, pending_at = {"role": "assistant"}, at
+            pending["reasoning"] = text
+        elif kind == "function_call":
+            call = {"id": field_of(item, "call_id", "string", required=True, where=f"{at}."), "type": "function",
+                    "function": {"name": field_of(item, "name", "string", required=True, where=f"{at}."),
+                                 "arguments": field_of(item, "arguments", "string", "", where=f"{at}.")}}
+            if pending is None:
+                pending, pending_at = {"role": "assistant"}, at
+            pending.setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            flush()
+            output = item.get("output")
+            msgs.append({"role": "tool",
+                         "tool_call_id": field_of(item, "call_id", "string", required=True, where=f"{at}."),
+                         "content": _text(output, f"{at}.output")})
+            where.append(at)
+        else:
+            raise ApiError(400, f"'{at}': input items of type {kind!r} are not supported (message, reasoning, "
+                                f"function_call, function_call_output)", param=f"{at}.type", code="unsupported_value")
+    flush()
+    return msgs, where
+
+
+def _text(content: Any, at: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(422, f"'{at}' must be a string or an array of text parts", param=at, code="invalid_type")
+    out = []
+    for j, p in enumerate(content):
+        if not (isinstance(p, Mapping) and p.get("type") in _TEXT_PARTS and isinstance(p.get("text"), str)):
+            raise ApiError(400, f"'{at}[{j}]': only text parts (input_text, output_text) are supported",
+                           param=f"{at}[{j}]", code="unsupported_value")
+        out.append(p["text"])
+    return "".join(out)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponsesOutput:
+    """Turns one generation's events into Responses stream events (`start`, `event`, `finish`) and its end into a
+    Response object (`result`); the output items are built the same way for both."""
+
+    stopped = False  # the Responses API has no stop sequences
+
+    def __init__(self, model_id: str, echo: dict[str, Any]):
+        self.model_id, self.echo = model_id, echo
+        self.id = _id("resp")
+        self.created_at = int(time.time())
+        self.items: list[dict[str, Any]] = []
+        self.seq = 0
+        self.kind: str | None = None  # of the open item: "reasoning", "preamble", "final", "call"
+        self.text: list[str] = []  # the open item's text so far
+
+    def _ev(self, type: str, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"type": type, "sequence_number": self.seq - 1, **fields}
+
+    def response(self, status: str, r: ChatResponse | None = None) -> dict[str, Any]:
+        out = {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+               "model": self.model_id, "output": [dict(i) for i in self.items], "error": None,
+               "incomplete_details": None, "parallel_tool_calls": True, "text": {"format": {"type": "text"}},
+               "truncation": "disabled", "usage": None, **self.echo}
+        if r is not None:
+            u = r.usage
+            out["usage"] = {"input_tokens": u.prompt_tokens,
+                            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+                            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": u.total_tokens}
+            if r.finish_reason == "length":
+                out["incomplete_details"] = {"reason": "max_output_tokens"}
+        return out
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._ev("response.created", response=self.response("in_progress")),
+                self._ev("response.in_progress", response=self.response("in_progress"))]
+
+    def _place(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
+
+    def _open(self, kind: str) -> list[dict[str, Any]]:
+        out = self._close()
+        self.kind, self.text = kind, []
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": _id("rs"), "summary": [], "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"type": "message", "id": _id("msg"), "role": "assistant", "status": "in_progress",
+                    "content": [], "phase": "commentary" if kind == "preamble" else "final_answer"}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.items.append(item)
+        return out + [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item)),
+                      self._ev("response.content_part.added", **self._place(), content_index=0, part=part)]
+
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        kind, self.kind = self.kind, None
+        if kind is None or kind == "call":
+            return []
+        item, text = self.items[-1], "".join(self.text)
+        if kind == "reasoning":
+            part = {"type": "reasoning_text", "text": text}
+            done = self._ev("response.reasoning_text.done", **self._place(), content_index=0, text=text)
+        else:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            done = self._ev("response.output_text.done", **self._place(), content_index=0, text=text, logprobs=[])
+        item["content"], item["status"] = [part], status
+        return [done, self._ev("response.content_part.done", **self._place(), content_index=0, part=part),
+                self._ev("response.output_item.done", output_index=len(self.items) - 1, item=dict(item))]
+
+    def event(self, e: Any) -> list[dict[str, Any]]:
+        if isinstance(e, (ReasoningDelta, PreambleDelta, ContentDelta)):
+            kind = ("reasoning" if isinstance(e, ReasoningDelta) else
+                    "preamble" if isinstance(e, PreambleDelta) else "final")
+            out = self._open(kind) if self.kind != kind else []
+            self.text.append(e.text)
+            if kind == "reasoning":
+                return out + [self._ev("response.reasoning_text.delta", **self._place(), content_index=0,
+                                       delta=e.text)]
+            return out + [self._ev("response.output_text.delta", **self._place(), content_index=0, delta=e.text,
+                                   logprobs=[])]
+        if isinstance(e, ToolCallBegin):
+            out = self._close()
+            self.kind = "call"
+            item = {"type": "function_call", "id": _id("fc"), "call_id": f"call_{uuid.uuid4().hex[:24]}",
+                    "name": e.name, "arguments": "", "status": "in_progress"}
+            self.items.append(item)
+            return out + [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item))]
+        if isinstance(e, ToolCallDelta):
+            self.items[-1]["arguments"] += e.text
+            return [self._ev("response.function_call_arguments.delta", **self._place(), delta=e.text)]
+        if isinstance(e, ToolCall):
+            item = self.items[-1]
+            item["arguments"], item["status"] = e.arguments, "completed" if e.complete else "incomplete"
+            self.kind = None
+            return [self._ev("response.function_call_arguments.done", **self._place(), arguments=e.arguments),
+                    self._ev("response.output_item.done", output_index=len(self.items) - 1, item=dict(item))]
+        return []
+
+    def _status(self, r: ChatResponse) -> str:
+        return {"length": "incomplete", "cancelled": "cancelled"}.get(r.finish_reason, "completed")
+
+    def finish(self, r: ChatResponse) -> list[dict[str, Any]]:
+        status = self._status(r)
+        out = self._close("completed" if status == "completed" else "incomplete")
+        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status,
+                                                                                          "response.failed")
+        return out + [self._ev(kind, response=self.response(status, r))]
+
+    def result(self, r: ChatResponse) -> dict[str, Any]:
+        status = self._status(r)
+        self._close("completed" if status == "completed" else "incomplete")
+        return self.response(status, r)

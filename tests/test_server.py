@@ -1,0 +1,387 @@
+"""`ossrt serve` through the official openai client against live servers on 127.0.0.1, one per tiny scripted model
+(the whole path model → Harmony parser → API is real)."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import ossrt  # noqa: E402
+from ossrt.server import create_app  # noqa: E402
+
+ID = "gpt-oss-test"
+KEY = "sekrit"
+ANSWER = "<|channel|>final<|message|>Hello there, friend!<|return|>"
+TOOL_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Berlin"}<|call|>'
+THINK = "<|channel|>analysis<|message|>Let me think.<|end|>"  # then nothing scripted: greedy "!!!" until max_tokens
+ENDLESS = "<|channel|>final<|message|>one two three four five"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_FLAT = {"type": "function", **WEATHER["function"]}  # the Responses API's form
+ASK = [{"role": "user", "content": "What's the weather in Berlin right now?"}]
+MAX_BODY = 16384
+
+
+def start(model, **kwargs) -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model, model_id=ID, aliases=["tiny"], **kwargs),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    start.servers.append((server, thread))
+    return f"http://127.0.0.1:{port}"
+
+
+start.servers = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_servers():
+    yield
+    for server, thread in start.servers:
+        server.should_exit = True
+    for server, thread in start.servers:
+        thread.join(10)
+
+
+def serving(path, context_length=512, **kwargs) -> str:
+    return start(ossrt.load(path, context_length=context_length), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def answer(scripted_gguf):
+    return serving(scripted_gguf(ANSWER), api_key=KEY, max_body=MAX_BODY)
+
+
+@pytest.fixture(scope="module")
+def tool(scripted_gguf):
+    return serving(scripted_gguf(TOOL_CALL), parallel=1)
+
+
+@pytest.fixture(scope="module")
+def think(scripted_gguf):
+    return serving(scripted_gguf(THINK))
+
+
+@pytest.fixture(scope="module")
+def endless(scripted_gguf):
+    return serving(scripted_gguf(ENDLESS, loop=True), context_length=4096, parallel=1, queue=1)
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_gguf):
+    return serving(tiny_gguf(), parallel=2)
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def health(url):
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+# --- chat completions --------------------------------------------------------------------------------------------
+def test_models_health_and_aliases(answer):
+    c = client(answer)
+    assert [m.id for m in c.models.list()] == [ID]
+    assert c.models.retrieve("openai/" + ID).id == ID
+    h = health(answer)  # no key needed
+    assert h["status"] == "ok" and h["model"] == ID and h["running"] == 0
+    for name in (ID, "TINY", "openai/gpt-oss-test"):
+        r = c.chat.completions.create(model=name, messages=ASK)
+        assert r.model == ID and r.choices[0].message.content == "Hello there, friend!"
+
+
+def test_plain_answer(answer, o200k_tokenizer):
+    r = client(answer).chat.completions.create(model=ID, messages=ASK, temperature=0.7, top_p=0.9, seed=3)
+    m = r.choices[0].message
+    assert (m.role, m.content, m.tool_calls, r.choices[0].finish_reason) == ("assistant", "Hello there, friend!",
+                                                                             None, "stop")
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.usage.completion_tokens == len(o200k_tokenizer.encode(ANSWER, allowed_special="all"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert getattr(m, "reasoning_content", None) is None
+
+
+def test_streaming_with_usage(answer):
+    chunks = list(client(answer).chat.completions.create(model=ID, messages=ASK, stream=True,
+                                                         stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Hello there, friend!"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 5
+    assert all(ch.usage is None for ch in chunks[:-1])
+    plain = list(client(answer).chat.completions.create(model=ID, messages=ASK, stream=True))
+    assert all(ch.choices for ch in plain)  # no usage chunk unless asked
+
+
+@pytest.mark.parametrize("stop, expected", [(", friend", "Hello there"), (["zzz", "e, f"], "Hello ther"),
+                                            ("!", "Hello there, friend"), ("nowhere", "Hello there, friend!")])
+def test_stop_sequences(answer, stop, expected):
+    c = client(answer)
+    r = c.chat.completions.create(model=ID, messages=ASK, stop=stop)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(c.chat.completions.create(model=ID, messages=ASK, stop=stop, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(answer):
+    r = client(answer).chat.completions.create(model=ID, messages=ASK, max_completion_tokens=6)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+
+
+def test_reasoning_goes_to_reasoning_content(think):
+    c = client(think)
+    r = c.chat.completions.create(model=ID, messages=ASK, max_tokens=8, temperature=0, reasoning_effort="high")
+    m = r.choices[0].message
+    assert m.reasoning_content == m.reasoning == "Let me think."
+    assert "think" not in (m.content or "")
+    chunks = list(c.chat.completions.create(model=ID, messages=ASK, max_tokens=8, temperature=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me think."
+    assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == "Let me think."
+    assert "think" not in "".join(d.content or "" for d in deltas)
+
+
+def test_tool_call_round_trip(tool):
+    c = client(tool)
+    r = c.chat.completions.create(model=ID, messages=ASK, tools=[WEATHER])
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Berlin"})
+    history = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    again = c.chat.completions.create(model=ID, messages=history, tools=[WEATHER])
+    assert again.usage.prompt_tokens > r.usage.prompt_tokens + 10  # the call and its result were rendered
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the session pool kept the conversation
+    assert again.choices[0].finish_reason == "tool_calls"
+
+    chunks = list(c.chat.completions.create(model=ID, messages=ASK, tools=[WEATHER], stream=True))
+    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    assert {d.index for d in deltas} == {0}
+    assert "".join(d.function.arguments or "" for d in deltas) == '{"city":"Berlin"}'
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice(tool):
+    c = client(tool)
+    ask = lambda **kw: c.chat.completions.create(model=ID, messages=ASK, max_tokens=3, **kw)  # noqa: E731
+    bare = ask().usage.prompt_tokens
+    auto = ask(tools=[WEATHER]).usage.prompt_tokens
+    assert auto > bare + 20
+    assert ask(tools=[WEATHER], tool_choice="none").usage.prompt_tokens == bare  # the tools leave the prompt
+    required = ask(tools=[WEATHER], tool_choice="required").usage.prompt_tokens
+    named = ask(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert required > auto and named.usage.prompt_tokens > auto  # the instruction was added
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert e.value.body["param"] == "tool_choice" and "get_time" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        ask(tool_choice="required")
+
+
+# --- responses ---------------------------------------------------------------------------------------------------
+def test_responses_plain(answer):
+    r = client(answer).responses.create(model=ID, input="Hi!", instructions="Answer briefly.", max_output_tokens=50)
+    assert (r.status, r.output_text, r.model) == ("completed", "Hello there, friend!", ID)
+    assert [o.type for o in r.output] == ["message"] and r.output[0].content[0].type == "output_text"
+    assert r.usage.input_tokens > 20 and r.usage.output_tokens > 5 and r.instructions == "Answer briefly."
+    short = client(answer).responses.create(model=ID, input=[{"role": "user", "content": "Hi!"}],
+                                            max_output_tokens=4)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_stream(answer):
+    events = list(client(answer).responses.create(model=ID, input=[
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi!"}]}], stream=True))
+    types = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert set(types[4:-4]) == {"response.output_text.delta"} and "".join(deltas) == "Hello there, friend!"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    done = events[-1].response
+    assert done.output_text == "Hello there, friend!" and done.usage.output_tokens > 5
+
+
+def test_responses_reasoning(think):
+    r = client(think).responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0,
+                                       reasoning={"effort": "low"})
+    assert r.output[0].type == "reasoning" and r.output[0].content[0].text == "Let me think."
+    assert "think" not in r.output_text and r.reasoning.effort == "low"
+    events = list(client(think).responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Let me think."
+
+
+def test_responses_function_call_round_trip(tool):
+    c = client(tool)
+    first = c.responses.create(model=ID, input="Weather in Berlin?", tools=[WEATHER_FLAT])
+    call = first.output[-1]
+    assert (call.type, call.name, json.loads(call.arguments), call.status) == ("function_call", "get_weather",
+                                                                                {"city": "Berlin"}, "completed")
+    items = [{"role": "user", "content": "Weather in Berlin?"}, *(o.model_dump(exclude_none=True) for o in first.output),
+             {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}]
+    second = c.responses.create(model=ID, input=items, tools=[WEATHER_FLAT])
+    assert second.usage.input_tokens > first.usage.input_tokens + 10
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    events = list(c.responses.create(model=ID, input="Weather in Berlin?", tools=[WEATHER_FLAT], stream=True))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert args == done[0].arguments == '{"city":"Berlin"}'
+    assert events[-1].response.output[-1].call_id.startswith("call_")
+    with pytest.raises(openai.BadRequestError) as e:  # a result for a call that was never made
+        c.responses.create(model=ID, input=[{"type": "function_call_output", "call_id": "nope", "output": "x"}])
+    assert e.value.body["param"] == "input[0]"
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    (CHAT, {"model": "gpt-5", "messages": ASK}, 404, "model", "model_not_found"),
+    (CHAT, {"messages": ASK}, 422, "model", "missing_required_parameter"),
+    (CHAT, {"model": ID}, 422, "messages", "missing_required_parameter"),
+    (CHAT, {"model": ID, "messages": "hi"}, 422, "messages", "invalid_type"),
+    (CHAT, {"model": ID, "messages": ASK, "temperature": "hot"}, 422, "temperature", "invalid_type"),
+    (CHAT, {"model": ID, "messages": ASK, "max_tokens": 2.5}, 422, "max_tokens", "invalid_type"),
+    (CHAT, {"model": ID, "messages": []}, 400, "messages", "invalid_value"),
+    (CHAT, {"model": ID, "messages": ASK, "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+    (CHAT, {"model": ID, "messages": ASK, "max_tokens": 10**9}, 400, "max_tokens", "invalid_value"),
+    (CHAT, {"model": ID, "messages": ASK, "temperature": 3}, 400, "temperature", "invalid_value"),
+    (CHAT, {"model": ID, "messages": ASK, "n": 2}, 400, "n", "unsupported_value"),
+    (CHAT, {"model": ID, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0]", "invalid_value"),
+    (CHAT, {"model": ID, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages",
+     "context_length_exceeded"),
+    (CHAT, {"model": ID, "messages": ASK, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools[0].function.name", "invalid_value"),
+    (CHAT, {"model": ID, "messages": ASK, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": "not a schema"}}]}, 400, "tools[0].function.parameters", "invalid_value"),
+    ("/v1/responses", {"model": ID, "input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id",
+     "unsupported_value"),
+    ("/v1/responses", {"model": ID, "input": [{"type": "image_generation_call"}]}, 400, "input[0].type",
+     "unsupported_value"),
+    ("/v1/responses", {"model": ID, "input": 7}, 422, "input", "invalid_type"),
+    ("/v1/embeddings", {"model": ID, "input": "hi"}, 404, None, "not_found"),
+])
+def test_bad_requests_get_openai_errors(answer, path, body, status, param, code):
+    r = httpx.post(answer + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_malformed_json_api_key_and_body_limit(answer):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(answer + CHAT, content=b'{"model": "gpt-oss', headers=auth, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(answer + CHAT, content=b"[1, 2]", headers=auth, timeout=30)
+    assert r.status_code == 422
+    with pytest.raises(openai.AuthenticationError):
+        client(answer, key="wrong").chat.completions.create(model=ID, messages=ASK)
+    r = httpx.post(answer + CHAT, json={"model": ID, "messages": ASK}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    big = {"model": ID, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+    r = httpx.post(answer + CHAT, json=big, headers=auth, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        yield json.dumps(big).encode()
+
+    r = httpx.post(answer + CHAT, content=chunked(), headers=auth, timeout=30)
+    assert r.status_code == 413
+    assert health(answer)["status"] == "ok"  # still serving
+
+
+# --- load --------------------------------------------------------------------------------------------------------
+def test_concurrent_seeded_streams_match_their_solo_answers(random_model):
+    c = client(random_model)
+    asks = [([{"role": "user", "content": "Tell me about cats."}], 1),
+            ([{"role": "user", "content": "Tell me about dogs, please."}], 2),
+            ([{"role": "user", "content": "Tell me about cats."}], 3)]
+
+    def ask(messages, seed):
+        text = []
+        for ch in c.chat.completions.create(model=ID, messages=messages, seed=seed, max_tokens=24, stream=True):
+            if ch.choices:
+                d = ch.choices[0].delta
+                text.append((getattr(d, "reasoning_content", None) or "") + "|" + (d.content or ""))
+        return "".join(text)
+
+    solo = [ask(*a) for a in asks]
+    assert len(set(solo)) == 3  # different prompts / seeds give different answers
+    together = [None] * len(asks)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(*asks[i]))) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == solo
+
+
+def wait_idle(url, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while (h := health(url))["running"] or h["waiting"]:
+        assert time.monotonic() < deadline, f"still busy: {h}"
+        time.sleep(0.05)
+    return h
+
+
+def test_client_disconnect_stops_generation(endless):
+    before = wait_idle(endless)
+    with httpx.stream("POST", endless + CHAT, timeout=60, headers={"Authorization": "Bearer x"},
+                      json={"model": ID, "messages": ASK, "stream": True}) as r:
+        lines = [line for _, line in zip(range(12), r.iter_lines())]
+    assert any("one" in line for line in lines)
+    after = wait_idle(endless)  # without the disconnect this would run to the 4096-token context
+    assert after["disconnected"] == before["disconnected"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < 200
+    # The same for a non-streamed request whose client gives up.
+    with pytest.raises(openai.APITimeoutError):
+        openai.OpenAI(base_url=endless + "/v1", api_key="x", max_retries=0, timeout=0.5).chat.completions.create(
+            model=ID, messages=ASK)
+    final = wait_idle(endless)
+    assert final["disconnected"] == before["disconnected"] + 2
+    assert final["completion_tokens"] - after["completion_tokens"] < 1000
+
+
+def test_full_queue_answers_503(endless):
+    wait_idle(endless)
+    c = client(endless)  # parallel 1, queue 1
+    running = c.chat.completions.create(model=ID, messages=ASK, stream=True)
+    next(iter(running))  # it has a slot
+    queued = {}
+    waiter = threading.Thread(target=lambda: queued.setdefault("r", c.chat.completions.create(
+        model=ID, messages=ASK, max_tokens=3)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while health(endless)["waiting"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(openai.InternalServerError) as e:  # 503
+        c.chat.completions.create(model=ID, messages=ASK)
+    assert e.value.status_code == 503 and e.value.body["code"] == "server_busy"
+    running.close()
+    waiter.join(30)
+    assert queued["r"].choices[0].finish_reason == "length" and queued["r"].usage.completion_tokens == 3
+    assert health(endless)["rejected"] >= 1
