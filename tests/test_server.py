@@ -238,7 +238,8 @@ def test_responses_function_call_round_trip(tool):
     call = first.output[-1]
     assert (call.type, call.name, json.loads(call.arguments), call.status) == ("function_call", "get_weather",
                                                                                 {"city": "Berlin"}, "completed")
-    items = [{"role": "user", "content": "Weather in Berlin?"}, *(o.model_dump(exclude_none=True) for o in first.output),
+    items = [{"role": "user", "content": "Weather in Berlin?"},
+             *(o.model_dump(exclude_none=True) for o in first.output),
              {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": 21}'}]
     second = c.responses.create(model=ID, input=items, tools=[WEATHER_FLAT])
     assert second.usage.input_tokens > first.usage.input_tokens + 10
@@ -355,14 +356,14 @@ def test_client_disconnect_stops_generation(endless):
     assert any("one" in line for line in lines)
     after = wait_idle(endless)  # without the disconnect this would run to the 4096-token context
     assert after["disconnected"] == before["disconnected"] + 1
-    assert after["completion_tokens"] - before["completion_tokens"] < 200
+    assert after["completion_tokens"] - before["completion_tokens"] < 2000
     # The same for a non-streamed request whose client gives up.
     with pytest.raises(openai.APITimeoutError):
         openai.OpenAI(base_url=endless + "/v1", api_key="x", max_retries=0, timeout=0.5).chat.completions.create(
             model=ID, messages=ASK)
     final = wait_idle(endless)
     assert final["disconnected"] == before["disconnected"] + 2
-    assert final["completion_tokens"] - after["completion_tokens"] < 1000
+    assert final["completion_tokens"] - after["completion_tokens"] < 2000
 
 
 def test_full_queue_answers_503(endless):
@@ -381,6 +382,7 @@ def test_full_queue_answers_503(endless):
     with pytest.raises(openai.InternalServerError) as e:  # 503
         c.chat.completions.create(model=ID, messages=ASK)
     assert e.value.status_code == 503 and e.value.body["code"] == "server_busy"
+    assert e.value.response.headers["retry-after"] == "1"
     running.close()
     waiter.join(30)
     assert queued["r"].choices[0].finish_reason == "length" and queued["r"].usage.completion_tokens == 3

@@ -13,7 +13,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -67,7 +66,8 @@ class SessionPool:
 
 class Generation:
     """One turn on its own thread. `_STARTED` (the conversation rendered and checked), its events, then `_END`
-    reach the event loop through `queue`; an exception raised before or during generation arrives there instead. `cancel()` is thread-safe and idempotent."""
+    reach the event loop through `queue`; an exception raised before or during generation arrives there instead.
+    `cancel()` is thread-safe and idempotent."""
 
     def __init__(self, server: "Server", turn: Turn):
         self.server, self.turn = server, turn
@@ -148,7 +148,8 @@ class Server:
         if len(self.running) + self.waiting >= self.parallel + self.queue_size:
             self.counts["rejected"] += 1
             raise ApiError(503, f"the server is busy ({len(self.running)} requests running, {self.waiting} "
-                                f"waiting); try again shortly", type="server_error", code="server_busy")
+                                f"waiting); try again shortly", type="server_error", code="server_busy",
+                           headers={"Retry-After": "1"})
         self.waiting += 1
         try:
             await self.slots.acquire()
@@ -308,7 +309,7 @@ def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: st
                     max_body=max_body)
 
     async def api_error_response(request: Request, e: ApiError) -> Response:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def http_error(request: Request, e: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
