@@ -387,3 +387,39 @@ def test_full_queue_answers_503(endless):
     waiter.join(30)
     assert queued["r"].choices[0].finish_reason == "length" and queued["r"].usage.completion_tokens == 3
     assert health(endless)["rejected"] >= 1
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+def test_serve_command(scripted_gguf, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = scripted_gguf(ANSWER)
+    cmd = [sys.executable, "-m", "ossrt.cli", "serve", str(path), "--port", "0", "-c", "512", "--name", "mine"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith(f"serving {path} as 'mine' at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].strip()
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=3, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # the socket is bound before the model loads; uvicorn accepts once it is up
+            try:
+                models = c.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert [m.id for m in models] == ["mine"]
+        r = c.chat.completions.create(model="mine", messages=ASK)
+        assert r.choices[0].message.content == "Hello there, friend!"
+        with socket.socket() as taken:  # a port in use: one error line, exit 2
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = subprocess.run(cmd[:5] + ["--port", str(taken.getsockname()[1])], capture_output=True,
+                                  text=True, timeout=60)
+        assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:"), busy.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) in (0, 130)  # uvicorn re-raises Ctrl-C after a clean shutdown: "interrupted", 130

@@ -228,7 +228,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
           queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
-        from .server import model_names, serve as run_server
+        from .server import listen, model_names, serve as run_server
     except ImportError as e:
         raise OssrtError(f"ossrt serve needs the serve extra ({e.name} is missing): pip install 'ossrt[serve]'") \
             from None
@@ -238,11 +238,13 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     spec = model or "gpt-oss-20b"
     path = resolve_model(spec)
     model_id, aliases = model_names(spec, path)
+    sock = listen(host, port)  # before loading: a taken port fails at once
     m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
-    click.echo(f"serving {path} as {name or model_id!r} at http://{host}:{port}/v1", err=True)
-    run_server(m, model_id=name or model_id, aliases=[model_id, *aliases], host=host, port=port, api_key=api_key,
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {path} as {name or model_id!r} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
+    run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
                parallel=parallel, queue=queue)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -347,11 +348,23 @@ def model_names(spec: str, path: Path) -> tuple[str, list[str]]:
     return repo.split("/")[-1], [spec, repo, *(k for k, v in ALIASES.items() if v == repo)]
 
 
-def serve(model, *, model_id: str, aliases: Iterable[str] = (), host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, parallel: int = 2, queue: int = 16, log_level: str = "info") -> None:
-    """Serve until interrupted."""
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for `host`:`port` (0: any free port), or OssrtError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise OssrtError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
+          parallel: int = 2, queue: int = 16, log_level: str = "info") -> None:
+    """Serve on `sock` (from `listen`) until interrupted."""
     import uvicorn
 
     app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
