@@ -106,6 +106,8 @@ class Generation:
         except BaseException as e:  # handed to the request's task, which answers or logs it
             self._put(e)
         finally:
+            if self._stream is not None:
+                self._stream.close()  # releases the session even when generation failed midway
             if session is not None:
                 self.server.pool.give(session)
             self._put(_END)
