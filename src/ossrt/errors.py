@@ -31,3 +31,8 @@ class ParameterError(OssrtError, ValueError):
 
 class ModelNotFoundError(OssrtError):
     """A model name cannot be resolved to a file: unknown, not downloadable, or not cached while offline."""
+
+
+class ModelOutputError(OssrtError):
+    """The model produced non-finite values (NaN or infinity): the model file is probably corrupt. Not the
+    request's fault: the server answers it with a 500 that says so."""
