@@ -4,25 +4,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OSSRT_SHARED", REPO.parent / "shared"))
+
+@pytest.fixture(scope="session")
+def o200k_path(tmp_path_factory) -> Path:
+    """OpenAI's o200k_base.tiktoken as a plain file (from the copy the package ships, sha256-checked), for the
+    readers that take a path: tiktoken, openai-harmony."""
+    from ossrt import synthetic
+
+    path = tmp_path_factory.mktemp("vocab") / "o200k_base.tiktoken"
+    path.write_bytes(synthetic.o200k_base())
+    return path
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The project's shared facts and data (`../shared` beside the repository)."""
-    if not (SHARED / "data" / "o200k_base.tiktoken").is_file():
-        pytest.fail(f"shared data not found at {SHARED}; set OSSRT_SHARED")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def o200k_path(shared_dir: Path) -> Path:
-    return shared_dir / "data" / "o200k_base.tiktoken"
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, o200k_path: Path):
+def tiny_checkpoint(tmp_path_factory):
     """Factory: `tiny_checkpoint(layout="mxfp4", seed=0, **hf_config_overrides) -> Path` of a synthetic gpt-oss
     HF checkpoint directory (ossrt.synthetic, tiny config), cached for the session by its arguments."""
     from ossrt import synthetic
@@ -34,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory, o200k_path: Path):
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{layout}")
             cfg = synthetic.hf_config("tiny", **overrides)
-            cache[key] = synthetic.write_checkpoint(out, cfg, layout=layout, seed=seed, vocab_path=o200k_path)
+            cache[key] = synthetic.write_checkpoint(out, cfg, layout=layout, seed=seed)
         return cache[key]
 
     return make
@@ -64,7 +59,7 @@ def tiny_gguf(tmp_path_factory, tiny_checkpoint):
 # --- tokenizer / Harmony (issue 4) ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def o200k_tokenizer(o200k_path: Path):
-    """ossrt's o200k_harmony Tokenizer built from the shared o200k_base.tiktoken."""
+    """ossrt's o200k_harmony Tokenizer built from o200k_base.tiktoken."""
     from ossrt.tokenizer import Tokenizer
 
     return Tokenizer.from_tiktoken_file(o200k_path)

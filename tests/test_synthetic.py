@@ -1,5 +1,6 @@
 """Synthetic checkpoints: tokenizer files reproduce tiktoken, determinism, layouts agree, sane activations."""
 
+import hashlib
 import json
 import math
 
@@ -24,6 +25,13 @@ def test_tiny_config_yarn_is_valid():
     assert (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_expert, c.sliding_window) == (4, 64, 4, 2, 16, 8, 8)
     big = ModelConfig.from_hf_config(synthetic.hf_config("120b"))
     assert (big.n_layer, big.n_expert, big.n_embd) == (36, 128, 2880)
+
+
+def test_shipped_vocabulary_is_o200k_base():
+    data = synthetic.o200k_base()
+    assert hashlib.sha256(data).hexdigest() == "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+    tokens = synthetic.load_ranks()
+    assert len(tokens) == 199998 and tokens[:3] == [b"!", b'"', b"#"] and tokens[13225] == b"Hello"
 
 
 def _bpe(piece: bytes, ranks: dict) -> list[bytes]:

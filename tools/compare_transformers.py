@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=48, help="prompt length (the tiny window is 8)")
     ap.add_argument("--seed", type=int, default=5)
-    ap.add_argument("--vocab", type=Path, default=synthetic.DEFAULT_VOCAB)
+    ap.add_argument("--vocab", type=Path, default=None, help="a .tiktoken file [default: the shipped o200k_base]")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,9 @@ The real weights cannot be downloaded in CI, so tests and benchmarks convert che
 
     python -m ossrt.synthetic OUT --size tiny|20b|120b [--layout mxfp4|bf16] [--seed N] [--vocab PATH]
 
+The vocabulary is OpenAI's o200k_base, shipped in the package (`data/o200k_base.tiktoken.xz`, checked against its
+published sha256 when read), so nothing is downloaded and no file outside the package is needed.
+
 Weights: each tensor has its own RNG seeded by (seed, tensor index), so a file is the same whatever the sharding.
 Dense matrices are N(0, gain/sqrt(fan_in)) in bf16 so every projection keeps the RMS of its input; output
 projections (o_proj, down) use gain 0.5 so the residual stream grows slowly through the layers; norms ≈ 1;
@@ -19,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
+import lzma
 import math
 import os
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,8 +38,8 @@ import numpy as np
 
 from . import mxfp4
 
-# The shared data beside the repository, as tests/conftest.py finds it (or OSSRT_SHARED).
-DEFAULT_VOCAB = Path(os.environ.get("OSSRT_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "o200k_base.tiktoken"
+O200K_BASE_RESOURCE = "data/o200k_base.tiktoken.xz"
+O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # of the uncompressed file
 
 # The 21 special tokens of o200k_harmony that HF tokenizer.json defines (spec §6).
 SPECIAL_TOKENS = {
@@ -165,15 +171,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
-def load_ranks(vocab_path: str | os.PathLike) -> list[bytes]:
-    """o200k_base.tiktoken -> token bytes by rank (rank = id)."""
+def o200k_base() -> bytes:
+    """The bytes of OpenAI's o200k_base.tiktoken as published, from the copy shipped in the package."""
+    resource = resources.files(__package__).joinpath(O200K_BASE_RESOURCE)
+    data = lzma.decompress(resource.read_bytes())
+    if hashlib.sha256(data).hexdigest() != O200K_BASE_SHA256:
+        raise ValueError(f"{resource}: sha256 differs from o200k_base.tiktoken's {O200K_BASE_SHA256}; "
+                         "the package is damaged, reinstall it")
+    return data
+
+
+def load_ranks(vocab_path: str | os.PathLike | None = None) -> list[bytes]:
+    """A `.tiktoken` file (`base64(token) rank` per line; default: the shipped o200k_base) -> token bytes by rank."""
+    data = o200k_base() if vocab_path is None else Path(vocab_path).read_bytes()
+    source = vocab_path or O200K_BASE_RESOURCE
     tokens: list[bytes] = []
-    with open(vocab_path, "rb") as f:
-        for n, line in enumerate(f):
-            b64, rank = line.split()
-            if int(rank) != n:
-                raise ValueError(f"{vocab_path}: line {n + 1} has rank {int(rank)}, expected {n}")
-            tokens.append(base64.b64decode(b64))
+    for n, line in enumerate(data.splitlines()):
+        b64, rank = line.split()
+        if int(rank) != n:
+            raise ValueError(f"{source}: line {n + 1} has rank {int(rank)}, expected {n}")
+        tokens.append(base64.b64decode(b64))
     return tokens
 
 
@@ -194,8 +211,17 @@ def bpe_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike, n_vocab: int, max_length: int) -> None:
+def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike | None, n_vocab: int, max_length: int) -> None:
     """tokenizer.json (byte-level BPE + the 21 specials) and tokenizer_config.json (with the chat template)."""
+    for name, text in _tokenizer_files(None if vocab_path is None else str(vocab_path), n_vocab, max_length):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out_dir / name)
+
+
+# Building tokenizer.json takes seconds (446,189 merges); test sessions write many checkpoints with one vocabulary.
+@functools.lru_cache(maxsize=2)
+def _tokenizer_files(vocab_path: str | None, n_vocab: int, max_length: int) -> tuple[tuple[str, str], ...]:
     tokens = load_ranks(vocab_path)
     b2u = _bytes_to_unicode()
     table = [b2u[b] for b in range(256)]
@@ -219,7 +245,6 @@ def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike, n_vocab: int, 
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": vocab, "merges": merges},
     }
-    _write_json(out_dir / "tokenizer.json", tok, indent=None)
     cfg = {
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
         "bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
@@ -227,7 +252,8 @@ def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike, n_vocab: int, 
         "model_max_length": max_length, "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": CHAT_TEMPLATE,
     }
-    _write_json(out_dir / "tokenizer_config.json", cfg)
+    return (("tokenizer.json", json.dumps(tok, ensure_ascii=False)),
+            ("tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False)))
 
 
 # --- weights -------------------------------------------------------------------------------------------------------
@@ -384,10 +410,11 @@ def write_safetensors(path: Path, tensors: list[_Planned], seed: int) -> None:
 
 
 def write_checkpoint(out_dir: str | os.PathLike, hf_config: dict, *, layout: str = "mxfp4", seed: int = 0,
-                     vocab_path: str | os.PathLike = DEFAULT_VOCAB, shard_bytes: int = 4 << 30,
+                     vocab_path: str | os.PathLike | None = None, shard_bytes: int = 4 << 30,
                      progress: bool = False) -> Path:
     """Write a gpt-oss HF checkpoint directory: config.json, sharded safetensors with their index, tokenizer
-    files. `layout` "mxfp4" is the release layout (spec §4.1), "bf16" the fine-tune layout (§4.2)."""
+    files. `layout` "mxfp4" is the release layout (spec §4.1), "bf16" the fine-tune layout (§4.2). `vocab_path`: a
+    `.tiktoken` file, by default the shipped o200k_base."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(hf_config)
@@ -432,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", choices=["tiny", "20b", "120b"], default="tiny")
     ap.add_argument("--layout", choices=["mxfp4", "bf16"], default="mxfp4")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="o200k_base.tiktoken")
+    ap.add_argument("--vocab", default=None, help="a .tiktoken vocabulary [default: the shipped o200k_base]")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config.json field, e.g. --set num_hidden_layers=2")
     args = ap.parse_args(argv)
