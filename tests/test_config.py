@@ -38,7 +38,8 @@ def test_kv_cache_bytes_counts_window_for_sliding_layers():
     ({"model_type": "llama"}, "model_type is 'llama'"),
     ({"hidden_size": None}, "missing field 'hidden_size'"),
     ({"rope_scaling": None}, "rope_scaling"),
-    ({"num_experts_per_tok": 64, "experts_per_token": 64}, "exceeds expert count"),
+    ({"num_experts_per_tok": 64, "experts_per_token": 64},
+     r"num_experts_per_tok \(64\) exceeds the expert count, num_local_experts \(32\)"),
     ({"hidden_size": 100}, "multiple of 32"),
 ])
 def test_bad_hf_config(change, message):

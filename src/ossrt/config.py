@@ -33,6 +33,30 @@ KEY_ROPE_SCALING_FACTOR = f"{ARCH}.rope.scaling.factor"
 KEY_ROPE_SCALING_ORIG_CTX = f"{ARCH}.rope.scaling.original_context_length"
 KEY_VOCAB_SIZE = f"{ARCH}.vocab_size"
 
+# Bounds on sizes. llama.cpp holds every size, token id and position in a 32-bit integer, so no model it can run
+# has a size of 2^31 or more (gpt-oss-20b/120b: context 131072, window 128, vocabulary 201088).
+MAX_SIZE = 2**31 - 1
+# The tensor table (19 entries a layer) is built in memory, so the layer count has a tighter bound; published
+# transformers have at most a few hundred layers (gpt-oss: 24 and 36).
+MAX_LAYERS = 4096
+TENSORS_PER_LAYER = 19
+# The kernels add rms_norm_eps in float32: below the smallest normal float32 it would vanish or lose precision.
+FLOAT32_TINY = 2.0**-126
+
+_INT_FIELDS = ("n_layer", "n_embd", "n_ff_exp", "n_head", "n_head_kv", "head_dim", "n_expert", "n_expert_used",
+               "n_vocab", "n_ctx_train", "sliding_window", "rope_orig_ctx")
+# Float fields: the range each must lie in, and how to say it. rope_freq_base > 1 because YaRN divides by its
+# logarithm; the betas bound YaRN's correction range, which must not be empty (spec §2.3).
+_FLOAT_FIELDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "rope_freq_base": (lambda v: v > 1, "greater than 1"),
+    "rope_scaling_factor": (lambda v: v >= 1, "at least 1"),
+    "rope_beta_fast": (lambda v: v > 0, "positive"),
+    "rope_beta_slow": (lambda v: v > 0, "positive"),
+    "rms_norm_eps": (lambda v: FLOAT32_TINY <= v < 1, "below 1 and at least 2^-126"),
+    "swiglu_limit": (lambda v: v > 0, "positive"),
+    "swiglu_alpha": (lambda v: v > 0, "positive"),
+}
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -70,23 +94,7 @@ class ModelConfig:
     swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_embd", "n_ff_exp", "n_head", "n_head_kv", "head_dim", "n_expert",
-                     "n_expert_used", "n_vocab", "n_ctx_train", "sliding_window", "rope_orig_ctx"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_head % self.n_head_kv:
-            raise ConfigError(f"n_head ({self.n_head}) is not a multiple of n_head_kv ({self.n_head_kv})")
-        if self.n_expert_used > self.n_expert:
-            raise ConfigError(f"experts per token ({self.n_expert_used}) exceeds expert count ({self.n_expert})")
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        # MXFP4 blocks run along the input axis of every expert matrix (H for gate/up, I for down).
-        for name in ("n_embd", "n_ff_exp"):
-            if getattr(self, name) % 32:
-                raise ConfigError(f"{name} must be a multiple of 32 (MXFP4 block size), got {getattr(self, name)}")
-        if not self.rope_scaling_factor >= 1.0:
-            raise ConfigError(f"rope scaling factor must be >= 1, got {self.rope_scaling_factor}")
+        _validate(vars(self), {})
 
     # --- structure -------------------------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -100,6 +108,11 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    @property
+    def n_tensors(self) -> int:
+        """How many tensors `tensor_specs()` lists, without building the list."""
+        return 3 + TENSORS_PER_LAYER * self.n_layer
 
     def tensor_specs(self) -> list[TensorSpec]:
         """Every tensor of a gpt-oss GGUF file, in the order llama.cpp's converter writes them."""
@@ -157,54 +170,75 @@ class ModelConfig:
     # --- sources -----------------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
-        """From an HF `config.json` dict; `source` names the file in errors."""
+        """From an HF `config.json` dict; `source` names the file in errors. Every value is type- and
+        range-checked before use: a bad one is a ConfigError naming its field."""
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {_describe(cfg)}")
         if cfg.get("model_type") != "gpt_oss":
-            raise ConfigError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'gpt_oss'")
-
-        def need(*keys: str) -> Any:
-            for key in keys:
-                if key in cfg and cfg[key] is not None:
-                    return cfg[key]
-            raise ConfigError(f"{source}: missing field {keys[0]!r}")
+            raise ConfigError(f"{source}: model_type is {_describe(cfg.get('model_type'))}, expected 'gpt_oss'")
 
         # Newer transformers write `rope_parameters`; older `rope_scaling`. Dropping it would silently disable YaRN.
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_key = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
+        rope = cfg.get(rope_key)
         if not isinstance(rope, Mapping):
             raise ConfigError(f"{source}: missing field 'rope_scaling' (YaRN parameters)")
-        if rope.get("rope_type", rope.get("type")) != "yarn":
-            raise ConfigError(f"{source}: rope_scaling.rope_type is {rope.get('rope_type')!r}, expected 'yarn'")
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta"))
-        if rope_theta is None:
-            raise ConfigError(f"{source}: missing field 'rope_theta'")
-        n_head = need("num_attention_heads")
+        rope_type = rope.get("rope_type", rope.get("type"))
+        if rope_type != "yarn":
+            raise ConfigError(f"{source}: {rope_key}.rope_type is {_describe(rope_type)}, expected 'yarn'")
+
+        values: dict[str, Any] = {}
+        labels: dict[str, str] = {}
+
+        def take(field: str, *keys: str, where: Mapping[str, Any] = cfg, prefix: str = "",
+                 default: Any = None) -> None:
+            for key in keys:
+                if where.get(key) is not None:
+                    values[field], labels[field] = where[key], prefix + key
+                    return
+            if default is None:
+                raise ConfigError(f"{source}: missing field {prefix + keys[0]!r}")
+            values[field], labels[field] = default, prefix + keys[0]
+
+        take("n_layer", "num_hidden_layers")
+        take("n_embd", "hidden_size")
+        take("n_ff_exp", "intermediate_size")
+        take("n_head", "num_attention_heads")
+        take("n_head_kv", "num_key_value_heads")
+        take("n_expert", "num_local_experts", "num_experts")
+        take("n_expert_used", "num_experts_per_tok", "experts_per_token")
+        take("n_vocab", "vocab_size")
+        take("n_ctx_train", "max_position_embeddings")
+        take("sliding_window", "sliding_window")
+        if cfg.get("rope_theta") is not None or rope.get("rope_theta") is None:
+            take("rope_freq_base", "rope_theta")
+        else:
+            take("rope_freq_base", "rope_theta", where=rope, prefix=f"{rope_key}.")
+        take("rope_scaling_factor", "factor", where=rope, prefix=f"{rope_key}.")
+        if rope.get("original_max_position_embeddings") is not None:
+            take("rope_orig_ctx", "original_max_position_embeddings", where=rope, prefix=f"{rope_key}.")
+        else:
+            take("rope_orig_ctx", "initial_context_length")
+        take("rope_beta_fast", "beta_fast", where=rope, prefix=f"{rope_key}.", default=32.0)
+        take("rope_beta_slow", "beta_slow", where=rope, prefix=f"{rope_key}.", default=1.0)
+        take("rms_norm_eps", "rms_norm_eps", default=1e-5)
+        take("swiglu_limit", "swiglu_limit", default=7.0)
         try:
-            return cls(
-                n_layer=need("num_hidden_layers"),
-                n_embd=need("hidden_size"),
-                n_ff_exp=need("intermediate_size"),
-                n_head=n_head,
-                n_head_kv=need("num_key_value_heads"),
-                head_dim=cfg.get("head_dim") or need("hidden_size") // n_head,
-                n_expert=need("num_local_experts", "num_experts"),
-                n_expert_used=need("num_experts_per_tok", "experts_per_token"),
-                n_vocab=need("vocab_size"),
-                n_ctx_train=need("max_position_embeddings"),
-                sliding_window=need("sliding_window"),
-                rope_freq_base=float(rope_theta),
-                rope_scaling_factor=float(_field(rope, "factor", source, "rope_scaling")),
-                rope_orig_ctx=int(rope.get("original_max_position_embeddings") or need("initial_context_length")),
-                rope_beta_fast=float(rope.get("beta_fast", 32.0)),
-                rope_beta_slow=float(rope.get("beta_slow", 1.0)),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
-            )
+            if cfg.get("head_dim") is not None:
+                take("head_dim", "head_dim")
+            else:  # older configs leave it implicit: hidden_size / num_attention_heads
+                _validate({f: values[f] for f in ("n_embd", "n_head")}, labels)
+                values["head_dim"] = values["n_embd"] // values["n_head"]
+                labels["head_dim"] = "head_dim (hidden_size / num_attention_heads)"
+            _validate(values, labels)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        return cls(**{f: float(v) if f in _FLOAT_FIELDS else v for f, v in values.items()})
 
     @classmethod
     def from_gguf(cls, get: Callable[[str], Any], source: str) -> "ModelConfig":
         """From GGUF metadata; `get(key)` returns the value or None. YaRN betas and SwiGLU constants are not
-        stored in GGUF (llama.cpp hard-codes them), so the defaults apply."""
+        stored in GGUF (llama.cpp hard-codes them), so the defaults apply. Integer keys must hold a GGUF integer
+        type and float keys a GGUF float type (as llama.cpp requires); every value is range-checked before use."""
 
         def need(key: str) -> Any:
             value = get(key)
@@ -212,38 +246,50 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing metadata key {key!r}")
             return value
 
+        def typed(key: str, value: Any, want: type) -> Any:
+            if type(value) is not want:  # not bool for int, not int for float
+                kind = "an integer" if want is int else "a float"
+                raise ConfigError(f"{source}: metadata key {key!r} must be {kind}, got {_describe(value)}")
+            return value
+
         arch = get("general.architecture")
         if arch != ARCH:
-            raise ConfigError(f"{source}: general.architecture is {arch!r}, expected {ARCH!r}")
+            raise ConfigError(f"{source}: general.architecture is {_describe(arch)}, expected {ARCH!r}")
         scaling = get(KEY_ROPE_SCALING_TYPE)
         if scaling not in (None, "yarn"):
-            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {scaling!r}, expected 'yarn'")
-        n_vocab = get(KEY_VOCAB_SIZE)
-        if n_vocab is None:  # llama.cpp takes the vocab size from the token list
-            tokens = get("tokenizer.ggml.tokens")
-            if tokens is None:
-                raise ConfigError(f"{source}: neither {KEY_VOCAB_SIZE!r} nor 'tokenizer.ggml.tokens' is present")
-            n_vocab = len(tokens)
+            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {_describe(scaling)}, expected 'yarn'")
+        values: dict[str, Any] = {}
+        labels: dict[str, str] = {}
+        for field, key in _GGUF_KEYS.items():
+            values[field] = typed(key, need(key), float if field in _FLOAT_FIELDS else int)
+            labels[field] = key
+
+        vocab_size, tokens = get(KEY_VOCAB_SIZE), get("tokenizer.ggml.tokens")
+        if tokens is not None and (isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__")):
+            raise ConfigError(f"{source}: tokenizer.ggml.tokens must be an array of strings, got {_describe(tokens)}")
+        if vocab_size is not None:
+            values["n_vocab"], labels["n_vocab"] = typed(KEY_VOCAB_SIZE, vocab_size, int), KEY_VOCAB_SIZE
+        elif tokens is not None:  # llama.cpp takes the vocab size from the token list
+            values["n_vocab"], labels["n_vocab"] = len(tokens), "tokenizer.ggml.tokens (its length)"
+        else:
+            raise ConfigError(f"{source}: neither {KEY_VOCAB_SIZE!r} nor 'tokenizer.ggml.tokens' is present")
         try:
-            return cls(
-                n_layer=int(need(KEY_BLOCK_COUNT)),
-                n_embd=int(need(KEY_EMBEDDING_LENGTH)),
-                n_ff_exp=int(need(KEY_EXPERT_FEED_FORWARD_LENGTH)),
-                n_head=int(need(KEY_HEAD_COUNT)),
-                n_head_kv=int(need(KEY_HEAD_COUNT_KV)),
-                head_dim=int(need(KEY_KEY_LENGTH)),
-                n_expert=int(need(KEY_EXPERT_COUNT)),
-                n_expert_used=int(need(KEY_EXPERT_USED_COUNT)),
-                n_vocab=int(n_vocab),
-                n_ctx_train=int(need(KEY_CONTEXT_LENGTH)),
-                sliding_window=int(need(KEY_SLIDING_WINDOW)),
-                rope_freq_base=float(need(KEY_ROPE_FREQ_BASE)),
-                rope_scaling_factor=float(need(KEY_ROPE_SCALING_FACTOR)),
-                rope_orig_ctx=int(need(KEY_ROPE_SCALING_ORIG_CTX)),
-                rms_norm_eps=float(need(KEY_RMS_EPS)),
-            )
+            _validate(values, labels)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if vocab_size is not None and tokens is not None and len(tokens) != vocab_size:
+            raise ConfigError(f"{source}: {KEY_VOCAB_SIZE} is {vocab_size} but tokenizer.ggml.tokens has "
+                              f"{len(tokens)} entries")
+        # Written by llama.cpp's converter but not needed here; still checked, so no key holds nonsense.
+        value_length = get(KEY_VALUE_LENGTH)
+        if value_length is not None and typed(KEY_VALUE_LENGTH, value_length, int) != values["head_dim"]:
+            raise ConfigError(f"{source}: {KEY_VALUE_LENGTH} is {value_length} but {KEY_KEY_LENGTH} is "
+                              f"{values['head_dim']}; gpt-oss keys and values have one head size")
+        ff_length = get(KEY_FEED_FORWARD_LENGTH)
+        if ff_length is not None and not 1 <= typed(KEY_FEED_FORWARD_LENGTH, ff_length, int) <= MAX_SIZE:
+            raise ConfigError(f"{source}: {KEY_FEED_FORWARD_LENGTH} must be between 1 and {MAX_SIZE}, "
+                              f"got {ff_length}")
+        return cls(**values)
 
     def gguf_metadata(self) -> dict[str, tuple[str, Any]]:
         """The architecture keys llama.cpp's converter writes, as {key: (gguf value type, value)}."""
@@ -268,7 +314,70 @@ class ModelConfig:
         }
 
 
-def _field(mapping: Mapping[str, Any], key: str, source: str, where: str) -> Any:
-    if mapping.get(key) is None:
-        raise ConfigError(f"{source}: missing field '{where}.{key}'")
-    return mapping[key]
+# ModelConfig fields read from GGUF metadata, by key (n_vocab is read apart: llama.cpp may take it from the tokens).
+_GGUF_KEYS = {
+    "n_layer": KEY_BLOCK_COUNT, "n_embd": KEY_EMBEDDING_LENGTH, "n_ff_exp": KEY_EXPERT_FEED_FORWARD_LENGTH,
+    "n_head": KEY_HEAD_COUNT, "n_head_kv": KEY_HEAD_COUNT_KV, "head_dim": KEY_KEY_LENGTH,
+    "n_expert": KEY_EXPERT_COUNT, "n_expert_used": KEY_EXPERT_USED_COUNT, "n_ctx_train": KEY_CONTEXT_LENGTH,
+    "sliding_window": KEY_SLIDING_WINDOW, "rope_freq_base": KEY_ROPE_FREQ_BASE,
+    "rope_scaling_factor": KEY_ROPE_SCALING_FACTOR, "rope_orig_ctx": KEY_ROPE_SCALING_ORIG_CTX,
+    "rms_norm_eps": KEY_RMS_EPS,
+}
+
+
+def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
+    """Type and range checks of the ModelConfig fields in `values`; errors name each field by `labels` (its key
+    in the source file) or else by the field name."""
+
+    def name(field: str) -> str:
+        return labels.get(field, field)
+
+    for field in _INT_FIELDS:
+        if field not in values:
+            continue
+        value, high = values[field], MAX_LAYERS if field == "n_layer" else MAX_SIZE
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name(field)} must be an integer, got {_describe(value)}")
+        if not 1 <= value <= high:
+            raise ConfigError(f"{name(field)} must be between 1 and {high}, got {_describe(value)}")
+    for field, (in_range, description) in _FLOAT_FIELDS.items():
+        if field not in values:
+            continue
+        value = values[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not in_range(value):
+            raise ConfigError(f"{name(field)} must be a finite number {description}, got {_describe(value)}")
+
+    def get(field: str) -> Any:
+        return values.get(field)
+
+    if get("n_head") and get("n_head_kv") and get("n_head") % get("n_head_kv"):
+        raise ConfigError(f"{name('n_head')} ({get('n_head')}) is not a multiple of {name('n_head_kv')} "
+                          f"({get('n_head_kv')})")
+    if get("n_expert_used") and get("n_expert") and get("n_expert_used") > get("n_expert"):
+        raise ConfigError(f"{name('n_expert_used')} ({get('n_expert_used')}) exceeds the expert count, "
+                          f"{name('n_expert')} ({get('n_expert')})")
+    if get("head_dim") and get("head_dim") % 2:
+        raise ConfigError(f"{name('head_dim')} must be even for RoPE, got {get('head_dim')}")
+    # MXFP4 blocks run along the input axis of every expert matrix (H for gate/up, I for down).
+    for field in ("n_embd", "n_ff_exp"):
+        if get(field) and get(field) % 32:
+            raise ConfigError(f"{name(field)} must be a multiple of 32 (MXFP4 block size), got {get(field)}")
+    if get("rope_beta_fast") and get("rope_beta_slow") and not get("rope_beta_fast") > get("rope_beta_slow"):
+        raise ConfigError(f"{name('rope_beta_fast')} ({get('rope_beta_fast')}) must be greater than "
+                          f"{name('rope_beta_slow')} ({get('rope_beta_slow')})")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def _describe(value: Any) -> str:
+    """A value for an error message, shortened (a corrupt file may hold a long string)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits
+        return "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."

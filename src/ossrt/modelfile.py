@@ -10,6 +10,9 @@ Tensor data is never copied: each `Tensor.data` is a view into one read-only mem
 
 from __future__ import annotations
 
+import dataclasses
+import dataclasses
+import math
 import mmap
 import os
 import struct
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .config import ModelConfig
+from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig
 from .errors import ConfigError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
@@ -28,7 +31,22 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types -> struct format (gguf.h `enum gguf_type`).
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
+_INT32, _STRING, _ARRAY = 5, 8, 9
+_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
+               8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+# The smallest a header entry can be: a metadata key (name length, type, a 1-byte value) and a tensor info
+# (name length, n_dims, one dimension, type, offset). Counts are checked against these before anything is read.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+# No file is 2^62 bytes, so no dimension can be: larger values are corrupt (and do not fit NumPy's int64 shapes).
+_MAX_DIM = 2**62 - 1
+
+# Metadata that must be arrays of one element type: llama.cpp's types (it reads token_type as raw int32).
+_ARRAY_KEYS = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.token_type": _INT32,
+               "tokenizer.ggml.merges": _STRING}
+# Metadata that must be strings where present.
+_STRING_KEYS = ("general.architecture", "general.name", KEY_ROPE_SCALING_TYPE, "tokenizer.ggml.model",
+                "tokenizer.ggml.pre", "tokenizer.chat_template")
 
 # Tensor types accepted for each kind of tensor in ModelConfig.tensor_specs().
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -63,7 +81,7 @@ class Tensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,9 @@ class _LazyArray:
     def __len__(self) -> int:
         return self.count
 
+    def __repr__(self) -> str:
+        return f"an array of {self.count} {_TYPE_NAMES[self.elem_type]}"
+
     def decode(self, path: Path) -> list:
         cur = _Cursor(self.buf, path)
         cur.pos = self.start
@@ -130,31 +151,36 @@ class ModelFile:
     """An open, validated gpt-oss GGUF file. Use `ModelFile.open(path)`; close it (or use `with`) when done."""
 
     def __init__(self, path: Path, buf: mmap.mmap, fields: dict[str, Any], infos: list[_TensorInfo],
-                 data_start: int):
+                 data_start: int, alignment: int):
         self.path = path
         self._buf = buf
         self._fields = fields
         self.version: int = fields["GGUF.version"]
         self.file_size = len(buf)
+        self._check_metadata_types()
         self.config = self._read_config()
-        self.tensors = self._map_tensors(infos, data_start)
+        self.tensors = self._map_tensors(infos, data_start, alignment)
         self._validate_tensors()
 
     # --- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "ModelFile":
         path = Path(path)
-        if not path.exists():
-            raise ModelFileError(f"{path}: no such file")
-        if not path.is_file():
-            raise ModelFileError(f"{path}: not a file")
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < 24:
-                raise ModelFileError(f"{path}: not a GGUF file (only {os.fstat(f.fileno()).st_size} bytes)")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:  # a name too long, a permission or an I/O error: the OS's words, naming the path
+            if not path.exists():
+                raise ModelFileError(f"{path}: no such file")
+            if not path.is_file():
+                raise ModelFileError(f"{path}: not a file")
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 24:
+                    raise ModelFileError(f"{path}: not a GGUF file (only {size} bytes)")
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot open: {e.strerror or e}") from None
         try:
-            fields, infos, data_start = _parse_header(buf, path)
-            return cls(path, buf, fields, infos, data_start)
+            fields, infos, data_start, alignment = _parse_header(buf, path)
+            return cls(path, buf, fields, infos, data_start, alignment)
         except BaseException:
             try:
                 buf.close()
@@ -206,6 +232,23 @@ class ModelFile:
             raise ModelFileError(f"{self.path}: metadata key {key!r} is missing or not an array")
         return value
 
+    def _check_metadata_types(self) -> None:
+        """Element types of the tokenizer arrays and types of the string keys; from the header alone, so the
+        vocabulary is not decoded here."""
+        for key, elem_type in _ARRAY_KEYS.items():
+            value = self._fields.get(key)
+            if value is not None and not (isinstance(value, _LazyArray) and value.elem_type == elem_type):
+                raise ModelFileError(f"{self.path}: metadata key {key!r} must be an array of "
+                                     f"{_TYPE_NAMES[elem_type]}, got {_describe(value)}")
+        for key in _STRING_KEYS:
+            value = self._fields.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ModelFileError(f"{self.path}: metadata key {key!r} must be a string, got {_describe(value)}")
+        tokens, types = self._fields.get("tokenizer.ggml.tokens"), self._fields.get("tokenizer.ggml.token_type")
+        if tokens is not None and types is not None and len(tokens) != len(types):
+            raise ModelFileError(f"{self.path}: tokenizer.ggml.tokens has {len(tokens)} entries but "
+                                 f"tokenizer.ggml.token_type has {len(types)}")
+
     # --- tensors -----------------------------------------------------------------------------------------
     def _read_config(self) -> ModelConfig:
         try:  # from_gguf needs only len() of the token array, so lazy arrays stay undecoded
@@ -213,9 +256,12 @@ class ModelFile:
         except ConfigError as e:
             raise ModelFileError(str(e)) from None
 
-    def _map_tensors(self, infos: list[_TensorInfo], data_start: int) -> dict[str, Tensor]:
+    def _map_tensors(self, infos: list[_TensorInfo], data_start: int, alignment: int) -> dict[str, Tensor]:
+        """Views of each tensor's data, after checking that it lies wholly in the file at an aligned offset and
+        overlaps no other tensor (sizes in Python ints: a corrupt shape cannot overflow)."""
         whole = np.frombuffer(self._buf, dtype=np.uint8)
         tensors: dict[str, Tensor] = {}
+        extents: list[tuple[int, int, str]] = []
         for info in infos:
             try:
                 qtype = GGMLQuantizationType(info.type_id)
@@ -225,23 +271,42 @@ class ModelFile:
             if not info.shape or info.shape[-1] % block:
                 raise ModelFileError(f"{self.path}: tensor {info.name!r} shape {info.shape} does not fit "
                                      f"{qtype.name} blocks of {block}")
+            if info.offset % alignment:
+                raise ModelFileError(f"{self.path}: tensor {info.name!r} has offset {info.offset}, not a multiple of "
+                                     f"the alignment {alignment}")
             row_bytes = info.shape[-1] // block * type_size
-            n_rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-            nbytes = n_rows * row_bytes
+            nbytes = math.prod(info.shape[:-1]) * row_bytes
             start = data_start + info.offset
             if start + nbytes > self.file_size:
-                raise ModelFileError(f"{self.path}: file is truncated: tensor {info.name!r} needs bytes "
-                                     f"{start}..{start + nbytes}, file has {self.file_size}")
+                raise ModelFileError(f"{self.path}: file is truncated or corrupt: tensor {info.name!r} "
+                                     f"({qtype.name} {info.shape}) needs bytes {start}..{start + nbytes}, the file "
+                                     f"has {self.file_size}")
+            if nbytes:
+                extents.append((start, start + nbytes, info.name))
             raw = whole[start:start + nbytes]
             if qtype in _PLAIN_DTYPES:
                 data = raw.view(_PLAIN_DTYPES[qtype]).reshape(info.shape)
             else:
                 data = raw.reshape(info.shape[:-1] + (row_bytes,))
             tensors[info.name] = Tensor(info.name, qtype, info.shape, data)
+        extents.sort()
+        for (start_a, end_a, a), (start_b, end_b, b) in zip(extents, extents[1:]):
+            if start_b < end_a:
+                raise ModelFileError(f"{self.path}: tensors {a!r} (bytes {start_a}..{end_a}) and {b!r} (bytes "
+                                     f"{start_b}..{end_b}) overlap")
         return tensors
 
     def _validate_tensors(self) -> None:
-        for spec in self.config.tensor_specs():
+        c = self.config
+        if len(self.tensors) < c.n_tensors:
+            # Some expected tensor is absent. A corrupt block_count must not build a huge table to say which:
+            # the first layers that the file's tensors could fill already lack one.
+            layers = min(c.n_layer, (len(self.tensors) - 3) // TENSORS_PER_LAYER + 1)
+            partial = dataclasses.replace(c, n_layer=max(layers, 1))
+            missing = next(s.name for s in partial.tensor_specs() if s.name not in self.tensors)
+            raise ModelFileError(f"{self.path}: missing tensor {missing!r} ({KEY_BLOCK_COUNT} is {c.n_layer}: "
+                                 f"{c.n_tensors} tensors expected, the file has {len(self.tensors)})")
+        for spec in c.tensor_specs():
             t = self.tensors.get(spec.name)
             if t is None:
                 raise ModelFileError(f"{self.path}: missing tensor {spec.name!r}")
@@ -253,7 +318,8 @@ class ModelFile:
                 raise ModelFileError(f"{self.path}: tensor {spec.name!r} has type {t.type.name}, expected {names}")
 
 
-def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int]:
+def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int, int]:
+    """Metadata, tensor infos, where the tensor data starts and the alignment."""
     cur = _Cursor(buf, path)
     if buf[:4] != GGUF_MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r})")
@@ -263,32 +329,39 @@ def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_Ten
         hint = " (big-endian file?)" if version > 0xFFFF else ""
         raise ModelFileError(f"{path}: unsupported GGUF version {version}{hint}; expected 3")
     n_tensors, n_kv = cur.unpack("QQ")
-    # Bounds that a well-formed header cannot exceed: each tensor info and each KV takes >= 8 bytes.
-    if n_tensors > len(buf) // 8 or n_kv > len(buf) // 8:
-        raise ModelFileError(f"{path}: corrupt header ({n_tensors} tensors, {n_kv} metadata keys)")
+    # Bounds that a well-formed header cannot exceed, checked before reading any entry.
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > len(buf) - cur.pos:
+        raise ModelFileError(f"{path}: corrupt header ({n_tensors} tensors, {n_kv} metadata keys in a file of "
+                             f"{len(buf)} bytes)")
 
     fields: dict[str, Any] = {"GGUF.version": version}
     for _ in range(n_kv):
         key = cur.string()
+        if key in fields:
+            raise ModelFileError(f"{path}: metadata key {key!r} appears twice")
         vtype = cur.unpack("I")
         fields[key] = _read_value(cur, vtype, key)
 
-    infos = []
+    infos: dict[str, _TensorInfo] = {}
     for _ in range(n_tensors):
         name = cur.string()
+        if name in infos:
+            raise ModelFileError(f"{path}: tensor {name!r} appears twice")
         n_dims = cur.unpack("I")
         if not 1 <= n_dims <= 4:
             raise ModelFileError(f"{path}: tensor {name!r} has {n_dims} dimensions")
         ne = cur.unpack(f"{n_dims}Q")
         ne = (ne,) if n_dims == 1 else ne
+        if max(ne) > _MAX_DIM:
+            raise ModelFileError(f"{path}: tensor {name!r} has dimension {max(ne)}, more than any file can hold")
         type_id, offset = cur.unpack("IQ")
-        infos.append(_TensorInfo(name, tuple(int(n) for n in reversed(ne)), type_id, offset))
+        infos[name] = _TensorInfo(name, tuple(int(n) for n in reversed(ne)), type_id, offset)
 
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise ModelFileError(f"{path}: general.alignment is {alignment!r}, expected a power of two")
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        raise ModelFileError(f"{path}: general.alignment is {_describe(alignment)}, expected a power of two")
     data_start = -(-cur.pos // alignment) * alignment
-    return fields, infos, data_start
+    return fields, list(infos.values()), data_start, alignment
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
@@ -301,6 +374,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
     if vtype == _ARRAY:
         elem_type, count = cur.unpack("IQ")
         if elem_type == _STRING:
+            if count > (len(cur.buf) - cur.pos) // 8:  # each string takes at least its 8-byte length
+                raise ModelFileError(f"{cur.path}: file is truncated inside metadata array {key!r} "
+                                     f"({count} strings)")
             start = pos = cur.pos
             buf, end, unpack = cur.buf, len(cur.buf) - 8, struct.Struct("<Q").unpack_from
             for _ in range(count):  # skip over the strings; they are decoded on demand
@@ -320,3 +396,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
             return _LazyArray(cur.buf, start, elem_type, count)
         raise ModelFileError(f"{cur.path}: metadata array {key!r} has unsupported element type {elem_type}")
     raise ModelFileError(f"{cur.path}: metadata key {key!r} has unknown value type {vtype}")
+
+
+def _describe(value: Any) -> str:
+    """A metadata value for an error message, shortened (a corrupt file may hold a long string)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
