@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from . import mxfp4
+from . import config, mxfp4
 from .config import ARCH, ModelConfig
 from .errors import ConfigError, ConvertError
 
@@ -58,45 +59,78 @@ class SourceTensor:
         return x.astype(np.float32)
 
 
+def _brief(value: Any) -> str:
+    """A user's value for an error message: its repr, cut short (a header can hold megabytes in one field)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_shard(path: Path) -> tuple[mmap.mmap, dict[str, SourceTensor]]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConvertError(f"{path}: not a safetensors file (only {size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, 100 << 20):
-            raise ConvertError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConvertError(f"{path}: corrupt safetensors header: {e}") from None
-        if not isinstance(header, dict):
-            raise ConvertError(f"{path}: corrupt safetensors header: not a JSON object")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path}: not a safetensors file (only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 << 20):
+                raise ConvertError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8 and JSON
+                raise ConvertError(f"{path}: corrupt safetensors header: {e}") from None
+            if not isinstance(header, dict):
+                raise ConvertError(f"{path}: corrupt safetensors header: not a JSON object")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
     whole = np.frombuffer(buf, dtype=np.uint8)
-    tensors = {}
+    tensors, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ConvertError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise ConvertError(f"{path}: tensor {name!r} has dtype {dtype}, expected one of "
-                               f"{', '.join(_ST_DTYPES)}")
-        itemsize = np.dtype(_ST_DTYPES[dtype]).itemsize
-        if end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise ConvertError(f"{path}: corrupt safetensors header: tensor {name!r} has {end - begin} bytes "
-                               f"for shape {list(shape)} {dtype}")
-        start = 8 + n + begin
-        if 8 + n + end > size:
-            raise ConvertError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {8 + n + end}, "
-                               f"file has {size}")
-        raw = whole[start:start + end - begin]
+        dtype, shape, (begin, end) = _header_entry(path, name, info, 8 + n, size)
+        raw = whole[8 + n + begin:8 + n + end]
         tensors[name] = SourceTensor(name, dtype, shape, path, raw.view(_ST_DTYPES[dtype]).reshape(shape))
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise ConvertError(f"{path}: corrupt safetensors header: the data of tensors {_brief(a)} and {_brief(b)} "
+                               "overlap")
     return buf, tensors
+
+
+def _header_entry(path: Path, name: str, info: Any, data_start: int,
+                  size: int) -> tuple[str, tuple[int, ...], list[int]]:
+    """dtype, shape and data_offsets (relative to `data_start`, the end of the header) of one safetensors header
+    entry, checked against each other and the file's `size`."""
+    where = f"{path}: tensor {_brief(name)}"
+    if not isinstance(info, dict):
+        raise ConvertError(f"{where}: header entry is {_brief(info)}, expected an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise ConvertError(f"{where} has dtype {_brief(dtype)}, expected one of {', '.join(_ST_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ConvertError(f"{where}: field 'shape' is {_brief(shape)}, expected a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ConvertError(f"{where}: field 'data_offsets' is {_brief(offsets)}, expected two integers [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ConvertError(f"{where}: field 'data_offsets' is {offsets}, expected 0 <= begin <= end")
+    if data_start + end > size:
+        raise ConvertError(f"{path}: file is truncated: tensor {_brief(name)} needs bytes up to {data_start + end}, "
+                           f"file has {size}")
+    nbytes = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
+    if end - begin != nbytes:
+        raise ConvertError(f"{where}: data_offsets {offsets} hold {end - begin} bytes, shape {shape} {dtype} needs "
+                           f"{nbytes}")
+    return dtype, tuple(shape), offsets
 
 
 class Checkpoint:
@@ -104,7 +138,11 @@ class Checkpoint:
 
     def __init__(self, src: str | os.PathLike):
         self.dir = Path(src)
-        if not self.dir.is_dir():
+        try:
+            is_dir = self.dir.is_dir()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise ConvertError(f"{self.dir}: {e.strerror or e}") from None
+        if not is_dir:
             raise ConvertError(f"{self.dir}: no such checkpoint directory")
         cfg_path = self.dir / "config.json"
         self.hf_config = _read_json(cfg_path)
@@ -114,24 +152,40 @@ class Checkpoint:
             raise ConvertError(str(e)) from None
         self._maps: list[mmap.mmap] = []
         self.tensors: dict[str, SourceTensor] = {}
-        for shard in self._shards():
-            buf, tensors = _read_shard(shard)
-            self._maps.append(buf)
-            for name, t in tensors.items():
-                if name in self.tensors:
-                    raise ConvertError(f"{shard}: tensor {name!r} also appears in {self.tensors[name].file}")
-                self.tensors[name] = t
+        try:
+            for shard in self._shards():
+                buf, tensors = _read_shard(shard)
+                self._maps.append(buf)
+                for name, t in tensors.items():
+                    if name in self.tensors:
+                        raise ConvertError(f"{shard}: tensor {_brief(name)} also appears in {self.tensors[name].file}")
+                    self.tensors[name] = t
+        except BaseException:
+            self.close()
+            raise
         self.layout = "mxfp4" if any(n.endswith("_blocks") for n in self.tensors) else "bf16"
 
     def _shards(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
+            if weight_map is None:
                 raise ConvertError(f"{index}: missing field 'weight_map'")
+            if not isinstance(weight_map, dict):
+                raise ConvertError(f"{index}: field 'weight_map' is {_brief(weight_map)}, expected an object mapping "
+                                   "tensor names to shard files")
+            for tensor, shard in weight_map.items():
+                # A plain file name: the index must not point outside the checkpoint directory.
+                if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+                    raise ConvertError(f"{index}: weight_map[{_brief(tensor)}] is {_brief(shard)}, expected the file "
+                                       "name of a shard in the checkpoint directory")
             shards = [self.dir / f for f in dict.fromkeys(weight_map.values())]
             for s in shards:
-                if not s.is_file():
+                try:
+                    present = s.is_file()
+                except OSError as e:
+                    raise ConvertError(f"{index}: shard {_brief(s.name)}: {e.strerror or e}") from None
+                if not present:
                     raise ConvertError(f"{index}: shard {s.name} is missing")
             return shards
         single = self.dir / "model.safetensors"
@@ -156,11 +210,15 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConvertError(f"{path}: file not found")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer of 4,300+ digits, deep nesting
         raise ConvertError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ConvertError(f"{path}: expected a JSON object")
@@ -335,22 +393,51 @@ def read_vocab(ckpt: Checkpoint) -> Vocab:
     model = tok.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ConvertError(f"{path}: expected a byte-level BPE model with a 'vocab'")
+    if not model["vocab"]:
+        raise ConvertError(f"{path}: field 'model.vocab' is empty")
     n = ckpt.config.n_vocab
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [TOKEN_UNUSED] * n
 
-    def put(text: str, i: Any, ttype: int) -> None:
-        if not isinstance(i, int) or not 0 <= i < n:
-            raise ConvertError(f"{path}: token {text!r} has id {i!r}, outside the vocabulary of {n}")
+    def put(field: str, text: str, i: Any, ttype: int) -> None:
+        if not _is_int(i) or not 0 <= i < n:
+            raise ConvertError(f"{path}: {field}: token {_brief(text)} has id {_brief(i)}, outside the vocabulary of "
+                               f"{n} (config.json vocab_size)")
+        if types[i] != TOKEN_UNUSED and tokens[i] != text:
+            raise ConvertError(f"{path}: {field}: token {_brief(text)} has id {i}, which {_brief(tokens[i])} has too")
         tokens[i], types[i] = text, ttype
 
     for text, i in model["vocab"].items():
-        put(text, i, TOKEN_NORMAL)
-    for added in tok.get("added_tokens") or []:
-        put(added["content"], added["id"], TOKEN_CONTROL if added.get("special") else TOKEN_NORMAL)
+        put("model.vocab", text, i, TOKEN_NORMAL)
+    added = tok.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise ConvertError(f"{path}: field 'added_tokens' is {_brief(added)}, expected a list")
+    for k, entry in enumerate(added):
+        field = f"added_tokens[{k}]"
+        if not isinstance(entry, dict):
+            raise ConvertError(f"{path}: {field} is {_brief(entry)}, expected an object with 'id' and 'content'")
+        content, special = entry.get("content"), entry.get("special", False)
+        if not isinstance(content, str) or not content:
+            raise ConvertError(f"{path}: {field}.content is {_brief(content)}, expected the token's text")
+        if "id" not in entry:
+            raise ConvertError(f"{path}: {field} ({_brief(content)}) has no 'id'")
+        if not isinstance(special, bool):
+            raise ConvertError(f"{path}: {field}.special is {_brief(special)}, expected true or false")
+        put(field, content, entry["id"], TOKEN_CONTROL if special else TOKEN_NORMAL)
+    merges_in = model.get("merges") or []
+    if not isinstance(merges_in, list):
+        raise ConvertError(f"{path}: field 'model.merges' is {_brief(merges_in)}, expected a list")
     merges = []
-    for m in model.get("merges") or []:
+    for k, m in enumerate(merges_in):
+        # "a b" (older files) or ["a", "b"]; byte-level tokens hold no spaces, so the pair splits one way only.
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(t, str) and t and " " not in t for t in pair)):
+            raise ConvertError(f"{path}: model.merges[{k}] is {_brief(m)}, expected two tokens, \"a b\" or "
+                               "[\"a\", \"b\"]")
         merges.append(m if isinstance(m, str) else " ".join(m))
+    _check_utf8(path, "model.vocab/added_tokens", tokens)
+    _check_utf8(path, "model.merges", merges)
     ids = {t: i for i, t in enumerate(tokens) if types[i] != TOKEN_UNUSED}
 
     cfg_path = ckpt.dir / "tokenizer_config.json"
@@ -365,17 +452,53 @@ def read_vocab(ckpt: Checkpoint) -> Vocab:
         fallback = ckpt.hf_config.get(f"{key}_token_id")
         if isinstance(fallback, list) and fallback:
             fallback = fallback[0]
-        if isinstance(fallback, int):
-            return fallback
-        raise ConvertError(f"{cfg_path}: missing field '{key}_token' (and config.json has no {key}_token_id)")
+        if fallback is None:
+            raise ConvertError(f"{cfg_path}: missing field '{key}_token' (and config.json has no {key}_token_id)")
+        if not _is_int(fallback) or not 0 <= fallback < n:
+            raise ConvertError(f"{ckpt.dir / 'config.json'}: {key}_token_id is {_brief(fallback)}, expected a token "
+                               f"id below {n}")
+        return fallback
 
-    template = tcfg.get("chat_template")
-    jinja = ckpt.dir / "chat_template.jinja"
-    if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    template, template_file = tcfg.get("chat_template"), cfg_path
     if isinstance(template, list):  # older transformers: [{"name": ..., "template": ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named, template = template, None
+        for k, t in enumerate(named):
+            if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)):
+                raise ConvertError(f"{cfg_path}: chat_template[{k}] is {_brief(t)}, expected "
+                                   '{"name": ..., "template": ...}')
+            if t["name"] == "default":
+                template = t["template"]
+    if template is not None and not isinstance(template, str):
+        raise ConvertError(f"{cfg_path}: field 'chat_template' is {_brief(template)}, expected a string (a Jinja "
+                           "template) or a list of named ones")
+    jinja = ckpt.dir / "chat_template.jinja"
+    if jinja.is_file():  # newer transformers keep it here, and it wins
+        try:
+            template, template_file = jinja.read_text(encoding="utf-8"), jinja
+        except UnicodeDecodeError as e:
+            raise ConvertError(f"{jinja}: not UTF-8 text: {e}") from None
+        except OSError as e:
+            raise ConvertError(f"{jinja}: cannot read: {e.strerror or e}") from None
+    if template is not None:
+        _check_utf8(template_file, "chat_template", [template])
     return Vocab(tokens, types, merges, special("bos"), special("eos"), special("pad"), template)
+
+
+def _check_utf8(path: Path, field: str, texts: list[str]) -> None:
+    """GGUF strings are UTF-8: JSON can still hold lone surrogates (\\ud800) that have no encoding."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        bad = next(t for t in texts if not _encodable(t))
+        raise ConvertError(f"{path}: {field}: {_brief(bad)} is not valid Unicode (a lone surrogate)") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
@@ -401,51 +524,120 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype:
     """Convert the HF checkpoint at `src_dir` to a GGUF file at `out_path`; returns the path.
 
     `progress`: a byte-counting bar on stderr; None shows it only when stderr is a terminal.
-    Raises ConvertError (naming the file, field or tensor) for any bad input or unwritable output.
+    Raises ConvertError (naming the file, field or tensor) for any bad input or unwritable output; on any failure
+    neither OUT nor a temporary file is left behind.
     """
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     qtype = OUTTYPES[outtype]
     out = Path(out_path)
+    _check_output(out)
     ckpt = Checkpoint(src_dir)
     try:
         tensors = plan(ckpt, qtype)
         vocab = read_vocab(ckpt)
+        metadata = _metadata(ckpt)
         for t in tensors:  # row length must hold whole blocks of the output type
             block = GGML_QUANT_SIZES[t.qtype][0]
             if t.shape[-1] % block:
                 raise ConvertError(f"{t.name}: row length {t.shape[-1]} is not a multiple of {block} ({t.qtype.name})")
-        parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir():
-            raise ConvertError(f"{out}: directory {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise ConvertError(f"{out}: directory {parent} is not writable")
         data_bytes = sum(t.nbytes + 32 for t in tensors)
         header_bytes = sum(len(s.encode()) + 16 for s in vocab.tokens + vocab.merges) + 8 * len(vocab.types) + (1 << 20)
         need = data_bytes + header_bytes
-        free = shutil.disk_usage(parent).free
+        free = shutil.disk_usage(out.parent).free
         if free < need:
-            raise ConvertError(f"{out}: not enough free disk space in {parent}: need {need / 1e9:.2f} GB, "
+            raise ConvertError(f"{out}: not enough free disk space in {out.parent}: need {need / 1e9:.2f} GB, "
                                f"have {free / 1e9:.2f} GB")
-        _write(out, ckpt, tensors, vocab, name or ckpt.dir.resolve().name, progress)
+        # A directory name that is not UTF-8 (surrogate escapes) must not break the GGUF string.
+        name = (name or ckpt.dir.resolve().name).encode("utf-8", "replace").decode("utf-8")
+        _write(out, ckpt, tensors, vocab, metadata, name, progress)
     finally:
         ckpt.close()
     return out
 
 
-def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab, name: str,
-           progress: bool | None) -> None:
+def _check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    parent = out.parent
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(out.name)) > name_max:
+        raise ConvertError(f"{out}: the file name is {len(os.fsencode(out.name))} bytes long, the file system "
+                           f"allows {name_max}")
+    try:
+        if not parent.is_dir():
+            raise ConvertError(f"{out}: directory {parent} does not exist")
+        if out.is_dir():
+            raise ConvertError(f"{out}: is a directory")
+    except OSError as e:  # e.g. a directory name longer than the file system allows
+        raise ConvertError(f"{out}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise ConvertError(f"{out}: directory {parent} is not writable")
+
+
+# config.json's field behind each GGUF key the config fills, to name it when its value does not fit.
+_HF_FIELDS = {
+    config.KEY_BLOCK_COUNT: "num_hidden_layers", config.KEY_CONTEXT_LENGTH: "max_position_embeddings",
+    config.KEY_EMBEDDING_LENGTH: "hidden_size", config.KEY_FEED_FORWARD_LENGTH: "intermediate_size",
+    config.KEY_EXPERT_FEED_FORWARD_LENGTH: "intermediate_size", config.KEY_HEAD_COUNT: "num_attention_heads",
+    config.KEY_HEAD_COUNT_KV: "num_key_value_heads", config.KEY_KEY_LENGTH: "head_dim",
+    config.KEY_VALUE_LENGTH: "head_dim", config.KEY_RMS_EPS: "rms_norm_eps",
+    config.KEY_SLIDING_WINDOW: "sliding_window", config.KEY_EXPERT_COUNT: "num_local_experts",
+    config.KEY_EXPERT_USED_COUNT: "num_experts_per_tok", config.KEY_ROPE_FREQ_BASE: "rope_theta",
+    config.KEY_ROPE_SCALING_FACTOR: "rope_scaling.factor",
+    config.KEY_ROPE_SCALING_ORIG_CTX: "rope_scaling.original_max_position_embeddings",
+}
+
+
+def _metadata(ckpt: Checkpoint) -> dict[str, tuple[str, Any]]:
+    """The config's GGUF keys, each checked to fit its GGUF type (the writer would fail with struct.error, or
+    store a float that rounds to infinity or zero)."""
+    metadata = ckpt.config.gguf_metadata()
+    for key, (vtype, value) in metadata.items():
+        if vtype == "uint32":
+            fits = _is_int(value) and 0 <= value < 1 << 32
+        elif vtype == "float32":
+            with np.errstate(over="ignore"):
+                single = np.float32(value) if isinstance(value, (int, float)) else np.float32("nan")
+            fits = bool(np.isfinite(single)) and (single != 0 or value == 0)
+        else:
+            fits = isinstance(value, str)
+        if not fits:
+            raise ConvertError(f"{ckpt.dir / 'config.json'}: {_HF_FIELDS.get(key, key)} is {_brief(value)}, which "
+                               f"does not fit GGUF {key} ({vtype})")
+    return metadata
+
+
+def _temp_beside(out: Path) -> Path:
+    """A new empty file in OUT's directory with a short name, so it fits wherever OUT's name does; created with
+    the usual permissions (umask), which os.replace then gives OUT."""
+    while True:
+        tmp = out.with_name(f".ossrt-{secrets.token_hex(4)}.part")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab,
+           metadata: dict[str, tuple[str, Any]], name: str, progress: bool | None) -> None:
     from tqdm import tqdm
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    w = gguf.GGUFWriter(tmp, ARCH)
+    w = gguf.GGUFWriter(None, ARCH)
+    try:
+        tmp = _temp_beside(out)
+    except OSError as e:
+        raise ConvertError(f"{out}: cannot write in {out.parent}: {e.strerror or e}") from None
     try:
         w.add_type("model")
         w.add_name(name)
         w.add_file_type(FILE_TYPE_MXFP4_MOE)
         w.add_quantization_version(QUANTIZATION_VERSION)
         adders = {"uint32": w.add_uint32, "float32": w.add_float32, "string": w.add_string}
-        for key, (vtype, value) in ckpt.config.gguf_metadata().items():
+        for key, (vtype, value) in metadata.items():
             adders[vtype](key, value)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-4o")
@@ -459,10 +651,7 @@ def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab, 
             w.add_chat_template(vocab.chat_template)
         for t in tensors:
             w.add_tensor_info(t.name, t.raw_shape, t.np_dtype, t.nbytes, raw_dtype=t.qtype)
-        try:
-            w.write_header_to_file()
-        except OSError as e:
-            raise ConvertError(f"{out}: cannot write: {e.strerror or e}") from None
+        w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         show = sys.stderr.isatty() if progress is None else progress
@@ -477,5 +666,12 @@ def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab, 
     except OSError as e:
         raise ConvertError(f"{out}: write failed: {e.strerror or e}") from None
     finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
+        # Cleanup must not raise over the error that got us here (a full disk can fail the close too).
+        try:
+            w.close()
+        except OSError:
+            pass
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
