@@ -13,7 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
-from ossrt.server import create_app  # noqa: E402
+from ossrt.server import create_app, uvicorn_config  # noqa: E402
 
 ID = "gpt-oss-test"
 KEY = "sekrit"
@@ -33,7 +33,7 @@ def start(model, **kwargs) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, model_id=ID, aliases=["tiny"], **kwargs),
+    server = uvicorn.Server(uvicorn_config(create_app(model, model_id=ID, aliases=["tiny"], **kwargs),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -276,7 +276,7 @@ CHAT = "/v1/chat/completions"
     (CHAT, {"model": ID, "messages": ASK, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
      "tools[0].function.name", "invalid_value"),
     (CHAT, {"model": ID, "messages": ASK, "tools": [{"type": "function", "function": {
-        "name": "f", "parameters": "not a schema"}}]}, 400, "tools[0].function.parameters", "invalid_value"),
+        "name": "f", "parameters": "not a schema"}}]}, 422, "tools[0].function.parameters", "invalid_type"),
     ("/v1/responses", {"model": ID, "input": "hi", "previous_response_id": "resp_1"}, 400, "previous_response_id",
      "unsupported_value"),
     ("/v1/responses", {"model": ID, "input": [{"type": "image_generation_call"}]}, 400, "input[0].type",
@@ -293,7 +293,7 @@ def test_bad_requests_get_openai_errors(answer, path, body, status, param, code)
 
 
 def test_malformed_json_api_key_and_body_limit(answer):
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(answer + CHAT, content=b'{"model": "gpt-oss', headers=auth, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(answer + CHAT, content=b"[1, 2]", headers=auth, timeout=30)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -22,7 +24,8 @@ from typing import Any, AsyncIterator, Iterable
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -30,13 +33,15 @@ from .chat import ChatResponse, ChatSession, Done
 from .errors import OssrtError
 from .harmony import render_conversation
 from .server_chat import ChatCompletion, parse_chat_request
-from .server_common import ApiError, Turn, api_error, field_of
+from .server_common import ApiError, Turn, api_error, check_content_type, field_of, parse_json
 from .server_responses import ResponsesOutput, parse_responses_request
 
 log = logging.getLogger("ossrt.server")
 
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
+HEADER_TIMEOUT = 20.0  # seconds a connection gets to send a request head: clients send it at once
 _STARTED, _END = object(), object()
+_BEARER = re.compile(r"bearer +(.*)", re.IGNORECASE)
 
 
 class SessionPool:
@@ -179,6 +184,7 @@ class Server:
     # --- requests ---
     async def read_json(self, request: Request) -> dict[str, Any]:
         self.check_key(request)
+        check_content_type(request.headers.get("content-type"))
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_body}",
@@ -190,10 +196,7 @@ class Server:
                 raise ApiError(413, f"request body is over the limit of {self.max_body} bytes",
                                code="request_too_large")
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except ValueError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        body = parse_json(b"".join(chunks))
         if not isinstance(body, dict):
             raise ApiError(422, "the request body must be a JSON object", code="invalid_type")
         model = field_of(body, "model", "string", required=True)
@@ -204,18 +207,24 @@ class Server:
         return body
 
     def check_key(self, request: Request) -> None:
+        """`Authorization: Bearer KEY`: the scheme in any case (RFC 9110 makes it case-insensitive), then one or more
+        spaces, then exactly the key (HTTP strips whitespace around the whole value)."""
         if self.api_key is None:
             return
-        auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer "):
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not hmac.compare_digest(auth[7:].strip().encode(), self.api_key.encode()):
+        auth = request.headers.get("authorization")
+        if auth is None:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+        m = _BEARER.fullmatch(auth)
+        if m is None:
+            raise ApiError(401, "the Authorization header must be 'Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(m.group(1).encode("latin-1"), self.api_key.encode()):  # the header's bytes
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     async def respond(self, request: Request, turn: Turn, fmt, stream: bool, named_events: bool) -> Response:
         gen = await self.start(turn)
         if stream:
-            return StreamingResponse(self._sse(gen, fmt, named_events), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, gen, fmt, named_events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self._watch_disconnect(request, gen))
         try:
@@ -233,14 +242,16 @@ class Server:
         gen.cancel()
         self.counts["disconnected"] += 1
 
-    async def _sse(self, gen: Generation, fmt, named_events: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, request: Request, gen: Generation, fmt, named_events: bool) -> AsyncIterator[bytes]:
         try:
             async for p in gen.payloads(fmt):
                 yield _sse_event(p, p["type"] if named_events else None)
             if not named_events:
                 yield b"data: [DONE]\n\n"
         except Exception as e:  # the status line is sent: the error goes out as an event
-            err = api_error(e) if isinstance(e, OssrtError) else _internal(e)
+            err = api_error(e) if isinstance(e, OssrtError) else _internal(request, e)
+            if isinstance(e, OssrtError):
+                _log_failure(request, err, "in the stream")
             if named_events:
                 yield _sse_event({"type": "error", "sequence_number": getattr(fmt, "seq", 0), "code": err.code,
                                   "message": err.message, "param": err.param}, "error")
@@ -300,9 +311,47 @@ def _sse_event(payload: dict[str, Any], name: str | None) -> bytes:
     return ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
 
 
-def _internal(e: BaseException) -> ApiError:
-    log.error("request failed", exc_info=e)
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+def _log_failure(request: Request, err: ApiError, when: str = "") -> None:
+    """The one log line of a request that failed as expected (no traceback): method, path, status, message."""
+    level = logging.INFO if err.status < 500 else logging.WARNING if err.status == 503 else logging.ERROR
+    log.log(level, "%s %s %d%s: %s", request.method, request.url.path, err.status, f" {when}" if when else "",
+            err.message)
+
+
+def _internal(request: Request, e: BaseException) -> ApiError:
+    """A bug: its traceback, logged once, and the 500 for the client."""
+    err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+    log.error("%s %s %d: %s", request.method, request.url.path, err.status, err.message, exc_info=e)
+    return err
+
+
+class _Failures:
+    """ASGI middleware inside Starlette's outermost layer, which would log every exception it sees with a traceback
+    and re-raise it for uvicorn to log again. Here an unexpected exception is logged once (`_internal`) and answered
+    with a 500 if the response has not started; a client gone before its request body arrived gets one line."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except ClientDisconnect:
+            log.info("%s %s: the client closed the connection before sending the whole request", scope["method"],
+                     scope["path"])
+        except Exception as e:
+            err = _internal(Request(scope), e)
+            if not started:
+                await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
 
 
 def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
@@ -312,24 +361,21 @@ def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: st
                     max_body=max_body)
 
     async def api_error_response(request: Request, e: ApiError) -> Response:
+        _log_failure(request, e)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     async def http_error(request: Request, e: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                     code=code).body(), status_code=e.status_code, headers=e.headers)
-
-    async def internal_error(request: Request, e: Exception) -> Response:
-        err = _internal(e)
-        return JSONResponse(err.body(), status_code=err.status)
+        err = ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code,
+                       headers=e.headers)
+        return await api_error_response(request, err)
 
     routes = [Route("/health", server.health), Route("/v1/models", server.models),
               Route("/v1/models/{name:path}", server.model_info),
               Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
               Route("/v1/responses", server.responses, methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=server.lifespan,
-                    exception_handlers={ApiError: api_error_response, HTTPException: http_error,
-                                        Exception: internal_error})
+    app = Starlette(routes=routes, lifespan=server.lifespan, middleware=[Middleware(_Failures)],
+                    exception_handlers={ApiError: api_error_response, HTTPException: http_error})
     app.state.server = server
     return app
 
@@ -368,5 +414,55 @@ def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] =
     import uvicorn
 
     app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
+
+
+def uvicorn_config(app, *, header_timeout: float = HEADER_TIMEOUT, log_level: str = "info", **settings):
+    """A `uvicorn.Config` for `app`: connections get `header_timeout` seconds to send each request head, and the
+    server's log lines go out in uvicorn's format. `settings` are more `uvicorn.Config` arguments."""
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    logging_config = copy.deepcopy(LOGGING_CONFIG)
+    logging_config["loggers"]["ossrt"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    return uvicorn.Config(app, http=_with_header_timeout(header_timeout), log_config=logging_config,
+                          log_level=log_level, **settings)
+
+
+def _with_header_timeout(seconds: float) -> type:
+    """uvicorn's HTTP/1.1 protocol class, closing a connection that has not sent a whole request head `seconds`
+    after it opened or after its last response. uvicorn has no such timeout: its keep-alive timer starts only after
+    a response and stops at the next request's first byte, so a client sending half a head holds the connection
+    for ever (slowloris)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # h11, or httptools when installed
+
+    class HeaderTimeoutProtocol(AutoHTTPProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._expect_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._expect_head()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _expect_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            # A request whose head arrived is running (`cycle`); it re-arms the timer when its response is done.
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                log.info("closing a connection from %s: no complete request head within %g s",
+                         "%s:%d" % self.client if self.client else "?", seconds)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol

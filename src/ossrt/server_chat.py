@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from .chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
 from .server_common import (ApiError, StopMatcher, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
-                            reasoning_effort, stop_field)
+                            reasoning_effort, stop_field, tools_field)
 
 
 def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, bool]:
@@ -20,7 +20,8 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
     messages = field_of(body, "messages", "array", required=True)
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
-    tools = field_of(body, "tools", "array")
+    check_messages(messages)
+    tools = tools_field(body, flat=False)
     n = field_of(body, "n", "integer", 1)
     if n != 1:
         raise ApiError(400, f"only n=1 is supported, got {n}", param="n", code="unsupported_value")
@@ -38,19 +39,39 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
                 seed=field_of(body, "seed", "integer"), stop=stop_field(body.get("stop")))
     check_range("temperature", turn.temperature, 0, 2)
     check_range("top_p", turn.top_p, 0, 1, lo_open=True)
-    choice = body.get("tool_choice")
-    named = None
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        named = fn.get("name") if isinstance(fn, Mapping) else None
-        if choice.get("type") != "function" or not isinstance(named, str):
-            raise ApiError(400, "'tool_choice' as an object must be {\"type\": \"function\", \"function\": "
-                                "{\"name\": ...}}", param="tool_choice", code="invalid_value")
-    apply_tool_choice(turn, choice, named=named)
+    apply_tool_choice(turn, body, flat=False)
     stream = field_of(body, "stream", "boolean", False)
     options = field_of(body, "stream_options", "object", {})
     include_usage = field_of(options, "include_usage", "boolean", False, where="stream_options.")
     return turn, stream, include_usage
+
+
+def check_messages(messages: list[Any]) -> None:
+    """The JSON types of every message field the renderer reads (422 naming the field); the values (roles, tool
+    call ids, ...) are the renderer's to check (400)."""
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+        field_of(m, "role", "string", required=True, where=f"{at}.")
+        for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
+            field_of(m, key, "string", where=f"{at}.")
+        content = field_of(m, "content", "string|array", where=f"{at}.")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not isinstance(part, Mapping):
+                raise ApiError(422, f"'{at}.content[{j}]' must be an object", param=f"{at}.content[{j}]",
+                               code="invalid_type")
+            if field_of(part, "type", "string", required=True, where=f"{at}.content[{j}].") == "text":
+                field_of(part, "text", "string", required=True, where=f"{at}.content[{j}].")
+        for j, call in enumerate(field_of(m, "tool_calls", "array", where=f"{at}.") or ()):
+            where = f"{at}.tool_calls[{j}]"
+            if not isinstance(call, Mapping):
+                raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+            field_of(call, "id", "string", where=f"{where}.")
+            field_of(call, "type", "string", where=f"{where}.")
+            fn = field_of(call, "function", "object", required=True, where=f"{where}.")
+            field_of(fn, "name", "string", required=True, where=f"{where}.function.")
+            field_of(fn, "arguments", "string", where=f"{where}.function.")
 
 
 def usage(r: ChatResponse) -> dict[str, Any]:

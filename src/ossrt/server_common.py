@@ -1,15 +1,20 @@
-"""What both OpenAI endpoints share: the error type and its JSON form, typed reading of request fields, the chat
-turn a request asks for, `tool_choice`, and `stop` sequences."""
+"""What both OpenAI endpoints share: the error type and its JSON form, the request body (content type, JSON),
+typed reading of request fields, the chat turn a request asks for, `tools`, `tool_choice`, and `stop` sequences."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ChatFormatError, ContextLengthError, OssrtError, ParameterError
+from .errors import ChatFormatError, ContextLengthError, ModelOutputError, OssrtError, ParameterError
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
+# Deeper request JSON is refused: the Harmony renderer and the JSON encoder recurse through tool schemas and echoed
+# fields. A tool schema's nesting costs two levels per level (`properties`, then the property), so this is ~45 deep.
+MAX_JSON_DEPTH = 100
 
 
 class ApiError(Exception):
@@ -45,7 +50,84 @@ def api_error(e: OssrtError, where: list[str] | None = None) -> ApiError:
         return ApiError(400, text, param=m.group(1) if m else None, code="invalid_value")
     if isinstance(e, ParameterError):
         return ApiError(400, str(e), code="invalid_value")
+    if isinstance(e, ModelOutputError):
+        return ApiError(500, f"the model failed (not a problem with the request): {e}", type="server_error",
+                        code="model_error")
     return ApiError(500, str(e), type="server_error")
+
+
+# --- the body ----------------------------------------------------------------------------------------------------------
+_JSON_TYPE = re.compile(r"application/json\s*(;\s*charset\s*=\s*\"?utf-8\"?\s*)?", re.IGNORECASE)
+
+
+def check_content_type(value: str | None) -> None:
+    """Request bodies are JSON in UTF-8: `application/json`, optionally with `charset=utf-8`; else 415, as OpenAI."""
+    if value is None or not _JSON_TYPE.fullmatch(value.strip()):
+        shown = "no Content-Type header" if value is None else f"Content-Type {value!r:.80}"
+        raise ApiError(415, f"unsupported content type: this endpoint takes 'application/json' bodies, the request "
+                            f"has {shown}", code="unsupported_content_type")
+
+
+def parse_json(data: bytes) -> Any:
+    """The request body as JSON, or 400: not JSON (also NaN and Infinity, which Python's parser accepts, and numbers
+    that overflow a float), nested deeper than `MAX_JSON_DEPTH`, or a string holding a lone UTF-16 surrogate
+    ("\\ud800": not text; it cannot be tokenized or encoded again). Whatever passes can be echoed back as JSON."""
+    try:
+        body = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    _check_tree(body)
+    return body
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"the number {text:.40} is out of range")
+    return f
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the JSON parser has already joined valid pairs into one character
+
+
+def _check_tree(body: Any) -> None:
+    # Iterative: a recursive walk would fail on the depths this refuses.
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)] if isinstance(body, (dict, list)) else []
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        for key, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if isinstance(key, str):
+                at = f"{path}.{_shown(key)}" if path else _shown(key)
+                _check_text(key, at, key=True)
+            else:
+                at = f"{path}[{key}]"
+            if isinstance(v, str):
+                _check_text(v, at)
+            elif isinstance(v, (dict, list)):
+                stack.append((v, at, depth + 1))
+
+
+def _check_text(s: str, at: str, key: bool = False) -> None:
+    if (m := _SURROGATE.search(s)) is not None:
+        what = "a key" if key else "the string"
+        raise ApiError(400, f"'{at}': {what} holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at character "
+                            f"{m.start()}, which is not valid Unicode text", param=at, code="invalid_value")
+
+
+def _shown(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # --- reading request fields ------------------------------------------------------------------------------------------
@@ -65,6 +147,8 @@ def field_of(body: Mapping[str, Any], key: str, kind: str, default: Any = None, 
     for k in kind.split("|"):
         t = _KINDS[k]
         if isinstance(value, t) and not (isinstance(value, bool) and k in ("integer", "number")):
+            if k == "number" and not -1e300 < value < 1e300:  # an integer too large for a float
+                raise ApiError(400, f"'{name}' is out of range", param=name, code="invalid_value")
             return float(value) if k == "number" else value
     raise ApiError(422, f"'{name}' must be {' or '.join(_article(k) for k in kind.split('|'))}, got "
                         f"{_json_type(value)} {value!r:.60}", param=name, code="invalid_type")
@@ -130,27 +214,63 @@ class Turn:
                     top_p=self.top_p, max_tokens=self.max_tokens, seed=self.seed)
 
 
-def apply_tool_choice(turn: Turn, choice: Any, *, named: str | None) -> None:
-    """`tool_choice`: "auto" (default), "none" (the tools leave the prompt), "required" or a named function.
-    Decoding cannot be constrained here, so the last two become a developer instruction at the end of the prompt,
-    where the model weighs it most; the model may still answer without the call."""
-    if choice is None or choice == "auto":
+def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
+    """`tools`, with every field's JSON type checked (422) so the renderer and `tool_choice` read well-formed objects;
+    names and schemas are checked when rendering (400). Chat nests the function (`{"type": "function", "function":
+    {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too."""
+    tools = field_of(body, "tools", "array")
+    for j, t in enumerate(tools or []):
+        at = f"tools[{j}]"
+        if not isinstance(t, Mapping):
+            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+        kind = field_of(t, "type", "string", required=True, where=f"{at}.")
+        if kind != "function":
+            raise ApiError(400, f"'{at}': tools of type {kind!r:.40} are not supported; only 'function' tools",
+                           param=f"{at}.type", code="unsupported_value")
+        if flat and "function" not in t:
+            fn, where = t, f"{at}."
+        else:
+            fn, where = field_of(t, "function", "object", required=True, where=f"{at}."), f"{at}.function."
+        field_of(fn, "name", "string", required=True, where=where)
+        field_of(fn, "description", "string", where=where)
+        field_of(fn, "parameters", "object", where=where)
+        field_of(fn, "strict", "boolean", where=where)
+    return tools
+
+
+def apply_tool_choice(turn: Turn, body: Mapping[str, Any], *, flat: bool) -> None:
+    """`tool_choice`: "auto" (default), "none" (the tools leave the prompt), "required", or a named function
+    (`{"type": "function", "function": {"name": ...}}`, `flat` in the Responses API: `{"type": "function", "name":
+    ...}`). Decoding cannot be constrained here, so the last two become a developer instruction at the end of the
+    prompt, where the model weighs it most; the model may still answer without the call. `turn.tools` has passed
+    `tools_field`."""
+    choice = field_of(body, "tool_choice", "string|object", "auto")
+    if choice == "auto":
         return
     if choice == "none":
         turn.tools = None
         return
-    names = [(t.get("function", t) or {}).get("name") if isinstance(t, Mapping) else None for t in turn.tools or []]
+    named = None
+    if isinstance(choice, Mapping):
+        kind = field_of(choice, "type", "string", required=True, where="tool_choice.")
+        if kind != "function":
+            raise ApiError(400, f"'tool_choice' of type {kind!r:.40} is not supported; only 'function'",
+                           param="tool_choice.type", code="unsupported_value")
+        fn, where = (choice, "tool_choice.") if flat else (
+            field_of(choice, "function", "object", required=True, where="tool_choice."), "tool_choice.function.")
+        named = field_of(fn, "name", "string", required=True, where=where)
+    elif choice != "required":
+        raise ApiError(400, f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {choice!r:.80}",
+                       param="tool_choice", code="invalid_value")
+    names = [(t["function"] if "function" in t else t)["name"] for t in turn.tools or []]
     if not names:
         raise ApiError(400, "'tool_choice' requires 'tools'", param="tool_choice", code="invalid_value")
-    if choice == "required":
+    if named is None:
         text = "In this turn you must call one of the functions in the tools list; do not answer directly."
-    elif named is not None:
-        if named not in names:
-            raise ApiError(400, f"'tool_choice' names function {named!r}, which is not in 'tools'",
-                           param="tool_choice", code="invalid_value")
+    elif named in names:
         text = f"In this turn you must call the function `{named}`; do not answer directly."
     else:
-        raise ApiError(400, f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {choice!r:.80}",
+        raise ApiError(400, f"'tool_choice' names function {named!r}, which is not in 'tools'",
                        param="tool_choice", code="invalid_value")
     turn.messages = turn.messages + [{"role": "developer", "content": text}]
 

@@ -12,7 +12,8 @@ import uuid
 from typing import Any, Mapping
 
 from .chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
-from .server_common import ApiError, Turn, apply_tool_choice, check_range, field_of, max_tokens_field, reasoning_effort
+from .server_common import (ApiError, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
+                            reasoning_effort, tools_field)
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -33,7 +34,7 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
     instructions = field_of(body, "instructions", "string")
     value = field_of(body, "input", "string|array", required=True)
     messages, where = input_messages(value, instructions)
-    tools = field_of(body, "tools", "array")
+    tools = tools_field(body, flat=True)
     reasoning = field_of(body, "reasoning", "object", {})
     turn = Turn(messages=messages, tools=tools,
                 reasoning_effort=reasoning_effort(field_of(reasoning, "effort", "string", where="reasoning."),
@@ -44,16 +45,9 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
                 seed=field_of(body, "seed", "integer"), where=where)
     check_range("temperature", turn.temperature, 0, 2)
     check_range("top_p", turn.top_p, 0, 1, lo_open=True)
-    choice = body.get("tool_choice")
-    named = None
-    if isinstance(choice, Mapping):
-        named = choice.get("name")
-        if choice.get("type") != "function" or not isinstance(named, str):
-            raise ApiError(400, "'tool_choice' as an object must be {\"type\": \"function\", \"name\": ...}",
-                           param="tool_choice", code="invalid_value")
-    apply_tool_choice(turn, choice, named=named)
+    apply_tool_choice(turn, body, flat=True)
     echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
-            "top_p": turn.top_p, "tools": tools or [], "tool_choice": choice if choice is not None else "auto",
+            "top_p": turn.top_p, "tools": tools or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": None},
             "metadata": field_of(body, "metadata", "object", {})}
     return turn, field_of(body, "stream", "boolean", False), echo
@@ -89,7 +83,7 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
             if role not in _ROLES:
                 raise ApiError(400, f"'{at}.role' must be one of {', '.join(_ROLES)}, got {role!r}",
                                param=f"{at}.role", code="invalid_value")
-            text = _text(item.get("content"), f"{at}.content")
+            text = _text(field_of(item, "content", "string|array", required=True, where=f"{at}."), f"{at}.content")
             if role != "assistant":
                 flush()
                 msgs.append({"role": role, "content": text})
@@ -101,10 +95,9 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
                 pending, pending_at = {"role": "assistant"}, at
             pending["content"] = text
         elif kind == "reasoning":
-            parts = item.get("content") or item.get("summary") or []
-            if not isinstance(parts, list):
-                raise ApiError(422, f"'{at}.content' must be an array", param=f"{at}.content", code="invalid_type")
-            text = "".join(p.get("text", "") for p in parts if isinstance(p, Mapping))
+            # The reasoning text itself ("content"), else its summary: the model reads either as its analysis.
+            content, summary = _reasoning_text(item, "content", at), _reasoning_text(item, "summary", at)
+            text = content or summary
             if pending is not None and (pending.get("content") or pending.get("tool_calls")):
                 flush()
             if pending is None:
@@ -119,10 +112,9 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
             pending.setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             flush()
-            output = item.get("output")
-            msgs.append({"role": "tool",
-                         "tool_call_id": field_of(item, "call_id", "string", required=True, where=f"{at}."),
-                         "content": _text(output, f"{at}.output")})
+            call_id = field_of(item, "call_id", "string", required=True, where=f"{at}.")
+            output = field_of(item, "output", "string|array", required=True, where=f"{at}.")
+            msgs.append({"role": "tool", "tool_call_id": call_id, "content": _text(output, f"{at}.output")})
             where.append(at)
         else:
             raise ApiError(400, f"'{at}': input items of type {kind!r} are not supported (message, reasoning, "
@@ -131,17 +123,31 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
     return msgs, where
 
 
-def _text(content: Any, at: str) -> str:
+def _text(content: str | list, at: str) -> str:
+    """A message's text: a string, or text parts concatenated."""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise ApiError(422, f"'{at}' must be a string or an array of text parts", param=at, code="invalid_type")
     out = []
     for j, p in enumerate(content):
-        if not (isinstance(p, Mapping) and p.get("type") in _TEXT_PARTS and isinstance(p.get("text"), str)):
-            raise ApiError(400, f"'{at}[{j}]': only text parts (input_text, output_text) are supported",
-                           param=f"{at}[{j}]", code="unsupported_value")
-        out.append(p["text"])
+        where = f"{at}[{j}]"
+        if not isinstance(p, Mapping):
+            raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+        kind = field_of(p, "type", "string", required=True, where=f"{where}.")
+        if kind not in _TEXT_PARTS:
+            raise ApiError(400, f"'{where}': only text parts ({', '.join(_TEXT_PARTS)}) are supported, got "
+                                f"{kind!r:.40}", param=f"{where}.type", code="unsupported_value")
+        out.append(field_of(p, "text", "string", required=True, where=f"{where}."))
+    return "".join(out)
+
+
+def _reasoning_text(item: Mapping[str, Any], key: str, at: str) -> str:
+    """The text of a reasoning item's `content` or `summary` parts (`{"type": ..., "text": ...}`), concatenated."""
+    out = []
+    for j, p in enumerate(field_of(item, key, "array", [], where=f"{at}.")):
+        where = f"{at}.{key}[{j}]"
+        if not isinstance(p, Mapping):
+            raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+        out.append(field_of(p, "text", "string", required=True, where=f"{where}."))
     return "".join(out)
 
 
