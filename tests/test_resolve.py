@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ossrt import resolve
-from ossrt.errors import ModelFileError, ModelNotFoundError
+from ossrt.errors import ConvertError, ModelFileError, ModelNotFoundError, ParameterError
 from ossrt.resolve import resolve_model
 
 
@@ -106,3 +106,82 @@ def test_cli_error_for_an_unknown_model(cache):
 
     r = CliRunner().invoke(main, ["generate", "not a model", "-p", "hi"])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "hub name" in r.output
+
+
+# --- unusable names ------------------------------------------------------------------------------------------------
+def test_path_too_long_is_named(tmp_path):
+    long_gguf = tmp_path / ("m" * 300 + ".gguf")
+    with pytest.raises(ModelFileError, match=f"^{long_gguf}: File name too long$"):
+        resolve_model(long_gguf)
+    long_dir = tmp_path / ("c" * 300)
+    with pytest.raises(ModelNotFoundError, match=f"^{long_dir}: File name too long$"):
+        resolve_model(str(long_dir))
+
+
+def test_gguf_name_of_a_directory(tmp_path):
+    (tmp_path / "m.gguf").mkdir()
+    with pytest.raises(ModelFileError, match="m.gguf: is a directory, not a GGUF file"):
+        resolve_model(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("spec", [5, b"model.gguf", ["model.gguf"]])
+def test_model_argument_type(spec):
+    with pytest.raises(ParameterError, match=f"model must be a path or a model name .*, got {type(spec).__name__}"):
+        resolve_model(spec)
+
+
+def test_empty_name():
+    with pytest.raises(ModelNotFoundError, match="the model name is empty; expected a .gguf file"):
+        resolve_model("")
+
+
+@pytest.mark.parametrize("name", ["openai/gpt--oss", "openai/" + "g" * 120, "openai/-gpt"])
+def test_names_the_hub_refuses(name, tmp_path, cache, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=f"^'{name}' is not a file, a directory or a valid hub name: "):
+        resolve_model(name, progress=False)
+
+
+@pytest.fixture
+def fake_convert(monkeypatch):
+    """A converter that only writes a marker: these tests are about cache names, not conversion."""
+    from ossrt import convert as convert_module
+
+    def fake(src, out, **kwargs):
+        out.write_bytes(b"converted")
+        return out
+
+    monkeypatch.setattr(convert_module, "convert", fake)
+
+
+def test_cached_name_fits_for_a_long_checkpoint_name(tmp_path, cache, fake_convert):
+    src = tmp_path / ("n" * 250)
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    out = resolve_model(src, progress=False)
+    assert out.read_bytes() == b"converted" and out.parent == cache / "models"
+    assert out.name.startswith("n" * 100 + "-") and out.name.endswith("-q8_0.gguf") and len(out.name) == 100 + 23
+
+
+def test_stale_removal_spares_other_models(tmp_path, cache, fake_convert):
+    """A checkpoint named like a glob pattern replaces only its own earlier conversion."""
+    models = cache / "models"
+    models.mkdir(parents=True)
+    other = models / "ab-0123456789ab-q8_0.gguf"
+    own_earlier = models / "a*-0123456789ab-q8_0.gguf"
+    other.write_bytes(b"x")
+    own_earlier.write_bytes(b"x")
+    src = tmp_path / "a*"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    out = resolve_model(src, progress=False)
+    assert sorted(models.iterdir()) == sorted([other, out])
+
+
+def test_unusable_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("OSSRT_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ConvertError, match="file/models: cannot use the model cache: Not a directory .*OSSRT_CACHE"):
+        resolve_model(tiny_checkpoint(), progress=False)
