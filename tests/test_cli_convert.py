@@ -1,5 +1,6 @@
 """`ossrt convert` / `ossrt info` / tools/convert.py: exit codes, one-line errors, no tracebacks."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,36 @@ def test_sigterm_during_convert_leaves_nothing(tiny_checkpoint, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 143, r.stderr
     assert list(out_dir.iterdir()) == []
+
+
+def _one_error_line(r, *fragments):
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.output
+    for fragment in fragments:
+        assert fragment in r.stderr
+    assert r.stdout == ""
+
+
+def test_malformed_input_and_unusable_paths_exit_2_with_one_line(tiny_checkpoint, tmp_path):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    for f in tiny_checkpoint().iterdir():
+        (src / f.name).symlink_to(f)  # links, never written: the index below is replaced, not edited in place
+    index = src / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    weight_map["weight_map"]["model.norm.weight"] = 5
+    index.unlink()
+    index.write_text(json.dumps(weight_map))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    r = CliRunner().invoke(main, ["convert", str(src), "-o", str(out_dir / "o.gguf"), "-q"])
+    _one_error_line(r, f"{index}: weight_map['model.norm.weight'] is 5")
+    long_out = out_dir / ("m" * 300 + ".gguf")
+    r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint()), "-o", str(long_out), "-q"])
+    _one_error_line(r, f"{long_out}: the file name is 305 bytes long")
+    assert list(out_dir.iterdir()) == []
+
+    long_model = tmp_path / ("m" * 300)
+    r = CliRunner().invoke(main, ["generate", str(long_model), "-p", "hi"])
+    _one_error_line(r, f"{long_model}: File name too long")
