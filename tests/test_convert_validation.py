@@ -195,6 +195,17 @@ def test_chat_template_jinja_not_utf8(ckpt, out_dir):
     refused(ckpt, out_dir / "o.gguf", f"{ckpt / 'chat_template.jinja'}: not UTF-8 text")
 
 
+@pytest.mark.parametrize("value,fragment", [
+    (5, "eos_token is 5, expected the token's text"),
+    (["<|return|>"], "eos_token is ['<|return|>'], expected the token's text"),
+    ({"content": 5}, "eos_token.content is 5, expected"),
+    ("<|im_end|>", "eos_token is '<|im_end|>', which is not a token of tokenizer.json"),
+])
+def test_bad_special_token_in_tokenizer_config(ckpt, out_dir, value, fragment):
+    edit_json(ckpt / "tokenizer_config.json", lambda c: c.update(eos_token=value))
+    refused(ckpt, out_dir / "o.gguf", f"{ckpt / 'tokenizer_config.json'}: ", fragment)
+
+
 @pytest.mark.parametrize("value", [-1, True, 201088, "199998"])
 def test_bad_special_token_id_in_config(ckpt, out_dir, value):
     """Without bos_token in tokenizer_config.json, config.json's bos_token_id is used: a token id or refused."""

@@ -444,10 +444,15 @@ def read_vocab(ckpt: Checkpoint) -> Vocab:
     tcfg = _read_json(cfg_path) if cfg_path.is_file() else {}
 
     def special(key: str) -> int:
-        value = tcfg.get(f"{key}_token")
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str) and value in ids:
+        field = f"{key}_token"
+        value = tcfg.get(field)
+        if isinstance(value, dict):  # a serialized AddedToken
+            value, field = value.get("content"), field + ".content"
+        if value is not None:
+            if not isinstance(value, str):
+                raise ConvertError(f"{cfg_path}: {field} is {_brief(value)}, expected the token's text")
+            if value not in ids:
+                raise ConvertError(f"{cfg_path}: {field} is {_brief(value)}, which is not a token of {path.name}")
             return ids[value]
         fallback = ckpt.hf_config.get(f"{key}_token_id")
         if isinstance(fallback, list) and fallback:
