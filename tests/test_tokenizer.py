@@ -235,6 +235,43 @@ def test_from_gguf_vocab_rejects_bad_vocabularies(ranks):
         Tokenizer.from_gguf_vocab(tokens, no_byte)
 
 
+def test_from_gguf_vocab_rejects_values_of_the_wrong_type(ranks):
+    tokens, types = _gguf_lists(ranks)
+    bad = list(types)
+    bad[5] = True  # == 1, but not a token type
+    with pytest.raises(ModelFileError, match=r"tokenizer.ggml.token_type\[5\] is True, not an integer"):
+        Tokenizer.from_gguf_vocab(tokens, bad)
+    bad_tokens = list(tokens)
+    bad_tokens[3] = 3
+    with pytest.raises(ModelFileError, match=r"tokenizer.ggml.tokens\[3\] is 3, not a string"):
+        Tokenizer.from_gguf_vocab(bad_tokens, types)
+
+
+class _VocabFile:
+    """What Tokenizer.from_model_file reads of a ModelFile."""
+
+    path = "m.gguf"
+
+    def __init__(self, tokens, types):
+        self.tokenizer_tokens, self.tokenizer_token_types = tokens, types
+
+    def get(self, key):
+        return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-4o"}.get(key)
+
+
+def test_from_model_file_needs_every_special_token_at_its_id(ranks):
+    tokens, types = _gguf_lists(ranks)
+    normal = list(types)
+    normal[200006] = TOKEN_NORMAL  # <|start|> as ordinary text: encodes, but Harmony could not find it
+    with pytest.raises(ModelFileError, match=r"m.gguf: tokenizer.ggml.tokens\[200006\] must be the special token "
+                                             r"'<\|start\|>' \(token_type CONTROL = 3\), found '<\|start\|>' of type 1"):
+        Tokenizer.from_model_file(_VocabFile(tokens, normal))
+    bad = list(types)
+    bad[9] = 0
+    with pytest.raises(ModelFileError, match=r"m.gguf: tokenizer.ggml.token_type\[9\] = 0"):
+        Tokenizer.from_model_file(_VocabFile(tokens, bad))
+
+
 def test_vocabulary_read_back_from_converted_file(tiny_gguf, ranks, o200k_tokenizer):
     """The converter's GGUF (tokenizer.ggml.*) gives back exactly the source vocabulary."""
     from ossrt.modelfile import ModelFile

@@ -262,15 +262,16 @@ class ModelConfig:
         labels: dict[str, str] = {}
         for field, key in _GGUF_KEYS.items():
             values[field] = typed(key, need(key), float if field in _FLOAT_FIELDS else int)
-            labels[field] = key
+            labels[field] = f"metadata key {key!r}"
 
         vocab_size, tokens = get(KEY_VOCAB_SIZE), get("tokenizer.ggml.tokens")
         if tokens is not None and (isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__")):
             raise ConfigError(f"{source}: tokenizer.ggml.tokens must be an array of strings, got {_describe(tokens)}")
         if vocab_size is not None:
-            values["n_vocab"], labels["n_vocab"] = typed(KEY_VOCAB_SIZE, vocab_size, int), KEY_VOCAB_SIZE
+            values["n_vocab"] = typed(KEY_VOCAB_SIZE, vocab_size, int)
+            labels["n_vocab"] = f"metadata key {KEY_VOCAB_SIZE!r}"
         elif tokens is not None:  # llama.cpp takes the vocab size from the token list
-            values["n_vocab"], labels["n_vocab"] = len(tokens), "tokenizer.ggml.tokens (its length)"
+            values["n_vocab"], labels["n_vocab"] = len(tokens), "the length of 'tokenizer.ggml.tokens'"
         else:
             raise ConfigError(f"{source}: neither {KEY_VOCAB_SIZE!r} nor 'tokenizer.ggml.tokens' is present")
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .errors import ParameterError
 from .modelfile import ModelFile
 
 
@@ -21,7 +22,10 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
     model's training context)."""
     with ModelFile.open(path) as m:
         c = m.config
-        ctx = context or c.n_ctx_train
+        ctx = c.n_ctx_train if context is None else context
+        if not isinstance(ctx, int) or isinstance(ctx, bool) or not 1 <= ctx <= c.n_ctx_train:
+            raise ParameterError(f"context must be between 1 and {c.n_ctx_train} (the model's training context), "
+                                 f"got {ctx!r}")
         types = Counter(t.type.name for t in m.tensors.values())
         experts = {s.name for s in c.tensor_specs() if s.kind == "experts"}
         expert_bytes = sum(m.tensors[n].data.nbytes for n in experts)

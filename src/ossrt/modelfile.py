@@ -132,7 +132,7 @@ class _LazyArray:
         return self.count
 
     def __repr__(self) -> str:
-        return f"an array of {self.count} {_TYPE_NAMES[self.elem_type]}"
+        return f"an array of {self.count} {_TYPE_NAMES[self.elem_type]} values"
 
     def decode(self, path: Path) -> list:
         cur = _Cursor(self.buf, path)
@@ -239,7 +239,7 @@ class ModelFile:
             value = self._fields.get(key)
             if value is not None and not (isinstance(value, _LazyArray) and value.elem_type == elem_type):
                 raise ModelFileError(f"{self.path}: metadata key {key!r} must be an array of "
-                                     f"{_TYPE_NAMES[elem_type]}, got {_describe(value)}")
+                                     f"{_TYPE_NAMES[elem_type]} values, got {_describe(value)}")
         for key in _STRING_KEYS:
             value = self._fields.get(key)
             if value is not None and not isinstance(value, str):
@@ -289,7 +289,7 @@ class ModelFile:
             else:
                 data = raw.reshape(info.shape[:-1] + (row_bytes,))
             tensors[info.name] = Tensor(info.name, qtype, info.shape, data)
-        extents.sort()
+        extents.sort(key=lambda extent: extent[0])  # stable: tensors at one offset stay in file order
         for (start_a, end_a, a), (start_b, end_b, b) in zip(extents, extents[1:]):
             if start_b < end_a:
                 raise ModelFileError(f"{self.path}: tensors {a!r} (bytes {start_a}..{end_a}) and {b!r} (bytes "

@@ -140,6 +140,10 @@ class Tokenizer:
         ranks: dict[bytes, int] = {}
         specials: dict[str, int] = {}
         for i, (text, ttype) in enumerate(zip(tokens, token_types)):
+            if not isinstance(text, str):
+                raise ModelFileError(f"tokenizer.ggml.tokens[{i}] is {text!r}, not a string")
+            if type(ttype) is not int:  # True == 1 would pass as NORMAL
+                raise ModelFileError(f"tokenizer.ggml.token_type[{i}] is {ttype!r}, not an integer")
             if ttype == TOKEN_NORMAL:
                 try:
                     b = unicode_token_to_bytes(text)
@@ -167,7 +171,18 @@ class Tokenizer:
         if model != "gpt2" or pre not in ("gpt-4o", None):
             raise ModelFileError(f"{mf.path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; gpt-oss uses "
                                  f"'gpt2'/'gpt-4o' (o200k)")
-        return cls.from_gguf_vocab(mf.tokenizer_tokens, mf.tokenizer_token_types)
+        tokens, types = mf.tokenizer_tokens, mf.tokenizer_token_types
+        try:
+            tokenizer = cls.from_gguf_vocab(tokens, types)
+        except ModelFileError as e:
+            raise ModelFileError(f"{mf.path}: {e}") from None
+        # Harmony needs every gpt-oss special token at its id; a missing one would surface only mid-chat.
+        for i, text in SPECIAL_TOKENS.items():
+            if tokenizer._special_by_id.get(i) != text:
+                found = f"{tokens[i]!r} of type {types[i]}" if i < len(tokens) else "nothing"
+                raise ModelFileError(f"{mf.path}: tokenizer.ggml.tokens[{i}] must be the special token {text!r} "
+                                     f"(token_type CONTROL = {TOKEN_CONTROL}), found {found}")
+        return tokenizer
 
     # --- encoding ---
     def encode(self, text: str, allowed_special: Literal["all"] | AbstractSet[str] = frozenset()) -> list[int]:
