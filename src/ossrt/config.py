@@ -50,11 +50,11 @@ _INT_FIELDS = ("n_layer", "n_embd", "n_ff_exp", "n_head", "n_head_kv", "head_dim
 _FLOAT_FIELDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "rope_freq_base": (lambda v: v > 1, "greater than 1"),
     "rope_scaling_factor": (lambda v: v >= 1, "at least 1"),
-    "rope_beta_fast": (lambda v: v > 0, "positive"),
-    "rope_beta_slow": (lambda v: v > 0, "positive"),
+    "rope_beta_fast": (lambda v: v > 0, "above 0"),
+    "rope_beta_slow": (lambda v: v > 0, "above 0"),
     "rms_norm_eps": (lambda v: FLOAT32_TINY <= v < 1, "below 1 and at least 2^-126"),
-    "swiglu_limit": (lambda v: v > 0, "positive"),
-    "swiglu_alpha": (lambda v: v > 0, "positive"),
+    "swiglu_limit": (lambda v: v > 0, "above 0"),
+    "swiglu_alpha": (lambda v: v > 0, "above 0"),
 }
 
 
