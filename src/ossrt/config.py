@@ -173,9 +173,9 @@ class ModelConfig:
         """From an HF `config.json` dict; `source` names the file in errors. Every value is type- and
         range-checked before use: a bad one is a ConfigError naming its field."""
         if not isinstance(cfg, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object, got {_describe(cfg)}")
+            raise ConfigError(f"{source}: expected a JSON object, got {describe_value(cfg)}")
         if cfg.get("model_type") != "gpt_oss":
-            raise ConfigError(f"{source}: model_type is {_describe(cfg.get('model_type'))}, expected 'gpt_oss'")
+            raise ConfigError(f"{source}: model_type is {describe_value(cfg.get('model_type'))}, expected 'gpt_oss'")
 
         # Newer transformers write `rope_parameters`; older `rope_scaling`. Dropping it would silently disable YaRN.
         rope_key = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
@@ -184,7 +184,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing field 'rope_scaling' (YaRN parameters)")
         rope_type = rope.get("rope_type", rope.get("type"))
         if rope_type != "yarn":
-            raise ConfigError(f"{source}: {rope_key}.rope_type is {_describe(rope_type)}, expected 'yarn'")
+            raise ConfigError(f"{source}: {rope_key}.rope_type is {describe_value(rope_type)}, expected 'yarn'")
 
         values: dict[str, Any] = {}
         labels: dict[str, str] = {}
@@ -249,15 +249,15 @@ class ModelConfig:
         def typed(key: str, value: Any, want: type) -> Any:
             if type(value) is not want:  # not bool for int, not int for float
                 kind = "an integer" if want is int else "a float"
-                raise ConfigError(f"{source}: metadata key {key!r} must be {kind}, got {_describe(value)}")
+                raise ConfigError(f"{source}: metadata key {key!r} must be {kind}, got {describe_value(value)}")
             return value
 
         arch = get("general.architecture")
         if arch != ARCH:
-            raise ConfigError(f"{source}: general.architecture is {_describe(arch)}, expected {ARCH!r}")
+            raise ConfigError(f"{source}: general.architecture is {describe_value(arch)}, expected {ARCH!r}")
         scaling = get(KEY_ROPE_SCALING_TYPE)
         if scaling not in (None, "yarn"):
-            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {_describe(scaling)}, expected 'yarn'")
+            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {describe_value(scaling)}, expected 'yarn'")
         values: dict[str, Any] = {}
         labels: dict[str, str] = {}
         for field, key in _GGUF_KEYS.items():
@@ -266,7 +266,8 @@ class ModelConfig:
 
         vocab_size, tokens = get(KEY_VOCAB_SIZE), get("tokenizer.ggml.tokens")
         if tokens is not None and (isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__")):
-            raise ConfigError(f"{source}: tokenizer.ggml.tokens must be an array of strings, got {_describe(tokens)}")
+            raise ConfigError(f"{source}: metadata key 'tokenizer.ggml.tokens' must be an array of strings, "
+                              f"got {describe_value(tokens)}")
         if vocab_size is not None:
             values["n_vocab"] = typed(KEY_VOCAB_SIZE, vocab_size, int)
             labels["n_vocab"] = f"metadata key {KEY_VOCAB_SIZE!r}"
@@ -338,15 +339,15 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
             continue
         value, high = values[field], MAX_LAYERS if field == "n_layer" else MAX_SIZE
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{name(field)} must be an integer, got {_describe(value)}")
+            raise ConfigError(f"{name(field)} must be an integer, got {describe_value(value)}")
         if not 1 <= value <= high:
-            raise ConfigError(f"{name(field)} must be between 1 and {high}, got {_describe(value)}")
+            raise ConfigError(f"{name(field)} must be between 1 and {high}, got {describe_value(value)}")
     for field, (in_range, description) in _FLOAT_FIELDS.items():
         if field not in values:
             continue
         value = values[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not in_range(value):
-            raise ConfigError(f"{name(field)} must be a finite number {description}, got {_describe(value)}")
+            raise ConfigError(f"{name(field)} must be a finite number {description}, got {describe_value(value)}")
 
     def get(field: str) -> Any:
         return values.get(field)
@@ -375,8 +376,8 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _describe(value: Any) -> str:
-    """A value for an error message, shortened (a corrupt file may hold a long string)."""
+def describe_value(value: Any) -> str:
+    """A value for an error message, shortened (a corrupt file or config may hold a long string)."""
     try:
         text = repr(value)
     except ValueError:  # an int of more than 4300 digits

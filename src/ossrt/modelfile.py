@@ -11,7 +11,6 @@ Tensor data is never copied: each `Tensor.data` is a view into one read-only mem
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import math
 import mmap
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig
+from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig, describe_value
 from .errors import ConfigError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
@@ -239,11 +238,11 @@ class ModelFile:
             value = self._fields.get(key)
             if value is not None and not (isinstance(value, _LazyArray) and value.elem_type == elem_type):
                 raise ModelFileError(f"{self.path}: metadata key {key!r} must be an array of "
-                                     f"{_TYPE_NAMES[elem_type]} values, got {_describe(value)}")
+                                     f"{_TYPE_NAMES[elem_type]} values, got {describe_value(value)}")
         for key in _STRING_KEYS:
             value = self._fields.get(key)
             if value is not None and not isinstance(value, str):
-                raise ModelFileError(f"{self.path}: metadata key {key!r} must be a string, got {_describe(value)}")
+                raise ModelFileError(f"{self.path}: metadata key {key!r} must be a string, got {describe_value(value)}")
         tokens, types = self._fields.get("tokenizer.ggml.tokens"), self._fields.get("tokenizer.ggml.token_type")
         if tokens is not None and types is not None and len(tokens) != len(types):
             raise ModelFileError(f"{self.path}: tokenizer.ggml.tokens has {len(tokens)} entries but "
@@ -359,7 +358,7 @@ def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_Ten
 
     alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
     if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-        raise ModelFileError(f"{path}: general.alignment is {_describe(alignment)}, expected a power of two")
+        raise ModelFileError(f"{path}: general.alignment is {describe_value(alignment)}, expected a power of two")
     data_start = -(-cur.pos // alignment) * alignment
     return fields, list(infos.values()), data_start, alignment
 
@@ -396,9 +395,3 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
             return _LazyArray(cur.buf, start, elem_type, count)
         raise ModelFileError(f"{cur.path}: metadata array {key!r} has unsupported element type {elem_type}")
     raise ModelFileError(f"{cur.path}: metadata key {key!r} has unknown value type {vtype}")
-
-
-def _describe(value: Any) -> str:
-    """A metadata value for an error message, shortened (a corrupt file may hold a long string)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
