@@ -246,7 +246,7 @@ def test_out_not_writable(tiny_checkpoint, tmp_path):
     with pytest.raises(ConvertError, match="does not exist"):
         convert(tiny_checkpoint(), tmp_path / "no" / "o.gguf")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConvertError, match="does not exist"):
+    with pytest.raises(ConvertError, match="file is not a directory"):
         convert(tiny_checkpoint(), tmp_path / "file" / "o.gguf")
 
 

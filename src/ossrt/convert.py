@@ -573,7 +573,8 @@ def _check_output(out: Path) -> None:
                            f"allows {name_max}")
     try:
         if not parent.is_dir():
-            raise ConvertError(f"{out}: directory {parent} does not exist")
+            problem = f"{parent} is not a directory" if parent.exists() else f"directory {parent} does not exist"
+            raise ConvertError(f"{out}: {problem}")
         if out.is_dir():
             raise ConvertError(f"{out}: is a directory")
     except OSError as e:  # e.g. a directory name longer than the file system allows
