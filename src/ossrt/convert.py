@@ -431,11 +431,11 @@ def read_vocab(ckpt: Checkpoint) -> Vocab:
     for k, m in enumerate(merges_in):
         # "a b" (older files) or ["a", "b"]; byte-level tokens hold no spaces, so the pair splits one way only.
         pair = m.split(" ") if isinstance(m, str) else m
-        if not (isinstance(pair, list) and len(pair) == 2
-                and all(isinstance(t, str) and t and " " not in t for t in pair)):
+        a, b = pair if isinstance(pair, list) and len(pair) == 2 else (None, None)
+        if not (isinstance(a, str) and isinstance(b, str) and a and b and " " not in a and " " not in b):
             raise ConvertError(f"{path}: model.merges[{k}] is {_brief(m)}, expected two tokens, \"a b\" or "
                                "[\"a\", \"b\"]")
-        merges.append(m if isinstance(m, str) else " ".join(m))
+        merges.append(f"{a} {b}")
     _check_utf8(path, "model.vocab/added_tokens", tokens)
     _check_utf8(path, "model.merges", merges)
     ids = {t: i for i, t in enumerate(tokens) if types[i] != TOKEN_UNUSED}
