@@ -244,7 +244,8 @@ def test_bad_config_values(ckpt, out_dir, edit, field, value):
 @pytest.mark.parametrize("key,vtype,value", [
     ("gpt-oss.context_length", "uint32", 1 << 32), ("gpt-oss.context_length", "uint32", -1),
     ("gpt-oss.context_length", "uint32", 4096.0), ("gpt-oss.rope.freq_base", "float32", float("nan")),
-    ("gpt-oss.rope.freq_base", "float32", "150000"),
+    ("gpt-oss.rope.freq_base", "float32", "150000"), ("gpt-oss.rope.freq_base", "float32", True),
+    ("gpt-oss.rope.freq_base", "float32", 10**400), ("gpt-oss.rope.freq_base", "float32", -1e39),
 ])
 def test_the_writer_checks_what_the_config_lets_through(ckpt, monkeypatch, key, vtype, value):
     """Whatever ModelConfig accepts, a value GGUF cannot store is refused by name before the writer's struct.pack

@@ -605,15 +605,26 @@ def _metadata(ckpt: Checkpoint) -> dict[str, tuple[str, Any]]:
         if vtype == "uint32":
             fits = _is_int(value) and 0 <= value < 1 << 32
         elif vtype == "float32":
-            with np.errstate(over="ignore"):
-                single = np.float32(value) if isinstance(value, (int, float)) else np.float32("nan")
-            fits = bool(np.isfinite(single)) and (single != 0 or value == 0)
+            fits = _fits_float32(value)
         else:
             fits = isinstance(value, str)
         if not fits:
             raise ConvertError(f"{ckpt.dir / 'config.json'}: {_HF_FIELDS.get(key, key)} is {_brief(value)}, which "
                                f"does not fit GGUF {key} ({vtype})")
     return metadata
+
+
+def _fits_float32(value: Any) -> bool:
+    """A number that stays finite as a float32, and non-zero unless it is zero."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float64
+        return False
+    with np.errstate(over="ignore"):
+        single = np.float32(x)
+    return bool(np.isfinite(single)) and (single != 0 or x == 0)
 
 
 def _temp_beside(out: Path) -> Path:
