@@ -319,6 +319,37 @@ def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
     assert_no_traceback(log)
 
 
+def test_a_corrupt_model_file_gets_a_500(tiny_gguf, tmp_path):
+    """A file whose output weights are NaN: the model's failure, reported as such by both endpoints."""
+    import numpy as np
+
+    from ossrt.modelfile import ModelFile
+
+    path = tmp_path / "nan.gguf"
+    path.write_bytes(tiny_gguf("f32").read_bytes())
+    with ModelFile.open(path) as mf:
+        weight = mf.tensors["output.weight"].data
+        offset = weight.__array_interface__["data"][0] - np.frombuffer(mf._buf, np.uint8).__array_interface__["data"][0]
+        count = weight.size
+    np.memmap(path, mode="r+", dtype=np.float32, offset=offset, shape=(count,))[:] = np.nan
+    server = uvicorn.Server(uvicorn_config(create_app(ossrt.load(path, context_length=256), model_id=ID),
+                                           host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        for path, body in ((CHAT, chat()), (RESPONSES, responses())):
+            r = httpx.post(url + path, json=body, timeout=60)
+            error = assert_error(r, 500, None, "model_error", type="server_error")
+            assert "non-finite" in error["message"] and "not a problem with the request" in error["message"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_a_bug_gets_one_traceback(live, log, monkeypatch):
     def bug(self, event):
         raise KeyError("oops")
@@ -352,7 +383,8 @@ def read_response(s) -> bytes:
     while b"\r\n\r\n" not in data:
         data += s.recv(65536)
     head, body = data.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
         body += s.recv(65536)
     return head + b"\r\n\r\n" + body

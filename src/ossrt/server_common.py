@@ -51,12 +51,12 @@ def api_error(e: OssrtError, where: list[str] | None = None) -> ApiError:
     if isinstance(e, ParameterError):
         return ApiError(400, str(e), code="invalid_value")
     if isinstance(e, ModelOutputError):
-        return ApiError(500, f"the model failed (not a problem with the request): {e}", type="server_error",
+        return ApiError(500, f"{e} (a failure of the model, not a problem with the request)", type="server_error",
                         code="model_error")
     return ApiError(500, str(e), type="server_error")
 
 
-# --- the body ----------------------------------------------------------------------------------------------------------
+# --- the body --------------------------------------------------------------------------------------------------------
 _JSON_TYPE = re.compile(r"application/json\s*(;\s*charset\s*=\s*\"?utf-8\"?\s*)?", re.IGNORECASE)
 
 
