@@ -178,7 +178,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: model_type is {describe_value(cfg.get('model_type'))}, expected 'gpt_oss'")
 
         # Newer transformers write `rope_parameters`; older `rope_scaling`. Dropping it would silently disable YaRN.
-        rope_key = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
+        rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
         rope = cfg.get(rope_key)
         if not isinstance(rope, Mapping):
             raise ConfigError(f"{source}: missing field 'rope_scaling' (YaRN parameters)")
