@@ -61,23 +61,28 @@ def live(scripted_gguf):
         return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
     url, slow_url = start(api_key=KEY), start(header_timeout=HEADER_TIMEOUT)
-    log = Records()  # attached after uvicorn configured logging, which resets the handlers of its loggers
-    loggers = [logging.getLogger(n) for n in ("ossrt.server", "uvicorn.error")]
-    for logger in loggers:
-        logger.addHandler(log)
-    loggers[0].setLevel(logging.INFO)
+    log = Records()
     yield type("Live", (), dict(url=url, slow_url=slow_url, log=log, app=servers[0][2]))
-    for logger in loggers:
-        logger.removeHandler(log)
-    loggers[0].setLevel(logging.NOTSET)
+    for name in LOGGERS:
+        logging.getLogger(name).removeHandler(log)
+    logging.getLogger("ossrt.server").setLevel(logging.NOTSET)
     for server, _, _ in servers:
         server.should_exit = True
     for _, thread, _ in servers:
         thread.join(10)
 
 
+LOGGERS = ("ossrt.server", "uvicorn.error")
+
+
 @pytest.fixture
 def log(live):
+    """The log records of one test. Attached anew each time: starting a uvicorn server configures logging, which
+    resets the handlers and levels of the loggers it names and of their children."""
+    for name in LOGGERS:
+        if live.log not in logging.getLogger(name).handlers:
+            logging.getLogger(name).addHandler(live.log)
+    logging.getLogger("ossrt.server").setLevel(logging.INFO)
     live.log.records.clear()
     return live.log
 
