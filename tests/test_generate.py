@@ -111,7 +111,7 @@ def test_bad_parameters_fail_before_any_work(model, kwargs, match):
 def test_bad_token_ids(model):
     with pytest.raises(ParameterError, match="201088"):
         model.logits([0, 201088])
-    with pytest.raises(ParameterError, match="non-empty"):
+    with pytest.raises(ParameterError, match="must not be empty"):
         model.generate([], max_tokens=1)
 
 

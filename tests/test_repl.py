@@ -5,13 +5,17 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from click.testing import CliRunner
+
 import ossrt
+from ossrt.cli import main
 from ossrt.repl import Repl
 
 ANSWER = "<|channel|>final<|message|>Hello there!<|return|>"
@@ -37,13 +41,18 @@ def drive(repl, lines):
     return repl.out.getvalue()
 
 
+def new_repl(model, **options):
+    return Repl(model, io.StringIO(), err=io.StringIO(), **options)
+
+
 def test_conversation_commands_and_multiline(answer_model, tmp_path):
-    repl = Repl(answer_model, io.StringIO(), temperature=0)
+    repl = new_repl(answer_model, temperature=0)
     out = drive(repl, ["Hi", "/effort high", '"""', "first line", "second line", '"""', "/stats",
                        f"/save {tmp_path / 'chat.json'}", "/clear", f"/load {tmp_path / 'chat.json'}",
                        "/reasoning off", "/frobnicate", "/exit", "never read"])
     assert out.count("Hello there!") == 2
-    assert "reasoning effort: high" in out and "reasoning hidden" in out and "unknown command" in out
+    assert "reasoning effort: high" in out and "reasoning hidden" in out
+    assert repl.err.getvalue() == "error: unknown command or missing argument: '/frobnicate'; /help lists the commands\n"
     assert "tokens (" in out and "cached)" in out  # /stats
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
@@ -52,16 +61,35 @@ def test_conversation_commands_and_multiline(answer_model, tmp_path):
 
 
 def test_second_turn_reuses_the_cache(answer_model):
-    repl = Repl(answer_model, io.StringIO(), temperature=0, verbose=True)
+    repl = new_repl(answer_model, temperature=0, verbose=True)
     out = drive(repl, ["Hi", "And again"])
     assert repl.last.usage.cached_tokens > 0 and out.count("tokens (") == 2
 
 
 def test_bad_files_for_save_and_load(answer_model, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    out = drive(Repl(answer_model, io.StringIO()), [f"/load {tmp_path / 'bad.json'}",
-                                                   f"/save {tmp_path / 'no-such-dir' / 'x.json'}"])
-    assert "not a saved conversation" in out and "cannot write" in out
+    repl = new_repl(answer_model)
+    out = drive(repl, [f"/load {tmp_path / 'bad.json'}", f"/save {tmp_path / 'no-such-dir' / 'x.json'}"])
+    errors = repl.err.getvalue().splitlines()
+    assert out == "\n" and len(errors) == 2
+    assert errors[0].startswith("error: ") and "bad.json: not a saved conversation" in errors[0]
+    assert errors[1].startswith("error: ") and "x.json: cannot write" in errors[1]
+
+
+def test_an_error_in_the_loop_goes_to_stderr_and_the_session_goes_on(scripted_gguf):
+    with ossrt.load(scripted_gguf(ANSWER), context_length=128) as m:
+        repl = new_repl(m, temperature=0)
+        out = drive(repl, ["word " * 100, "Hi"])
+    assert repl.err.getvalue().startswith("error: ") and "do not fit the context length 128" in repl.err.getvalue()
+    assert out == "Hello there!\n\n"  # the second message is answered; the failed one left no trace
+    assert [m["role"] for m in repl.messages] == ["user", "assistant"] and repl.messages[0]["content"] == "Hi"
+
+
+def test_piped_input_that_fails_is_an_error_with_exit_code_2(scripted_gguf):
+    r = CliRunner().invoke(main, ["run", str(scripted_gguf(ANSWER)), "-c", "16"], input="Hi there")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and "do not fit the context length 16" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
 
 
 def expect(fd, text, timeout=60.0):
@@ -84,7 +112,9 @@ def expect(fd, text, timeout=60.0):
 
 
 def spawn_in_terminal(args):
-    """The CLI with a pseudo-terminal as its controlling terminal, so Ctrl-C and Ctrl-D work as typed."""
+    """The CLI with a pseudo-terminal as its controlling terminal, so Ctrl-C and Ctrl-D work as typed. It starts
+    with SIGINT ignored, as children of a background job of a non-interactive shell (`pytest &`) do: a terminal
+    session must answer Ctrl-C all the same."""
     master, slave = pty.openpty()
 
     def make_controlling():
@@ -93,6 +123,7 @@ def spawn_in_terminal(args):
         import termios
 
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     p = subprocess.Popen([sys.executable, "-m", "ossrt.cli", *args], stdin=slave, stdout=slave, stderr=slave,
                          preexec_fn=make_controlling, close_fds=True)
@@ -110,8 +141,10 @@ def test_terminal_session_with_ctrl_c_and_ctrl_d(scripted_gguf):
         expect(fd, "three four five")  # streaming, never ending on its own
         os.write(fd, b"\x03")  # Ctrl-C: stop the answer, back to the prompt
         expect(fd, "[interrupted]\r\n>>> ")
+        os.write(fd, b"half a line\x03")  # Ctrl-C at the prompt: the line is dropped
+        expect(fd, "\r\n>>> ")
         os.write(fd, b"/help\n")
-        expect(fd, "on its own line.\r\n>>> ")
+        expect(fd, "on its own line.\r\n>>> ")  # not "unknown command 'half a line/help'"
         os.write(fd, b"\x04")  # Ctrl-D: leave
         assert p.wait(timeout=30) == 0
     finally:

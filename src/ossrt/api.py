@@ -8,16 +8,17 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import kernels
+import numba
+
 from .chat import ChatResponse, ChatSession, ChatStream
 from .config import ModelConfig
 from .errors import ContextLengthError, ParameterError
 from .kv_cache import KV_TYPES
-from .generate import PREFILL_CHUNK, GenerationStats, generate_tokens
+from .generate import PREFILL_CHUNK, GenerationStats, as_token_ids, check_finite, generate_tokens
 from .model import Transformer
 from .modelfile import ModelFile
 from .resolve import resolve_model
-from .sampling import Sampler
+from .sampling import Sampler, is_integer
 from .tokenizer import Tokenizer
 
 
@@ -30,25 +31,21 @@ class Model:
 
     def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None,
                  kv_type: str = "f16"):
+        check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
         cfg = model_file.config
         if context_length is None:
             context_length = min(DEFAULT_CONTEXT_LENGTH, cfg.n_ctx_train)
         if not 1 <= context_length <= cfg.n_ctx_train:
             raise ParameterError(f"context_length must be between 1 and {cfg.n_ctx_train} "
                                  f"(the model's training context), got {context_length}")
-        try:
-            self.threads = kernels.set_num_threads(threads)
-        except ValueError as e:
-            raise ParameterError(str(e)) from None
-        if kv_type not in KV_TYPES:
-            raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         if kv_type == "q8_0" and cfg.head_dim % 32:
             raise ParameterError(f"kv_type q8_0 needs a head dimension that is a multiple of 32, this model's is "
                                  f"{cfg.head_dim}")
         self.model_file = model_file
-        self.context_length = context_length
+        self.context_length = int(context_length)
         self.kv_type = kv_type
-        self.transformer = Transformer(model_file)
+        self.transformer = Transformer(model_file, threads)
+        self.threads = self.transformer.threads
         self.stats = GenerationStats()  # of the most recent generate call
         self._session = ChatSession(self)
 
@@ -64,8 +61,10 @@ class Model:
         """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
         tokens = self.check_prompt(token_ids)
         cache = self.transformer.new_cache(len(tokens), self.kv_type)
-        return np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
-                               for i in range(0, len(tokens), PREFILL_CHUNK)])
+        logits = np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
+                                 for i in range(0, len(tokens), PREFILL_CHUNK)])
+        check_finite(logits, 0)
+        return logits
 
     def generate(self, token_ids: Iterable[int], *, max_tokens: int | None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
@@ -75,13 +74,13 @@ class Model:
         context length. Temperature 0 is greedy; the same seed gives the same tokens. Parameters are checked
         here, before the first token; `self.stats` describes the run as it goes."""
         tokens = self.check_prompt(token_ids)
-        if max_tokens is not None and (not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0):
-            raise ParameterError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}")
+        if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < 0):
+            raise ParameterError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r:.80}")
         sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
         if stop_tokens is None:
             stops = frozenset(self.tokenizer.stop_tokens_for_assistant)
         else:
-            stops = frozenset(int(t) for t in stop_tokens)
+            stops = frozenset(as_token_ids(stop_tokens, "stop_tokens", self.config.n_vocab, allow_empty=True).tolist())
         self.stats = stats = GenerationStats()
         cache = self.transformer.new_cache(self.context_length, self.kv_type)
         return generate_tokens(self.transformer, cache, tokens, sampler, max_tokens=max_tokens, stop_tokens=stops,
@@ -89,17 +88,11 @@ class Model:
 
     def check_prompt(self, token_ids: Iterable[int]) -> np.ndarray:
         """The ids as int64, or ParameterError / ContextLengthError saying what is wrong with them."""
-        tokens = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids)
-        if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ParameterError("token_ids must be a non-empty sequence of integer token ids")
-        n_vocab = self.config.n_vocab
-        if tokens.min() < 0 or tokens.max() >= n_vocab:
-            bad = tokens[(tokens < 0) | (tokens >= n_vocab)][0]
-            raise ParameterError(f"token id {bad} is outside the vocabulary of {n_vocab}")
+        tokens = as_token_ids(token_ids, "token_ids", self.config.n_vocab)
         if len(tokens) > self.context_length:
             raise ContextLengthError(f"{len(tokens)} prompt tokens do not fit the context length "
                                      f"{self.context_length}")
-        return tokens.astype(np.int64)
+        return tokens
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
              reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -136,5 +129,21 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
     cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ParameterError(f"path must be a str or a path-like object naming a model, got {path!r:.80}")
+    check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
     return Model(ModelFile.open(resolve_model(path)), context_length=context_length, threads=threads,
                  kv_type=kv_type)
+
+
+def check_load_params(*, context_length: int | None, threads: int | None, kv_type: str) -> None:
+    """ParameterError naming the first of `load`'s options with a wrong type or value (the context length's upper
+    bound, the model's training context, is checked once the file is open)."""
+    if context_length is not None and (not is_integer(context_length) or context_length < 1):
+        raise ParameterError(f"context_length must be an integer >= 1 or None, got {context_length!r:.80}")
+    cores = numba.config.NUMBA_NUM_THREADS
+    if threads is not None and (not is_integer(threads) or not 1 <= threads <= cores):
+        raise ParameterError(f"threads must be an integer between 1 and {cores} (the cores Numba may use) or None, "
+                             f"got {threads!r:.80}")
+    if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
+        raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r:.80}")

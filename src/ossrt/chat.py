@@ -9,6 +9,7 @@ drops the previous answer's analysis from the history).
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from .errors import ParameterError
 from .generate import GenerationStats, generate_tokens
-from .harmony import (ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
-                      ToolCallDelta, completion_to_message, render_conversation)
+from .harmony import (REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta,
+                      ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message, render_conversation)
 from .kv_cache import KVCache, KVSnapshot
+from .sampling import Sampler, is_integer
 
 if TYPE_CHECKING:
     from .api import Model
@@ -117,24 +120,37 @@ class ChatSession:
              min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
              current_date: str | None = None) -> "ChatResponse | ChatStream":
         """See `Model.chat`."""
-        from .sampling import Sampler
-
-        tok = self.model.tokenizer
-        prompt = render_conversation(tok, messages, tools=tools, reasoning_effort=reasoning_effort,
+        check_chat_params(messages=messages, tools=tools, reasoning_effort=reasoning_effort, max_tokens=max_tokens,
+                          stream=stream, current_date=current_date)
+        sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+        prompt = render_conversation(self.model.tokenizer, messages, tools=tools, reasoning_effort=reasoning_effort,
                                      current_date=current_date)
         self.model.check_prompt(prompt)
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
-            from .errors import ParameterError
-
-            raise ParameterError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
-        sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
         s = ChatStream(self, prompt, sampler, max_tokens)
         if stream:
             return s
         for _ in s:
             pass
         return s.response
+
+
+def check_chat_params(*, messages: Any, tools: Any, reasoning_effort: Any, max_tokens: Any, stream: Any,
+                      current_date: Any) -> None:
+    """ParameterError naming the first argument of `chat` with a wrong type or value; the messages' and tools'
+    contents are checked by the Harmony renderer (ChatFormatError naming the message and field)."""
+    if not isinstance(messages, (list, tuple)):
+        raise ParameterError(f"messages must be a list of message objects, got {type(messages).__name__}")
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise ParameterError(f"tools must be a list of tool objects or None, got {type(tools).__name__}")
+    if not isinstance(reasoning_effort, str) or reasoning_effort.lower() not in REASONING_EFFORTS:
+        raise ParameterError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                             f"got {reasoning_effort!r:.80}")
+    if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < 1):
+        raise ParameterError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r:.80}")
+    if not isinstance(stream, bool):
+        raise ParameterError(f"stream must be True or False, got {stream!r:.80}")
+    if current_date is not None and not isinstance(current_date, (str, datetime.date)):
+        raise ParameterError(f"current_date must be a 'YYYY-MM-DD' string, a date or None, got {current_date!r:.80}")
 
 
 class ChatStream:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import OssrtError
+from .errors import OssrtError, ParameterError
 
 
 def expected_errors(fn):
@@ -114,10 +114,12 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     from ossrt.chat import ContentDelta, Done, ReasoningDelta
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type)
     if raw:
         ids = m.tokenizer.encode(prompt)
+        if not ids:
+            raise ParameterError("--raw needs a non-empty prompt to continue")
         decoder = m.tokenizer.incremental_decoder()
         pieces = []
         for token in m.generate(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed):
@@ -171,16 +173,28 @@ def run(model: str | None, system: str | None, effort: str, max_tokens: int | No
     from ossrt.repl import Repl
 
     m = ossrt.load(model or "gpt-oss-20b", context_length=ctx, threads=threads, kv_type=kv_type)
-    repl = Repl(m, sys.stdout, system=system, effort=effort, show_reasoning=not hide_reasoning, verbose=verbose,
-                color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed, max_tokens=max_tokens)
+    repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
+                verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
+                max_tokens=max_tokens)
     if not sys.stdin.isatty():
-        text = sys.stdin.read().strip()
-        if text:
-            repl.ask(text)
+        text = _read_stdin().strip()
+        if text and repl.answer(text) is None:
+            sys.exit(130)  # stopped by Ctrl-C, as a shell reports an interrupted command
         return
+    # A terminal session answers Ctrl-C even when started with SIGINT ignored (as a non-interactive shell starts
+    # background jobs, and so their children): only the terminal's foreground process gets it from the keyboard.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _enable_line_editing()
     click.echo("Type a message, /help for commands, Ctrl-D to leave.")
     repl.run(input)
+
+
+def _read_stdin() -> str:
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise ParameterError(f"standard input is not {e.encoding} text: byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}") from None
 
 
 def _enable_line_editing() -> None:

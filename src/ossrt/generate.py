@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from .errors import ModelOutputError, ParameterError
 from .kv_cache import KVCache
 from .model import Cancelled, Transformer
+from .sampling import is_integer
 
 PREFILL_CHUNK = 512
 
@@ -35,6 +37,41 @@ class GenerationStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def as_token_ids(value: Any, name: str, n_vocab: int, *, allow_empty: bool = False) -> np.ndarray:
+    """`value` (a list, tuple, range or other iterable of integer ids, or an integer NumPy array) as int64, or
+    ParameterError naming `name` and what is wrong: not a sequence, empty, an element that is not an integer (a
+    bool, a float, a string), or an id outside the vocabulary."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise ParameterError(f"{name} must be a 1-D sequence of integer token ids, got an array of "
+                                 f"{value.dtype} with shape {value.shape}")
+        outside = value[(value < 0) | (value >= n_vocab)]
+        bad = outside[0] if outside.size else None
+    else:
+        if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+            raise ParameterError(f"{name} must be a sequence of integer token ids, got {type(value).__name__}")
+        value = list(value)
+        for i, t in enumerate(value):
+            if not is_integer(t):
+                raise ParameterError(f"{name}[{i}] must be an integer token id, got {t!r:.80}")
+        bad = next((t for t in value if not 0 <= t < n_vocab), None)  # before NumPy meets an int beyond int64
+    if bad is not None:
+        raise ParameterError(f"{name}: token id {bad} is outside the vocabulary of {n_vocab}")
+    if len(value) == 0 and not allow_empty:
+        raise ParameterError(f"{name} must not be empty")
+    return np.asarray(value, dtype=np.int64)
+
+
+def check_finite(logits: np.ndarray, position: int) -> None:
+    """ModelOutputError unless every logit in `logits` [rows, vocab] is finite: NaN or infinity comes from corrupt
+    weights, never from a request. `position` is the sequence position of the first row, for the message."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.all(axis=-1))[0])
+        raise ModelOutputError(f"the model produced non-finite values (NaN or infinity) at position "
+                               f"{position + row}; the model file may be corrupt")
 
 
 def prefill(transformer: Transformer, cache: KVCache, tokens: np.ndarray, chunk: int = PREFILL_CHUNK,
@@ -65,6 +102,7 @@ def generate_tokens(transformer: Transformer, cache: KVCache, prompt: np.ndarray
         except Cancelled:
             stats.stop_reason = "cancelled"
             return
+        _check_output(logits, cache)
     elif last_logits is not None:
         logits = last_logits
     else:
@@ -90,6 +128,19 @@ def generate_tokens(transformer: Transformer, cache: KVCache, prompt: np.ndarray
             stats.stop_reason = "cancelled"
             return
         t0 = time.perf_counter()
-        token = sample(transformer.forward([token], cache)[-1])
+        logits = transformer.forward([token], cache)[-1]
+        _check_output(logits, cache)
+        token = sample(logits)
         stats.decode_seconds += time.perf_counter() - t0
         stats.decode_steps += 1
+
+
+
+def _check_output(logits: np.ndarray, cache: KVCache) -> None:
+    """`check_finite` on the logits of the cache's last token; a failure empties the cache, whose keys and values
+    may hold the same NaNs."""
+    try:
+        check_finite(logits[None], cache.length - 1)
+    except ModelOutputError:
+        cache.length = 0
+        raise

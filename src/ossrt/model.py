@@ -60,7 +60,10 @@ def softmax_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class Transformer:
     """gpt-oss over a `ModelFile`: `forward(tokens, cache)` runs the next positions of the cache's sequence."""
 
-    def __init__(self, model_file: ModelFile):
+    def __init__(self, model_file: ModelFile, threads: int | None = None):
+        """`threads`: Numba threads for the kernels (None: all cores), applied in whichever thread runs a forward
+        pass, since Numba's setting is per thread (a server's request threads, an app's worker threads)."""
+        self.threads = kernels.set_num_threads(threads)
         self.config = cfg = model_file.config
         t = model_file.tensors
         self.token_embd = t["token_embd.weight"]
@@ -98,6 +101,7 @@ class Transformer:
             raise ContextLengthError(f"{cache.length} + {len(tokens)} tokens pass the context length "
                                      f"{cache.context_length}")
         with self._lock:
+            kernels.set_num_threads(self.threads)
             return self._forward(tokens, cache, all_logits, should_stop)
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool,

@@ -2,17 +2,26 @@
 
 Terminal input and output are passed in, so the loop can be driven by tests as well as by a terminal. Ctrl-C
 during an answer stops it and drops that question from the conversation (the model never finished answering it);
-Ctrl-C at the prompt clears the line; Ctrl-D exits.
+Ctrl-C at the prompt clears the line; Ctrl-D exits. Errors go to `err`; in the loop, a failed message leaves the
+conversation as it was and the session goes on.
+
+During an answer, Ctrl-C cancels the stream rather than raising KeyboardInterrupt: the generation loop stops at
+its next check (between layers, before each token) and nothing depends on where in Python's bytecode the
+exception would have landed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
-from .chat import ContentDelta, Done, PreambleDelta, ReasoningDelta, ToolCall
+from .chat import ChatResponse, ChatStream, ContentDelta, Done, PreambleDelta, ReasoningDelta, ToolCall
 from .errors import OssrtError
 
 HELP = """Commands:
@@ -30,10 +39,12 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 class Repl:
-    def __init__(self, model, out: TextIO, *, system: str | None = None, effort: str = "medium",
-                 show_reasoning: bool = True, verbose: bool = False, color: bool = False, **sampling: Any):
+    def __init__(self, model, out: TextIO, *, err: TextIO | None = None, system: str | None = None,
+                 effort: str = "medium", show_reasoning: bool = True, verbose: bool = False, color: bool = False,
+                 **sampling: Any):
         self.model = model
         self.out = out
+        self.err = err if err is not None else sys.stderr
         self.system = system
         self.effort = effort
         self.show_reasoning = show_reasoning
@@ -83,23 +94,54 @@ class Repl:
 
     # --- answers --------------------------------------------------------------------------------------------
     def ask(self, text: str) -> None:
+        """Answer one message of the loop: an error is printed on `err` and the conversation stays as it was."""
+        try:
+            self.answer(text)
+        except OssrtError as e:
+            self.error(str(e))
+
+    def answer(self, text: str) -> ChatResponse | None:
+        """Stream the answer to `text` to `out` and add both to the conversation. Returns the response, or None
+        if Ctrl-C stopped it (the question is then dropped). OssrtError (e.g. a message too long for the context,
+        a corrupt model) propagates, and the conversation stays as it was."""
         self.messages.append({"role": "user", "content": text})
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         try:
             stream = self.model.chat(history, reasoning_effort=self.effort, stream=True, **self.sampling)
-        except OssrtError as e:
+            with stream, _ctrl_c_cancels(stream) as interrupted:
+                response = self._show(stream, interrupted)
+        except KeyboardInterrupt:  # Ctrl-C where it raises: outside the main thread, or before the stream began
+            response = None
+        except BaseException:
             self.messages.pop()
-            self.out.write(f"error: {e}\n")
-            return
+            raise
+        if response is None or response.finish_reason == "cancelled":
+            self.messages.pop()  # the question was never answered: drop it
+            self.out.write("\n[interrupted]\n")
+            self.out.flush()
+            return None
+        self.last = response
+        self.messages.append(response.message)
+        self.out.write("\n")
+        if self.verbose:
+            self.out.write(self.stats_line() + "\n")
+        self.out.flush()
+        return response
+
+    def _show(self, stream: ChatStream, interrupted: threading.Event) -> ChatResponse | None:
+        """Write the events as they come; the final response, or None once `interrupted` is set."""
         thinking = False
         try:
             for event in stream:
+                if interrupted.is_set():
+                    return None
                 if isinstance(event, ReasoningDelta):
                     if self.show_reasoning:
                         if not thinking:
                             self.out.write(DIM + "Thinking...\n" if self.color else "Thinking...\n")
                             thinking = True
                         self.out.write(event.text)
+                        self.out.flush()
                     continue
                 if thinking:
                     self.out.write("\n...done thinking.\n\n" + (RESET if self.color else ""))
@@ -109,17 +151,12 @@ class Repl:
                 elif isinstance(event, ToolCall):
                     self.out.write(f"[tool call: {event.name}({event.arguments})]")
                 elif isinstance(event, Done):
-                    self.last = event.response
-                    self.messages.append(event.response.message)
+                    return event.response
                 self.out.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            self.messages.pop()  # the question was never answered: drop it
-            self.out.write((RESET if self.color and thinking else "") + "\n[interrupted]\n")
-            return
-        self.out.write("\n")
-        if self.verbose:
-            self.out.write(self.stats_line() + "\n")
+        finally:
+            if thinking and self.color:
+                self.out.write(RESET)
+        return None
 
     def stats_line(self) -> str:
         if self.last is None:
@@ -157,11 +194,16 @@ class Repl:
         elif name == "/load" and arg:
             self.load(Path(arg))
         else:
-            self.say(f"unknown command or missing argument: {text!r}; /help lists the commands")
+            self.error(f"unknown command or missing argument: {text!r}; /help lists the commands")
         return True
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
+
+    def error(self, text: str) -> None:
+        self.out.flush()  # what was said before the error comes before it on a terminal that shows both
+        self.err.write(f"error: {text}\n")
+        self.err.flush()
 
     def save(self, path: Path) -> None:
         data = {"system": self.system, "effort": self.effort, "messages": self.messages}
@@ -171,7 +213,7 @@ class Repl:
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            self.say(f"error: {path}: cannot write: {e.strerror or e}")
+            self.error(f"{path}: cannot write: {e.strerror or e}")
             return
         self.say(f"saved {len(self.messages)} messages to {path}")
 
@@ -182,9 +224,31 @@ class Repl:
             if not (isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages)):
                 raise ValueError("messages must be a list of objects with a role")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            self.say(f"error: {path}: not a saved conversation ({e})")
+            self.error(f"{path}: not a saved conversation ({e})")
             return
         self.messages = messages
         self.system = data.get("system") or self.system
         self.effort = data.get("effort") if data.get("effort") in ("low", "medium", "high") else self.effort
         self.say(f"loaded {len(messages)} messages from {path}")
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(stream: ChatStream) -> Iterator[threading.Event]:
+    """While the block runs, Ctrl-C (SIGINT) cancels `stream` and sets the event it yields, instead of raising
+    KeyboardInterrupt. Only where Ctrl-C would raise KeyboardInterrupt anyway: in the main thread, with Python's
+    default handler (a SIGINT ignored by the parent, as for a background job, stays ignored)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupted
+        return
+
+    def cancel(signum, frame):
+        interrupted.set()
+        stream.cancel()
+
+    signal.signal(signal.SIGINT, cancel)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -23,20 +23,40 @@ _DRAW_BLOCK = 1024
 _NUCLEUS_START = 1024
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool (True is an int in Python, but never meant as a count or an id)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_float(value) -> float | None:
+    """The number as a finite float, or None (not a number, a bool, NaN, infinite, or too large for a float)."""
+    if not (is_integer(value) or isinstance(value, (float, np.floating))):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        return None
+    return x if math.isfinite(x) else None
 
 
 def check_params(*, temperature: float, top_p: float, top_k: int, min_p: float) -> None:
     """Raise ParameterError naming the first sampling parameter that is out of range."""
-    if not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
-        raise ParameterError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not (_is_number(top_p) and 0 < top_p <= 1):
-        raise ParameterError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ParameterError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (_is_number(min_p) and 0 <= min_p <= 1):
-        raise ParameterError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    t = _as_float(temperature)
+    if t is None or t < 0:
+        raise ParameterError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r:.80}")
+    p = _as_float(top_p)
+    if p is None or not 0 < p <= 1:
+        raise ParameterError(f"top_p must be a number in (0, 1] (1 = off), got {top_p!r:.80}")
+    if not is_integer(top_k) or top_k < 0:
+        raise ParameterError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r:.80}")
+    m = _as_float(min_p)
+    if m is None or not 0 <= m <= 1:
+        raise ParameterError(f"min_p must be a number in [0, 1] (0 = off), got {min_p!r:.80}")
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise ParameterError(f"seed must be an integer >= 0 or None, got {seed!r:.80}")
 
 
 def _check_logits(logits: np.ndarray) -> tuple[np.ndarray, np.float32]:
@@ -145,11 +165,10 @@ class Sampler:
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: int | None = None):
         check_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
-        try:
-            self.rng = np.random.default_rng(seed)
-        except (TypeError, ValueError):
-            raise ParameterError(f"seed must be a non-negative integer or None, got {seed!r}") from None
+        check_seed(seed)
+        self.temperature, self.top_p, self.top_k, self.min_p = float(temperature), float(top_p), int(top_k), \
+            float(min_p)
+        self.rng = np.random.default_rng(None if seed is None else int(seed))
 
     def __call__(self, logits: np.ndarray) -> int:
         x, top = _check_logits(logits)
