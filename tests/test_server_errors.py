@@ -157,6 +157,17 @@ def test_bodies_that_cannot_be_used(live, log, path, body, status, param, code):
     assert_no_traceback(log)
 
 
+@pytest.mark.parametrize("method, path, status, code", [
+    ("POST", CHAT + "/", 404, "not_found"), ("POST", RESPONSES + "/", 404, "not_found"),
+    ("POST", "/v1/embeddings", 404, "not_found"), ("GET", CHAT, 405, "method_not_allowed"),
+])
+def test_unknown_paths_and_methods(live, log, method, path, status, code):
+    r = httpx.request(method, live.url + path, json=chat(), headers=JSON, timeout=60)
+    error = assert_error(r, status, None, code)
+    assert error["message"].startswith(f"{method} {path}: ")
+    assert lines(log) == [f"{method} {path} {status}: {error['message']}"]
+
+
 def test_what_is_refused_can_still_be_echoed(live):
     """Surrogate pairs are text, and nesting within the limit comes back as sent."""
     metadata = {"a": json.loads(deep(90)), "emoji": "😀"}  # sent as the escaped pair "\ud83d\ude00"

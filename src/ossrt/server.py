@@ -376,6 +376,7 @@ def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: st
               Route("/v1/responses", server.responses, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=server.lifespan, middleware=[Middleware(_Failures)],
                     exception_handlers={ApiError: api_error_response, HTTPException: http_error})
+    app.router.redirect_slashes = False  # "/v1/responses/" is an unknown path (404, an error body), as at OpenAI
     app.state.server = server
     return app
 
