@@ -2,11 +2,12 @@
 
 import threading
 
+import numba
 import numpy as np
 import pytest
 
 import ossrt
-from ossrt import reference
+from ossrt import kernels, reference
 from ossrt.errors import ContextLengthError, ModelFileError, ParameterError
 
 
@@ -142,3 +143,26 @@ def test_kv_type_is_checked(tiny_gguf):
         ossrt.load(tiny_gguf(), kv_type="q4_0")
     with pytest.raises(ParameterError, match="multiple of 32"):
         ossrt.load(tiny_gguf(), kv_type="q8_0")  # head dim 16
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one core: every thread count is 1")
+def test_threads_apply_in_every_thread_that_runs_the_model(tiny_gguf, monkeypatch):
+    # Numba's thread count is per thread; a new thread starts with all cores.
+    seen = []
+    linear = kernels.linear
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, numba.get_num_threads()))
+        return linear(*args, **kwargs)
+
+    with ossrt.load(tiny_gguf(), context_length=256, threads=1) as m:
+        monkeypatch.setattr(kernels, "linear", spy)
+
+        def work():
+            list(m.generate(prompt(5), max_tokens=2, stop_tokens=()))
+            m.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+
+        t = threading.Thread(target=work, name="user-thread")
+        t.start()
+        t.join()
+    assert len(seen) > 20 and set(seen) == {("user-thread", 1)}

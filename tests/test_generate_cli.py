@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from ossrt.cli import main
@@ -41,14 +42,39 @@ def test_raw_continues_plain_text(scripted_gguf):
     assert plain.output == out["content"] + "\n"
 
 
-def test_errors_are_one_line_with_exit_code_2(tmp_path, scripted_gguf):
+BAD_VALUES = [  # (command line after the model file, standard input, what the error line holds)
+    (["generate", "-p", "hi", "--kv-type", "q8_0"], None, "multiple of 32"),  # the tiny model's head dim is 16
+    (["generate", "-p", "hi", "--temp", "nan"], None, "temperature must be a finite number"),
+    (["generate", "-p", "hi", "--temp", "1e400"], None, "temperature must be a finite number"),
+    (["generate", "-p", "hi", "--top-p", "nan"], None, "top_p must be a number in (0, 1]"),
+    (["generate", "-p", "hi", "--seed", "-1"], None, "seed must be an integer >= 0"),
+    (["generate", "-p", "hi", "-c", str(10**30)], None, "context_length must be between 1 and 4096"),
+    (["generate", "-p", "hi", "-t", "1000"], None, "threads must be an integer between 1 and"),
+    (["generate", "-p", "hi", "-c", "8"], None, "prompt tokens do not fit the context length 8"),
+    (["generate", "-p", "", "--raw"], None, "--raw needs a non-empty prompt"),
+    (["generate", "-p", "-"], b"\xff\xfe", "standard input is not utf-8 text"),
+    (["run", "-c", "8"], "Hi", "prompt tokens do not fit the context length 8"),
+    (["run", "--temp", "nan"], "Hi", "temperature must be a finite number"),
+    (["info", "--context", str(10**30)], None, "context must be between 1 and 4096"),
+]
+
+
+@pytest.mark.parametrize("args, stdin, message", BAD_VALUES)
+def test_bad_values_are_one_error_line_with_exit_code_2(scripted_gguf, args, stdin, message):
+    r = CliRunner().invoke(main, [args[0], str(scripted_gguf(ANSWER)), *args[1:]], input=stdin)
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_missing_file_and_click_usage_errors_exit_2(tmp_path, scripted_gguf):
     r = run("generate", str(tmp_path / "missing.gguf"), "-p", "hi")
     assert r.exit_code == 2 and r.output.startswith("error: ") and "missing.gguf" in r.output
     assert len(r.output.strip().splitlines()) == 1
-    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--temp", "-1")
-    assert r.exit_code == 2 and "--temp" in r.output
-    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--kv-type", "q8_0")
-    assert r.exit_code == 2 and "multiple of 32" in r.output  # the tiny model's head dim is 16
+    for args in (["generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--temp", "-1"],
+                 ["run", str(scripted_gguf(ANSWER)), "-t", "0"], ["info", str(scripted_gguf(ANSWER)), "--context", "x"],
+                 ["generate", str(scripted_gguf(ANSWER))]):
+        r = run(*args)
+        assert r.exit_code == 2 and "Error: " in r.stderr and r.stdout == "", args  # click's own usage message
 
 
 def test_reasoning_only_with_show_reasoning(scripted_gguf, o200k_tokenizer):
