@@ -43,7 +43,7 @@ class Records(logging.Handler):
 def live(scripted_gguf):
     """Two servers on one model: `url` (API key, default header timeout) and `slow_url` (no key, a header timeout of
     HEADER_TIMEOUT, for raw sockets only); `log` holds what the server and uvicorn log."""
-    model = ossrt.load(scripted_gguf(ANSWER), context_length=512)
+    model = ossrt.load(scripted_gguf(ANSWER), context_length=512, threads=1)  # as `ossrt serve -t 1`
     servers = []
 
     def start(**kwargs) -> str:
@@ -309,6 +309,24 @@ def test_authorization_rule(live, log, authorization, ok):
         assert_error(models, 401, None, "invalid_api_key")
         assert len(lines(log)) == 2
     assert_no_traceback(log)
+
+
+# --- threads -----------------------------------------------------------------------------------------------------
+def test_requests_run_with_the_models_thread_count(live, monkeypatch):
+    """Numba's thread count is per thread: each request's turn thread must apply the model's (-t)."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: a single thread is also Numba's default")
+    transformer = live.app.state.server.model.transformer
+    forward, seen = transformer._forward, []
+
+    def counting(*args, **kwargs):
+        seen.append((threading.current_thread().name, numba.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "_forward", counting)
+    assert post(live, CHAT, chat(max_tokens=2)).status_code == 200
+    assert seen and set(seen) == {("ossrt-turn", 1)}
 
 
 # --- failures of the server, not of the request ------------------------------------------------------------------
