@@ -4,7 +4,10 @@ Each request's turn runs on its own thread (the model is blocking CPU work and s
 concurrent turns interleave token by token). At most `parallel` turns run at once, each on a chat session of a
 pool (the one whose cached conversation shares the longest prefix with the new prompt, so a client's next turn
 reuses its KV cache); up to `queue` more wait, and beyond that requests get 503. A client that disconnects has its
-turn cancelled. Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses."""
+turn cancelled. Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses.
+
+A request that fails gets OpenAI's error body and one log line (method, path, status, message); only a bug (an
+unexpected exception) logs a traceback. Connections must send each request head within `HEADER_TIMEOUT`."""
 
 from __future__ import annotations
 

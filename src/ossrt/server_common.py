@@ -37,8 +37,9 @@ _MESSAGE_INDEX = re.compile(r"^messages\[(\d+)\]")
 
 
 def api_error(e: OssrtError, where: list[str] | None = None) -> ApiError:
-    """The 400 an expected failure of the chat API becomes, with `param` taken from the message where it names
-    the field (e.g. "messages[2].tool_calls[0]: ..."); `where` renames "messages[i]" to the field it came from."""
+    """The error an expected failure of the chat API becomes: a 400, with `param` taken from the message where it
+    names the field (e.g. "messages[2].tool_calls[0]: ..."; `where` renames "messages[i]" to the field it came
+    from), or a 500 when the model failed (`ModelOutputError`)."""
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, ChatFormatError):
