@@ -25,7 +25,8 @@ def corrupt(scripted_gguf, tmp_path_factory, o200k_tokenizer):
     shutil.copy(scripted_gguf(ANSWER), path)
     with ModelFile.open(path) as mf:
         embd = mf.tensors["token_embd.weight"]
-        offset = embd.data.__array_interface__["data"][0] - np.frombuffer(mf._buf, np.uint8).__array_interface__["data"][0]
+        address = embd.data.__array_interface__["data"][0]
+        offset = address - np.frombuffer(mf._buf, np.uint8).__array_interface__["data"][0]  # as scripted_gguf does
         row_bytes = embd.data.strides[0]
     row = np.memmap(path, mode="r+", dtype=np.float32, offset=offset + hello * row_bytes, shape=(row_bytes // 4,))
     row[:] = np.nan

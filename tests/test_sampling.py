@@ -14,14 +14,15 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 
 def reference(logits, temperature, top_p, top_k, min_p):
-    """Float64, the whole vocabulary sorted (falling probability, ties lowest id first), HF order: temperature,
-    top-k, top-p on the renormalised survivors, min-p against the largest probability, renormalise.
+    """Float64, the whole vocabulary sorted by falling logit, ties lowest id first (by logit, not probability:
+    logits 0 and 2e-37 differ but give equal probabilities), HF order: temperature, top-k, top-p on the
+    renormalised survivors, min-p against the largest probability, renormalise.
     Returns (probabilities, kept mask, unsure mask: tokens whose top-p / min-p decision lies within 1e-6 of its
     boundary, which float32 exp may decide either way)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
-    order = np.lexsort((np.arange(p.size), -p))
+    order = np.lexsort((np.arange(p.size), -np.asarray(logits, dtype=np.float64)))
     keep = order[:top_k] if top_k else order
     unsure = np.zeros(p.size, bool)
     if top_p < 1:

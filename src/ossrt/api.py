@@ -6,9 +6,8 @@ import os
 from functools import cached_property
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
-
 import numba
+import numpy as np
 
 from .chat import ChatResponse, ChatSession, ChatStream
 from .config import ModelConfig
