@@ -71,7 +71,8 @@ class Model:
         """Yield new token ids after `token_ids` until a stop token (not yielded; default: the model's end
         tokens <|return|>, <|call|>, <|endoftext|>), `max_tokens` (None: until the context is full) or the
         context length. Temperature 0 is greedy; the same seed gives the same tokens. Parameters are checked
-        here, before the first token; `self.stats` describes the run as it goes."""
+        here, before the first token (ParameterError naming the first bad one); `self.stats` describes the run as
+        it goes. Non-finite logits (a corrupt file) raise ModelOutputError while iterating."""
         tokens = self.check_prompt(token_ids)
         if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < 0):
             raise ParameterError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r:.80}")
@@ -127,7 +128,9 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
     """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
-    cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact)."""
+    cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact). The thread count
+    applies to every forward pass, in whichever thread runs it. Bad arguments raise ParameterError naming the
+    first one, before the file is opened (the context length's upper bound, the model's, once it is)."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise ParameterError(f"path must be a str or a path-like object naming a model, got {path!r:.80}")
     check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
