@@ -660,7 +660,8 @@ def _check_response(status: int, content_type: str, body: bytes, stream: bool) -
             return f"status {status} without OpenAI's error body: {body[:300]!r}"
         return None
     if "text/event-stream" in content_type:
-        for line in body.decode("utf-8").splitlines():
+        for raw in body.splitlines():  # bytes: split at CR/LF only, as SSE does (str.splitlines also splits at U+2028)
+            line = raw.decode("utf-8")
             if line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
                 error = event.get("error") or (event.get("response") or {}).get("error")
