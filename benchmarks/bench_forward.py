@@ -68,8 +68,8 @@ def main() -> None:
     first, second = start_times(args.model, args.threads)
 
     import ossrt
-    from ossrt import kernels
-    from ossrt.modelfile import Tensor
+    from ossrt.engine import kernels
+    from ossrt.format.modelfile import Tensor
 
     model = ossrt.load(args.model, context_length=max(args.prompt + args.decode, args.prefill) + 1,
                        threads=args.threads)

@@ -43,8 +43,8 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
     from numba import njit, prange
 
     import ossrt
-    from ossrt import kernels
-    from ossrt.modelfile import Tensor
+    from ossrt.engine import kernels
+    from ossrt.format.modelfile import Tensor
 
     model = ossrt.load(path, context_length=context, threads=threads)
     tr = model.transformer

@@ -23,7 +23,7 @@ def main() -> None:
     src = args.models / "gpt-oss-20b-synth-hf"
     if not (src / "config.json").is_file():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ossrt.synthetic", str(src), "--size", "20b"], check=True)
+        subprocess.run([sys.executable, "-m", "ossrt.testing.synthetic", str(src), "--size", "20b"], check=True)
         print(f"synthetic checkpoint: {time.perf_counter() - t:.1f} s", flush=True)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     out = args.models / f"gpt-oss-20b-synth-{args.outtype}.gguf"

@@ -9,7 +9,7 @@ import pytest
 def o200k_path(tmp_path_factory) -> Path:
     """OpenAI's o200k_base.tiktoken as a plain file (from the copy the package ships, sha256-checked), for the
     readers that take a path: tiktoken, openai-harmony."""
-    from ossrt import synthetic
+    from ossrt.testing import synthetic
 
     path = tmp_path_factory.mktemp("vocab") / "o200k_base.tiktoken"
     path.write_bytes(synthetic.o200k_base())
@@ -19,8 +19,8 @@ def o200k_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: `tiny_checkpoint(layout="mxfp4", seed=0, **hf_config_overrides) -> Path` of a synthetic gpt-oss
-    HF checkpoint directory (ossrt.synthetic, tiny config), cached for the session by its arguments."""
-    from ossrt import synthetic
+    HF checkpoint directory (ossrt.testing.synthetic, tiny config), cached for the session by its arguments."""
+    from ossrt.testing import synthetic
 
     cache: dict = {}
 
@@ -41,7 +41,7 @@ def tiny_gguf(tmp_path_factory, tiny_checkpoint):
     synthetic gpt-oss model converted by `ossrt convert`, cached for the session by its arguments. Defaults:
     4 layers (sliding, full, sliding, full), hidden 64, 8 experts top-4, 4 query / 2 KV heads of 16, window 8,
     the full o200k_harmony vocabulary."""
-    from ossrt.convert import convert
+    from ossrt.format.convert import convert
 
     cache: dict = {}
 
@@ -92,7 +92,7 @@ def scripted_gguf(tmp_path_factory, tiny_gguf):
     tokens get distinct unit embeddings, and the unembedding row of each token's successor points along it (logit
     80 against 0, so even sampling at temperature 1 follows the script). A token must therefore always have the
     same successor. With `loop=True` the last token is followed by the first again, so output never ends."""
-    from ossrt.modelfile import ModelFile
+    from ossrt.format.modelfile import ModelFile
     from ossrt.tokenizer import Tokenizer
 
     cache: dict = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from ossrt.cli import main
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_sigterm_during_convert_leaves_nothing(tiny_checkpoint, tmp_path):
     out_dir.mkdir()
     script = (
         "import os, signal, sys\n"
-        "import ossrt.mxfp4 as m\n"
+        "import ossrt.format.mxfp4 as m\n"
         "repack, calls = m.hf_to_gguf, []\n"
         "def slow_repack(*a):\n"
         "    calls.append(1)\n"

@@ -1,6 +1,6 @@
 import pytest
 
-from ossrt.config import ModelConfig
+from ossrt.format.config import ModelConfig
 from ossrt.errors import ConfigError
 
 HF_20B = dict(
@@ -99,7 +99,7 @@ def test_model_config_itself_refuses_bad_values(field, value):
 
 @pytest.mark.parametrize("size", ["20b", "120b"])
 def test_real_configs_pass_and_count_their_tensors(size):
-    from ossrt import synthetic
+    from ossrt.testing import synthetic
 
     c = ModelConfig.from_hf_config(synthetic.hf_config(size))
     assert (c.n_ctx_train, c.sliding_window, c.rope_orig_ctx, c.n_vocab) == (131072, 128, 4096, 201088)

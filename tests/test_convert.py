@@ -10,11 +10,12 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-from ossrt import convert as conv
-from ossrt import mxfp4, synthetic
-from ossrt.convert import Checkpoint, convert
+from ossrt.format import convert as conv
+from ossrt.format import mxfp4
+from ossrt.testing import synthetic
+from ossrt.format.convert import Checkpoint, convert
 from ossrt.errors import ConvertError
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 
 def test_mxfp4_experts_bit_exact(tiny_checkpoint, tiny_gguf):

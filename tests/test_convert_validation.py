@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ossrt import convert as conv
-from ossrt.convert import convert
+from ossrt.format import convert as conv
+from ossrt.format.convert import convert
 from ossrt.errors import ConvertError
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 # A small tokenizer in place of the 201,088-token one: a failing conversion stops before any weight is written, and
 # reading the full vocabulary for every case would cost seconds.

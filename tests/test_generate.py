@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import ossrt
-from ossrt import kernels, reference
+from ossrt.engine import kernels
+from ossrt.engine import reference
 from ossrt.errors import ContextLengthError, ModelFileError, ParameterError
 
 

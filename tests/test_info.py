@@ -1,7 +1,7 @@
 """`ossrt info`: figures computed from the file and ModelConfig."""
 
 from ossrt.info import report
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 
 def test_report_figures(tiny_gguf):

@@ -5,8 +5,10 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from ossrt import kernels, mxfp4
-from ossrt.modelfile import Tensor
+from ossrt.engine import kernels
+
+from ossrt.format import mxfp4
+from ossrt.format.modelfile import Tensor
 
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4]
 
@@ -146,7 +148,7 @@ def test_scalar_fallbacks_match_the_reference():
     """The plain loops used where the SIMD code cannot run (non-x86 CPUs) give the same values."""
     from numba import njit
 
-    from ossrt import simd
+    from ossrt.engine import simd
 
     @njit
     def dots(w, x, kind):
@@ -223,7 +225,7 @@ def test_ring_attention_over_an_f16_cache():
 
 
 def test_ring_attention_over_a_q8_0_cache():
-    from ossrt.kv_cache import _dequantize_q8, _quantize_q8
+    from ossrt.engine.kv_cache import _dequantize_q8, _quantize_q8
 
     rng = np.random.default_rng(9)
     keys, key_scales = _quantize_q8(rng.standard_normal((2, 12, 64)).astype(np.float32))

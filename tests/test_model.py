@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from ossrt import reference
+from ossrt.engine import reference
 from ossrt.errors import ContextLengthError, ParameterError
-from ossrt.kv_cache import KVCache
-from ossrt.model import Transformer, yarn_frequencies
-from ossrt.modelfile import ModelFile
+from ossrt.engine.kv_cache import KVCache
+from ossrt.engine.model import Transformer, yarn_frequencies
+from ossrt.format.modelfile import ModelFile
 
 # (outtype, source layout, HF config overrides): more than one shape, more experts than top-k, prompts that cross
 # the sliding window.
@@ -109,8 +109,8 @@ def test_forward_rejects_bad_tokens_and_full_context(tiny):
 
 def test_yarn_constants_of_the_spec():
     """Spec §2.3 for gpt-oss-20b: low 8.0928, high 17.398 (not rounded), concentration 1.34657."""
-    from ossrt import synthetic
-    from ossrt.config import ModelConfig
+    from ossrt.testing import synthetic
+    from ossrt.format.config import ModelConfig
 
     cfg = ModelConfig.from_hf_config(synthetic.hf_config("20b"))
     inv_freq, concentration = yarn_frequencies(cfg)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import ossrt
 from ossrt.cli import main
 from ossrt.errors import ModelOutputError
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 ANSWER = "<|channel|>final<|message|>Hello there!<|return|>"
 ASK = [{"role": "user", "content": "Hi"}]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-from ossrt.config import ModelConfig
+from ossrt.format.config import ModelConfig
 from ossrt.errors import ModelFileError
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 CFG = ModelConfig(n_layer=2, n_embd=64, n_ff_exp=32, n_head=4, n_head_kv=2, head_dim=16, n_expert=4,
                   n_expert_used=2, n_vocab=96, n_ctx_train=4096, sliding_window=8, rope_freq_base=150000.0,

@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ossrt import synthetic
+from ossrt.testing import synthetic
 from ossrt.cli import main
-from ossrt.config import KEY_VOCAB_SIZE, ModelConfig
+from ossrt.format.config import KEY_VOCAB_SIZE, ModelConfig
 from ossrt.errors import ModelFileError, ParameterError
 from ossrt.info import report
-from ossrt.modelfile import ModelFile
+from ossrt.format.modelfile import ModelFile
 
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
 _FORMATS = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?", U64: "Q", I64: "q",

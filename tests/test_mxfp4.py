@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from ossrt import mxfp4
+from ossrt.format import mxfp4
 
 
 def f32_bits(x):

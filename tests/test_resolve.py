@@ -20,7 +20,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def conversions(monkeypatch):
     """Counts the converter's runs."""
-    from ossrt import convert as convert_module
+    from ossrt.format import convert as convert_module
 
     calls = []
     real = convert_module.convert
@@ -147,7 +147,7 @@ def test_names_the_hub_refuses(name, tmp_path, cache, monkeypatch):
 @pytest.fixture
 def fake_convert(monkeypatch):
     """A converter that only writes a marker: these tests are about cache names, not conversion."""
-    from ossrt import convert as convert_module
+    from ossrt.format import convert as convert_module
 
     def fake(src, out, **kwargs):
         out.write_bytes(b"converted")

@@ -7,7 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ossrt.errors import ParameterError
-from ossrt.sampling import Sampler, _draw, check_params, probabilities
+from ossrt.engine.sampling import Sampler, _draw, check_params, probabilities
 
 # Chi-square critical values at p = 0.001 for 1..5 degrees of freedom.
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}

@@ -13,7 +13,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
-from ossrt.server import create_app, uvicorn_config  # noqa: E402
+from ossrt.server.app import create_app, uvicorn_config  # noqa: E402
 
 ID = "gpt-oss-test"
 KEY = "sekrit"

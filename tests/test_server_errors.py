@@ -15,9 +15,9 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
-from ossrt import server_chat  # noqa: E402
+from ossrt.server import chat_completions as server_chat  # noqa: E402
 from ossrt.errors import ModelOutputError  # noqa: E402
-from ossrt.server import create_app, uvicorn_config  # noqa: E402
+from ossrt.server.app import create_app, uvicorn_config  # noqa: E402
 
 ID = "gpt-oss-test"
 KEY = "sekrit"
@@ -65,14 +65,14 @@ def live(scripted_gguf):
     yield type("Live", (), dict(url=url, slow_url=slow_url, log=log, app=servers[0][2]))
     for name in LOGGERS:
         logging.getLogger(name).removeHandler(log)
-    logging.getLogger("ossrt.server").setLevel(logging.NOTSET)
+    logging.getLogger("ossrt.server.app").setLevel(logging.NOTSET)
     for server, _, _ in servers:
         server.should_exit = True
     for _, thread, _ in servers:
         thread.join(10)
 
 
-LOGGERS = ("ossrt.server", "uvicorn.error")
+LOGGERS = ("ossrt.server.app", "uvicorn.error")
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def log(live):
     for name in LOGGERS:
         if live.log not in logging.getLogger(name).handlers:
             logging.getLogger(name).addHandler(live.log)
-    logging.getLogger("ossrt.server").setLevel(logging.INFO)
+    logging.getLogger("ossrt.server.app").setLevel(logging.INFO)
     live.log.records.clear()
     return live.log
 
@@ -100,7 +100,7 @@ def assert_error(r, status, param, code, type="invalid_request_error"):
     return error
 
 
-def lines(log, name="ossrt.server"):
+def lines(log, name="ossrt.server.app"):
     return [r.getMessage() for r in log.records if r.name == name]
 
 
@@ -357,7 +357,7 @@ def test_a_corrupt_model_file_gets_a_500(tiny_gguf, tmp_path):
     """A file whose output weights are NaN: the model's failure, reported as such by both endpoints."""
     import numpy as np
 
-    from ossrt.modelfile import ModelFile
+    from ossrt.format.modelfile import ModelFile
 
     path = tmp_path / "nan.gguf"
     path.write_bytes(tiny_gguf("f32").read_bytes())
@@ -392,17 +392,17 @@ def test_a_bug_gets_one_traceback(live, log, monkeypatch):
     error = assert_error(post(live, CHAT, chat()), 500, None, "internal_error", type="server_error")
     assert error["message"] == "internal error: KeyError: 'oops'"
     assert [(r.name, r.getMessage(), r.exc_info[0]) for r in log.records] == [
-        ("ossrt.server", f"POST {CHAT} 500: {error['message']}", KeyError)]
+        ("ossrt.server.app", f"POST {CHAT} 500: {error['message']}", KeyError)]
     log.records.clear()
     with httpx.stream("POST", live.url + CHAT, json=chat(stream=True), headers=JSON, timeout=60) as r:
         events = stream_events(r)
     assert events[-1]["error"]["code"] == "internal_error"
-    assert [(r.name, r.exc_info[0]) for r in log.records] == [("ossrt.server", KeyError)]
+    assert [(r.name, r.exc_info[0]) for r in log.records] == [("ossrt.server.app", KeyError)]
     log.records.clear()
     monkeypatch.setattr(live.app.state.server, "model_object", lambda: 1 / 0)  # a bug outside any turn
     assert_error(httpx.get(live.url + "/v1/models", headers=JSON, timeout=60), 500, None, "internal_error",
                  type="server_error")
-    assert [(r.name, r.exc_info[0]) for r in log.records] == [("ossrt.server", ZeroDivisionError)]
+    assert [(r.name, r.exc_info[0]) for r in log.records] == [("ossrt.server.app", ZeroDivisionError)]
 
 
 def raw(url) -> socket.socket:

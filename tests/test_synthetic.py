@@ -8,9 +8,11 @@ import numpy as np
 import regex
 import tiktoken
 
-from ossrt import mxfp4, synthetic
-from ossrt.config import ModelConfig
-from ossrt.convert import Checkpoint, _read_shard
+from ossrt.format import mxfp4
+
+from ossrt.testing import synthetic
+from ossrt.format.config import ModelConfig
+from ossrt.format.convert import Checkpoint, _read_shard
 
 
 def test_tiny_config_yarn_is_valid():

@@ -274,7 +274,7 @@ def test_from_model_file_needs_every_special_token_at_its_id(ranks):
 
 def test_vocabulary_read_back_from_converted_file(tiny_gguf, ranks, o200k_tokenizer):
     """The converter's GGUF (tokenizer.ggml.*) gives back exactly the source vocabulary."""
-    from ossrt.modelfile import ModelFile
+    from ossrt.format.modelfile import ModelFile
 
     with ModelFile.open(tiny_gguf()) as mf:
         t = Tokenizer.from_model_file(mf)

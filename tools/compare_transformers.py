@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ossrt
-from ossrt import reference, synthetic
-from ossrt.convert import convert
+from ossrt.engine import reference
+from ossrt.testing import synthetic
+from ossrt.format.convert import convert
 
 
 def main() -> None:

@@ -485,7 +485,7 @@ def _checkpoint_mutation(rng: random.Random, d: Path) -> str:
 def small_checkpoint(out: Path) -> Path:
     """A tiny checkpoint with a 1,024-token vocabulary (the specials moved to ids 1000-1020): the converter's time
     goes mostly into the 201,088-token vocabulary, which its input checks do not need."""
-    from ossrt import synthetic
+    from ossrt.testing import synthetic
 
     n_vocab = 1024
     d = synthetic.write_checkpoint(out, synthetic.hf_config("tiny", num_hidden_layers=2, vocab_size=n_vocab))
@@ -504,7 +504,7 @@ def small_checkpoint(out: Path) -> Path:
 
 def fuzz_convert(src: Path, count: int, seed: int, work: Path, tally: Tally,
                  log: Callable[[Result], None] = lambda r: None) -> None:
-    from ossrt.convert import convert
+    from ossrt.format.convert import convert
     from ossrt.errors import OssrtError
 
     rng = random.Random(seed)
@@ -833,8 +833,8 @@ SURFACES = ("gguf", "convert", "server", "api", "cli")
 
 
 def tiny_model(work: Path) -> Path:
-    from ossrt import synthetic
-    from ossrt.convert import convert
+    from ossrt.testing import synthetic
+    from ossrt.format.convert import convert
 
     src = synthetic.write_checkpoint(work / "tiny", synthetic.hf_config("tiny"))
     return convert(src, work / "tiny-q8_0.gguf", outtype="q8_0", progress=False)

@@ -10,14 +10,14 @@ import numba
 import numpy as np
 
 from .chat import ChatResponse, ChatSession, ChatStream
-from .config import ModelConfig
+from .format.config import ModelConfig
 from .errors import ContextLengthError, ParameterError
-from .kv_cache import KV_TYPES
-from .generate import PREFILL_CHUNK, GenerationStats, as_token_ids, check_finite, generate_tokens
-from .model import Transformer
-from .modelfile import ModelFile
+from .engine.kv_cache import KV_TYPES
+from .engine.generate import PREFILL_CHUNK, GenerationStats, as_token_ids, check_finite, generate_tokens
+from .engine.model import Transformer
+from .format.modelfile import ModelFile
 from .resolve import resolve_model
-from .sampling import Sampler, is_integer
+from .engine.sampling import Sampler, is_integer
 from .tokenizer import Tokenizer
 
 

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from .errors import ParameterError
-from .generate import GenerationStats, generate_tokens
+from .engine.generate import GenerationStats, generate_tokens
 from .harmony import (REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta,
                       ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message, render_conversation)
-from .kv_cache import KVCache, KVSnapshot
-from .sampling import Sampler, is_integer
+from .engine.kv_cache import KVCache, KVSnapshot
+from .engine.sampling import Sampler, is_integer
 
 if TYPE_CHECKING:
     from .api import Model

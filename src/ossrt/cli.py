@@ -51,7 +51,7 @@ def _terminated(signum, frame):
 @expected_errors
 def convert(src: Path, out: Path | None, outtype: str, quiet: bool) -> None:
     """Convert a Hugging Face gpt-oss checkpoint directory SRC to one GGUF file."""
-    from .convert import convert as run
+    from .format.convert import convert as run
 
     out = out or src.resolve().parent / f"{src.resolve().name}-{outtype}.gguf"
     run(src, out, outtype=outtype, progress=False if quiet else None)
@@ -242,7 +242,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
           queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
-        from .server import listen, model_names, serve as run_server
+        from .server.app import listen, model_names, serve as run_server
     except ImportError as e:
         raise OssrtError(f"ossrt serve needs the serve extra ({e.name} is missing): pip install 'ossrt[serve]'") \
             from None

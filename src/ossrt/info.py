@@ -6,7 +6,7 @@ import os
 from collections import Counter
 
 from .errors import ParameterError
-from .modelfile import ModelFile
+from .format.modelfile import ModelFile
 
 
 def _gb(n: float) -> str:

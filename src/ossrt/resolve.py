@@ -88,7 +88,7 @@ def _fingerprint(src: Path) -> str:
 
 
 def _converted(src: Path, cache: Path, progress: bool | None, outtype: str) -> Path:
-    from .convert import convert
+    from .format.convert import convert
 
     name = src.resolve().name
     if re.fullmatch(r"[0-9a-f]{40}", name):  # a hub snapshot (models--owner--name/snapshots/<commit>)

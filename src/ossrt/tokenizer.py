@@ -166,7 +166,7 @@ class Tokenizer:
 
     @classmethod
     def from_model_file(cls, mf) -> "Tokenizer":
-        """From an open `ossrt.modelfile.ModelFile`; checks that the vocabulary is the o200k kind."""
+        """From an open `ossrt.format.modelfile.ModelFile`; checks that the vocabulary is the o200k kind."""
         model, pre = mf.get("tokenizer.ggml.model"), mf.get("tokenizer.ggml.pre")
         if model != "gpt2" or pre not in ("gpt-4o", None):
             raise ModelFileError(f"{mf.path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; gpt-oss uses "

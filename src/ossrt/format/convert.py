@@ -28,9 +28,11 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from . import config, mxfp4
+from . import config
+
+from . import mxfp4
 from .config import ARCH, ModelConfig
-from .errors import ConfigError, ConvertError
+from ..errors import ConfigError, ConvertError
 
 OUTTYPES = {"q8_0": QT.Q8_0, "bf16": QT.BF16, "f16": QT.F16, "f32": QT.F32}
 FILE_TYPE_MXFP4_MOE = 38  # llama_ftype LLAMA_FTYPE_MOSTLY_MXFP4_MOE, as llama.cpp writes for gpt-oss

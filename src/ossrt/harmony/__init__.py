@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Union
 
-from .errors import ChatFormatError
-from .tokenizer import Tokenizer
+from ..errors import ChatFormatError
+from ..tokenizer import Tokenizer
 
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 KNOWLEDGE_CUTOFF = "2024-06"

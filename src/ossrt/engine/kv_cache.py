@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
-from .config import ModelConfig
+from ..format.config import ModelConfig
 
 
 KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}

@@ -4,7 +4,7 @@ Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices)
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
 accumulation are float32. Every public function checks shapes and types in Python before a kernel touches memory.
 
-`w` arguments are `ossrt.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
+`w` arguments are `ossrt.format.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
-from . import mxfp4
+from ..format import mxfp4
 from .simd import BF16_TO_F32, F16_TO_F32, dequant_row_mxfp4, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0
 
 # Reassociation lets LLVM vectorize the dot-product reductions; results differ from NumPy only in rounding order.

@@ -32,14 +32,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .chat import ChatResponse, ChatSession, Done
-from .errors import OssrtError
-from .harmony import render_conversation
-from .server_chat import ChatCompletion, parse_chat_request
-from .server_common import ApiError, Turn, api_error, check_content_type, field_of, parse_json
-from .server_responses import ResponsesOutput, parse_responses_request
+from ..chat import ChatResponse, ChatSession, Done
+from ..errors import OssrtError
+from ..harmony import render_conversation
+from .chat_completions import ChatCompletion, parse_chat_request
+from .common import ApiError, Turn, api_error, check_content_type, field_of, parse_json
+from .responses import ResponsesOutput, parse_responses_request
 
-log = logging.getLogger("ossrt.server")
+log = logging.getLogger("ossrt.server.app")
 
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
 HEADER_TIMEOUT = 20.0  # seconds a connection gets to send a request head: clients send it at once
@@ -390,7 +390,7 @@ _OUTTYPES = ("-q8_0", "-bf16", "-f16", "-f32", "-mxfp4")
 def model_names(spec: str, path: Path) -> tuple[str, list[str]]:
     """The id to serve a model under and the other names requests may use: for a file, its name with and without
     `.gguf` and the output-type suffix; for a hub name, the repository and its short aliases."""
-    from .resolve import ALIASES
+    from ..resolve import ALIASES
 
     if Path(spec).exists():
         stem = path.stem

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 ARCH = "gpt-oss"
 

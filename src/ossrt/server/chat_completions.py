@@ -10,8 +10,8 @@ import time
 import uuid
 from typing import Any, Mapping
 
-from .chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
-from .server_common import (ApiError, StopMatcher, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
+from ..chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
+from .common import (ApiError, StopMatcher, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
                             reasoning_effort, stop_field, tools_field)
 
 

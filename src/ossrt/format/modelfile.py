@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig, describe_value
-from .errors import ConfigError, ModelFileError
+from ..errors import ConfigError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

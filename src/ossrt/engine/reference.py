@@ -12,9 +12,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from gguf import quants
 
-from . import mxfp4
-from .config import ModelConfig
-from .modelfile import ModelFile, Tensor
+from ..format import mxfp4
+from ..format.config import ModelConfig
+from ..format.modelfile import ModelFile, Tensor
 
 
 def weight(t: Tensor) -> np.ndarray:

@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from .config import ModelConfig
-from .errors import ContextLengthError, ParameterError
+from ..format.config import ModelConfig
+from ..errors import ContextLengthError, ParameterError
 from .kv_cache import KVCache
-from .modelfile import ModelFile
+from ..format.modelfile import ModelFile
 
 
 class Cancelled(Exception):

@@ -2,7 +2,7 @@
 
 The real weights cannot be downloaded in CI, so tests and benchmarks convert checkpoints made here:
 
-    python -m ossrt.synthetic OUT --size tiny|20b|120b [--layout mxfp4|bf16] [--seed N] [--vocab PATH]
+    python -m ossrt.testing.synthetic OUT --size tiny|20b|120b [--layout mxfp4|bf16] [--seed N] [--vocab PATH]
 
 The vocabulary is OpenAI's o200k_base, shipped in the package (`data/o200k_base.tiktoken.xz`, checked against its
 published sha256 when read), so nothing is downloaded and no file outside the package is needed.
@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import mxfp4
+from ..format import mxfp4
 
 O200K_BASE_RESOURCE = "data/o200k_base.tiktoken.xz"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # of the uncompressed file
@@ -454,7 +454,7 @@ def _write_json(path: Path, obj: object, indent: int | None = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ossrt.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ossrt.testing.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output checkpoint directory")
     ap.add_argument("--size", choices=["tiny", "20b", "120b"], default="tiny")
     ap.add_argument("--layout", choices=["mxfp4", "bf16"], default="mxfp4")

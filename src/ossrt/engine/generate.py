@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .errors import ModelOutputError, ParameterError
+from ..errors import ModelOutputError, ParameterError
 from .kv_cache import KVCache
 from .model import Cancelled, Transformer
 from .sampling import is_integer

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ChatFormatError, ContextLengthError, ModelOutputError, OssrtError, ParameterError
+from ..errors import ChatFormatError, ContextLengthError, ModelOutputError, OssrtError, ParameterError
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 # Deeper request JSON is refused: the Harmony renderer and the JSON encoder recurse through tool schemas and echoed

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .errors import ParameterError
+from ..errors import ParameterError
 
 # A positive temperature below float32's smallest number would divide by zero in float32.
 _MIN_TEMPERATURE = float(np.finfo(np.float32).smallest_subnormal)

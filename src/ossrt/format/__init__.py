@@ -1,0 +1,1 @@
+"""GGUF and Hugging Face files: the architecture config, GGUF reading, MXFP4, conversion."""

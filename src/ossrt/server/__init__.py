@@ -1,0 +1,1 @@
+"""`ossrt serve`: an OpenAI-compatible HTTP server (the `serve` extra)."""

@@ -1,0 +1,1 @@
+"""Test and benchmark support: synthetic gpt-oss checkpoints."""
