@@ -27,9 +27,9 @@ t0 = time.perf_counter()
 import ossrt
 model = ossrt.load(sys.argv[1], context_length=256, threads=int(sys.argv[2]))
 t1 = time.perf_counter()
-cache = model.transformer.new_cache(256)
-model.transformer.forward([1, 2, 3], cache)   # prefill kernels
-model.transformer.forward([4], cache)         # decode kernels
+cache = model.engine.transformer.new_cache(256)
+model.engine.transformer.forward([1, 2, 3], cache)   # prefill kernels
+model.engine.transformer.forward([4], cache)         # decode kernels
 t2 = time.perf_counter()
 print(json.dumps({"load": t1 - t0, "first_tokens": t2 - t1}))
 """
@@ -87,7 +87,7 @@ def main() -> None:
     t = timed(lambda: kernels.matvec(flat, x), 5)
     rows.append(("MXFP4 matvec (layer 0 gate, all experts)", f"{flat.n_elements / t / 1e9:.2f} G weights/s",
                  f"{flat.nbytes / t / 1e9:.1f} GB/s"))
-    layer = model.transformer.layers[0]
+    layer = model.engine.transformer.layers[0]
     ids = rng.choice(cfg.n_expert, (1, cfg.n_expert_used), replace=False)
     wts = np.full((1, cfg.n_expert_used), 1 / cfg.n_expert_used, dtype=np.float32)
     moe = lambda: kernels.moe(layer["ffn_gate_exps.weight"], layer["ffn_up_exps.weight"],  # noqa: E731
@@ -101,18 +101,19 @@ def main() -> None:
 
     # Decode after a prompt, through the public API (greedy).
     prompt = rng.integers(0, 199998, args.prompt)
-    list(model.generate(prompt, max_tokens=args.decode, temperature=0, stop_tokens=()))
-    s = model.stats
+    generation = model.generate(prompt, max_tokens=args.decode, temperature=0, stop_tokens=())
+    list(generation)
+    s = generation.stats
     rows.append((f"prefill {args.prompt} tokens (before decode)", f"{s.prefill_tokens_per_second:.2f} tok/s",
                  f"{s.prefill_seconds:.1f} s"))
     rows.append((f"decode {s.decode_steps} tokens after a {args.prompt}-token prompt",
                  f"{s.decode_tokens_per_second:.2f} tok/s", f"{s.decode_seconds / max(1, s.decode_steps):.3f} s/token"))
 
     if args.prefill:
-        cache = model.transformer.new_cache(args.prefill)
+        cache = model.engine.transformer.new_cache(args.prefill)
         tokens = rng.integers(0, 199998, args.prefill)
         t0 = time.perf_counter()
-        model.transformer.forward(tokens, cache)
+        model.engine.transformer.forward(tokens, cache)
         t = time.perf_counter() - t0
         rows.append((f"prefill {args.prefill} tokens (one chunk)", f"{args.prefill / t:.2f} tok/s", f"{t:.1f} s"))
 

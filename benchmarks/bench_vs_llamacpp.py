@@ -47,7 +47,7 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
     from ossrt.format.modelfile import Tensor
 
     model = ossrt.load(path, context_length=context, threads=threads)
-    tr = model.transformer
+    tr = model.engine.transformer
 
     @njit(parallel=True, cache=True)
     def read_all(a):

@@ -1,7 +1,6 @@
 """The chat API: Harmony in and out on scripted model files, streaming, cancellation, cache reuse, threads."""
 
 import threading
-import time
 
 import pytest
 
@@ -51,7 +50,9 @@ def test_stream_events_add_up_to_the_response(scripted_gguf):
 def test_max_tokens_gives_length(scripted_gguf):
     with ossrt.load(scripted_gguf(ANSWER), context_length=512) as m:
         r = m.chat(ASK, max_tokens=5)
+        empty = m.chat(ASK, max_tokens=0)  # the same rule as generate: nothing generated
     assert r.finish_reason == "length" and r.usage.completion_tokens == 5
+    assert empty.finish_reason == "length" and empty.usage.completion_tokens == 0 and empty.content is None
 
 
 def test_cancel_from_another_thread_and_close(scripted_gguf):
@@ -62,8 +63,9 @@ def test_cancel_from_another_thread_and_close(scripted_gguf):
         for event in stream:
             seen.append(event)
             if len(seen) == 10:
-                threading.Thread(target=stream.cancel).start()
-                time.sleep(0.2)
+                cancelled = threading.Event()
+                threading.Thread(target=lambda: (stream.cancel(), cancelled.set())).start()
+                cancelled.wait()
         assert isinstance(seen[-1], Done) and seen[-1].response.finish_reason == "cancelled"
         assert len(seen) < 20  # stopped at once, not after thousands of tokens
         stream = m.chat(ASK, stream=True)
@@ -113,7 +115,7 @@ def test_chat_errors(tiny_gguf):
         with pytest.raises(ChatFormatError):
             m.chat([{"role": "wizard", "content": "hi"}])
         with pytest.raises(ParameterError, match="max_tokens"):
-            m.chat(ASK, max_tokens=0)
+            m.chat(ASK, max_tokens=-1)
         with pytest.raises(ParameterError, match="temperature"):
             m.chat(ASK, temperature=-1)
         with pytest.raises(ContextLengthError):

@@ -32,12 +32,13 @@ def test_logits_match_reference(model):
 
 def test_greedy_generation_is_the_argmax_of_fresh_logits(model):
     tokens = prompt(10, seed=1)
-    out = list(model.generate(tokens, max_tokens=12, temperature=0, stop_tokens=()))
+    generation = model.generate(tokens, max_tokens=12, temperature=0, stop_tokens=())
+    out = list(generation)
     seq = list(tokens)
     for _ in range(12):
         seq.append(int(np.argmax(model.logits(seq)[-1])))
     assert out == seq[10:]
-    s = model.stats
+    s = generation.stats
     assert (s.prompt_tokens, s.generated_tokens, s.decode_steps, s.stop_reason) == (10, 12, 11, "length")
     assert s.prefill_tokens_per_second > 0 and s.decode_tokens_per_second > 0
 
@@ -55,9 +56,9 @@ def test_stops_on_a_stop_token_without_yielding_it(model):
     greedy = list(model.generate(tokens, max_tokens=6, temperature=0, stop_tokens=()))
     stop = greedy[3]
     first = greedy.index(stop)
-    out = list(model.generate(tokens, max_tokens=6, temperature=0, stop_tokens=[stop]))
-    assert out == greedy[:first]
-    assert model.stats.stop_reason == "stop" and model.stats.stop_token == stop
+    generation = model.generate(tokens, max_tokens=6, temperature=0, stop_tokens=[stop])
+    assert list(generation) == greedy[:first]
+    assert generation.stats.stop_reason == "stop" and generation.stats.stop_token == stop
 
 
 def test_default_stop_tokens_are_the_harmony_end_tokens(model):
@@ -66,9 +67,9 @@ def test_default_stop_tokens_are_the_harmony_end_tokens(model):
 
 def test_generation_stops_at_the_context_length(model):
     with ossrt.load(model.model_file.path, context_length=20) as small:
-        out = list(small.generate(prompt(15), max_tokens=None, temperature=0, stop_tokens=()))
-        assert len(out) == 6  # positions 15..19 are filled by the first five; the sixth is predicted at 19
-        assert small.stats.stop_reason == "context_length"
+        generation = small.generate(prompt(15), max_tokens=None, temperature=0, stop_tokens=())
+        assert len(list(generation)) == 6  # positions 15..19 are filled by the first five; the sixth at 19
+        assert generation.stats.stop_reason == "context_length"
         with pytest.raises(ContextLengthError, match="21 prompt tokens do not fit the context length 20"):
             small.generate(prompt(21), max_tokens=1)
 
@@ -78,7 +79,7 @@ def test_closing_the_iterator_stops_generation(model):
     next(gen)
     next(gen)
     gen.close()
-    assert model.stats.generated_tokens == 2
+    assert gen.stats.generated_tokens == 2
 
 
 def test_two_threads_get_the_answers_they_would_get_alone(model):

@@ -40,8 +40,9 @@ def test_generate_and_logits(corrupt):
     with ossrt.load(path, context_length=64) as m:
         with pytest.raises(ModelOutputError, match=r"^the model produced non-finite values \(NaN or infinity\) at "
                                                    r"position 2; the model file may be corrupt$"):
-            list(m.generate([1, 2, hello], max_tokens=4))  # at prefill
-        assert m.stats.generated_tokens == 0
+            generation = m.generate([1, 2, hello], max_tokens=4)
+            list(generation)  # fails at prefill
+        assert generation.stats.generated_tokens == 0
         with pytest.raises(ModelOutputError, match="at position 1;"):
             m.logits([5, hello])
         assert np.isfinite(m.logits([5, 6])).all()  # the other tokens still work

@@ -317,7 +317,7 @@ def test_requests_run_with_the_models_thread_count(live, monkeypatch):
     numba = pytest.importorskip("numba")
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: a single thread is also Numba's default")
-    transformer = live.app.state.server.model.transformer
+    transformer = live.app.state.server.model.engine.transformer
     forward, seen = transformer._forward, []
 
     def counting(*args, **kwargs):

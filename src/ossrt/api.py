@@ -1,27 +1,27 @@
-"""The Python API: `ossrt.load(path) -> Model`, with `logits` and a streaming `generate`."""
+"""The Python API: `ossrt.load(name) -> Model`, with `logits`, a streaming `generate`, and `chat`."""
 
 from __future__ import annotations
 
 import os
-from functools import cached_property
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numba
 import numpy as np
 
 from .chat import ChatResponse, ChatSession, ChatStream
-from .format.config import ModelConfig
-from .errors import ContextLengthError, ParameterError
+from .engine.engine import Engine, as_token_ids
+from .engine.generate import Generation, check_max_tokens
 from .engine.kv_cache import KV_TYPES
-from .engine.generate import PREFILL_CHUNK, GenerationStats, as_token_ids, check_finite, generate_tokens
 from .engine.model import Transformer
+from .engine.sampling import Sampler, is_integer
+from .errors import ParameterError
+from .format.config import ModelConfig
 from .format.modelfile import ModelFile
 from .resolve import resolve_model
-from .engine.sampling import Sampler, is_integer
 from .tokenizer import Tokenizer
 
-
 DEFAULT_CONTEXT_LENGTH = 8192
+DEFAULT_KV_TYPE = "f16"  # llama.cpp's default
 
 
 class Model:
@@ -29,7 +29,7 @@ class Model:
     KV cache, so concurrent calls interleave without touching each other's state."""
 
     def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None,
-                 kv_type: str = "f16"):
+                 kv_type: str = DEFAULT_KV_TYPE):
         check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
         cfg = model_file.config
         if context_length is None:
@@ -41,58 +41,52 @@ class Model:
             raise ParameterError(f"kv_type q8_0 needs a head dimension that is a multiple of 32, this model's is "
                                  f"{cfg.head_dim}")
         self.model_file = model_file
-        self.context_length = int(context_length)
-        self.kv_type = kv_type
-        self.transformer = Transformer(model_file, threads)
-        self.threads = self.transformer.threads
-        self.stats = GenerationStats()  # of the most recent generate call
-        self._session = ChatSession(self)
+        self.engine = Engine(Transformer(model_file, threads), lambda: Tokenizer.from_model_file(model_file),
+                             context_length=int(context_length), kv_type=kv_type)
+        self._session = ChatSession(self.engine)
 
     @property
     def config(self) -> ModelConfig:
-        return self.model_file.config
+        return self.engine.config
 
-    @cached_property
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    @property
+    def kv_type(self) -> str:
+        return self.engine.kv_type
+
+    @property
+    def threads(self) -> int:
+        return self.engine.transformer.threads
+
+    @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_model_file(self.model_file)
+        return self.engine.tokenizer
 
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
-        tokens = self.check_prompt(token_ids)
-        cache = self.transformer.new_cache(len(tokens), self.kv_type)
-        logits = np.concatenate([self.transformer.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
-                                 for i in range(0, len(tokens), PREFILL_CHUNK)])
-        check_finite(logits, 0)
-        return logits
+        tokens = self.engine.check_tokens(token_ids)
+        return self.engine.prefill(tokens, self.engine.new_cache(len(tokens)), all_logits=True)
 
     def generate(self, token_ids: Iterable[int], *, max_tokens: int | None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
-                 stop_tokens: Iterable[int] | None = None) -> Iterator[int]:
+                 stop_tokens: Iterable[int] | None = None) -> Generation:
         """Yield new token ids after `token_ids` until a stop token (not yielded; default: the model's end
         tokens <|return|>, <|call|>, <|endoftext|>), `max_tokens` (None: until the context is full) or the
         context length. Temperature 0 is greedy; the same seed gives the same tokens. Parameters are checked
-        here, before the first token (ParameterError naming the first bad one); `self.stats` describes the run as
-        it goes. Non-finite logits (a corrupt file) raise ModelOutputError while iterating."""
-        tokens = self.check_prompt(token_ids)
-        if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < 0):
-            raise ParameterError(f"max_tokens must be an integer >= 0 or None, got {max_tokens!r:.80}")
+        here, before the first token (ParameterError naming the first bad one). The returned iterator's `stats`
+        describe the run as it goes. Non-finite logits (a corrupt file) raise ModelOutputError while iterating."""
+        tokens = self.engine.check_tokens(token_ids)
+        check_max_tokens(max_tokens)
         sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
         if stop_tokens is None:
-            stops = frozenset(self.tokenizer.stop_tokens_for_assistant)
+            stops = self.tokenizer.stop_tokens_for_assistant
         else:
             stops = frozenset(as_token_ids(stop_tokens, "stop_tokens", self.config.n_vocab, allow_empty=True).tolist())
-        self.stats = stats = GenerationStats()
-        cache = self.transformer.new_cache(self.context_length, self.kv_type)
-        return generate_tokens(self.transformer, cache, tokens, sampler, max_tokens=max_tokens, stop_tokens=stops,
-                               stats=stats)
-
-    def check_prompt(self, token_ids: Iterable[int]) -> np.ndarray:
-        """The ids as int64, or ParameterError / ContextLengthError saying what is wrong with them."""
-        tokens = as_token_ids(token_ids, "token_ids", self.config.n_vocab)
-        if len(tokens) > self.context_length:
-            raise ContextLengthError(f"{len(tokens)} prompt tokens do not fit the context length "
-                                     f"{self.context_length}")
-        return tokens
+        return Generation(self.engine, self.engine.new_cache(), tokens, sampler, max_tokens=max_tokens,
+                          stop_tokens=frozenset(stops))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
              reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -111,7 +105,7 @@ class Model:
 
     def new_session(self) -> ChatSession:
         """A conversation with its own KV cache: `session.chat(messages, ...)` takes the arguments of `chat`."""
-        return ChatSession(self)
+        return ChatSession(self.engine)
 
     def close(self) -> None:
         self.model_file.close()
@@ -124,7 +118,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
-         kv_type: str = "f16") -> Model:
+         kv_type: str = DEFAULT_KV_TYPE) -> Model:
     """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV

@@ -10,25 +10,34 @@ drops the previous answer's analysis from the history).
 from __future__ import annotations
 
 import datetime
+import enum
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from .engine.engine import Engine
+from .engine.generate import Generation, StopReason, check_max_tokens
+from .engine.kv_cache import KVCache, KVSnapshot
+from .engine.sampling import Sampler
 from .errors import ParameterError
-from .engine.generate import GenerationStats, generate_tokens
 from .harmony import (REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta,
                       ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message, render_conversation)
-from .engine.kv_cache import KVCache, KVSnapshot
-from .engine.sampling import Sampler, is_integer
 
-if TYPE_CHECKING:
-    from .api import Model
+__all__ = ["ChatRequest", "ChatResponse", "ChatSession", "ChatStream", "Done", "FinishReason", "Usage", "Timing",
+           "ReasoningDelta", "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall",
+           "chat_request", "common_prefix"]
 
-__all__ = ["ChatResponse", "ChatSession", "ChatStream", "Done", "Usage", "Timing", "ReasoningDelta",
-           "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall"]
+
+class FinishReason(str, enum.Enum):
+    """Why a chat turn ended (equal to its value as a string, OpenAI's names)."""
+
+    STOP = "stop"  # the answer ended (<|return|>, or <|end|> without a call)
+    LENGTH = "length"  # max_tokens or the end of the context
+    TOOL_CALLS = "tool_calls"  # the model called tools and waits for their results (<|call|>)
+    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -56,7 +65,7 @@ class ChatResponse:
     content: str | None  # the final answer (or the preamble when the model only calls tools)
     reasoning: str | None  # the analysis channel
     tool_calls: list[dict[str, Any]]  # OpenAI style: {"id", "type": "function", "function": {"name", "arguments"}}
-    finish_reason: str  # "stop", "length", "tool_calls" or "cancelled"
+    finish_reason: FinishReason
     usage: Usage
     timing: Timing
     message: dict[str, Any]  # the assistant message to append to the history for the next turn
@@ -73,12 +82,52 @@ class Done:
 ChatEvent = Union[Event, Done]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share: the one rule for how much of a cached conversation a prompt reuses."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat turn rendered once and checked: the Harmony prompt ids and how to sample the answer."""
+
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int | None
+
+
+def chat_request(engine: Engine, messages: Sequence[Mapping[str, Any]], *,
+                 tools: Sequence[Mapping[str, Any]] | None = None, reasoning_effort: str = "medium",
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 max_tokens: int | None = None, seed: int | None = None,
+                 current_date: str | datetime.date | None = None) -> ChatRequest:
+    """Check a turn's arguments (ParameterError naming the first bad one; the messages' and tools' contents get
+    ChatFormatError from the renderer), render the conversation in Harmony and check it fits the context."""
+    if not isinstance(messages, (list, tuple)):
+        raise ParameterError(f"messages must be a list of message objects, got {type(messages).__name__}")
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise ParameterError(f"tools must be a list of tool objects or None, got {type(tools).__name__}")
+    if not isinstance(reasoning_effort, str) or reasoning_effort.lower() not in REASONING_EFFORTS:
+        raise ParameterError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                             f"got {reasoning_effort!r:.80}")
+    check_max_tokens(max_tokens)
+    if current_date is not None and not isinstance(current_date, (str, datetime.date)):
+        raise ParameterError(f"current_date must be a 'YYYY-MM-DD' string, a date or None, got {current_date!r:.80}")
+    sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    prompt = render_conversation(engine.tokenizer, messages, tools=tools, reasoning_effort=reasoning_effort,
+                                 current_date=current_date)
+    engine.check_tokens(prompt)
+    return ChatRequest(prompt, sampler, max_tokens)
+
+
 class ChatSession:
     """One conversation's KV cache, reused across turns for the prefix shared with the previous prompt.
     One turn at a time: `busy` is held while a turn runs."""
 
-    def __init__(self, model: "Model"):
-        self.model = model
+    def __init__(self, engine: Engine):
+        self.engine = engine
         self.cache: KVCache | None = None
         self.tokens: list[int] = []  # the ids whose keys and values are in the cache, in order
         self.snapshot: KVSnapshot | None = None  # taken right after the last prompt was prefilled
@@ -94,12 +143,9 @@ class ChatSession:
         """Keep the longest usable prefix of `prompt` in the cache. Returns its length and, when that is the whole
         prompt (the previous prompt again, e.g. to regenerate), the logits to continue from."""
         if self.cache is None:
-            self.cache = self.model.transformer.new_cache(self.model.context_length, self.model.kv_type)
+            self.cache = self.engine.new_cache()
         cache, snap = self.cache, self.snapshot
-        limit = min(len(prompt), len(self.tokens))
-        common = 0
-        while common < limit and self.tokens[common] == prompt[common]:
-            common += 1
+        common = common_prefix(self.tokens, prompt)
         usable = snap is not None and snap.length <= common and cache.can_restore(snap)
         if usable and snap.length == len(prompt):
             cache.restore(snap)
@@ -120,13 +166,16 @@ class ChatSession:
              min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
              current_date: str | None = None) -> "ChatResponse | ChatStream":
         """See `Model.chat`."""
-        check_chat_params(messages=messages, tools=tools, reasoning_effort=reasoning_effort, max_tokens=max_tokens,
-                          stream=stream, current_date=current_date)
-        sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-        prompt = render_conversation(self.model.tokenizer, messages, tools=tools, reasoning_effort=reasoning_effort,
-                                     current_date=current_date)
-        self.model.check_prompt(prompt)
-        s = ChatStream(self, prompt, sampler, max_tokens)
+        if not isinstance(stream, bool):
+            raise ParameterError(f"stream must be True or False, got {stream!r:.80}")
+        request = chat_request(self.engine, messages, tools=tools, reasoning_effort=reasoning_effort,
+                               temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                               max_tokens=max_tokens, seed=seed, current_date=current_date)
+        return self.answer(request, stream=stream)
+
+    def answer(self, request: ChatRequest, *, stream: bool = False) -> "ChatResponse | ChatStream":
+        """Run a turn already rendered by `chat_request`: a `ChatStream`, or its `ChatResponse` when not streaming."""
+        s = ChatStream(self, request)
         if stream:
             return s
         for _ in s:
@@ -134,37 +183,18 @@ class ChatSession:
         return s.response
 
 
-def check_chat_params(*, messages: Any, tools: Any, reasoning_effort: Any, max_tokens: Any, stream: Any,
-                      current_date: Any) -> None:
-    """ParameterError naming the first argument of `chat` with a wrong type or value; the messages' and tools'
-    contents are checked by the Harmony renderer (ChatFormatError naming the message and field)."""
-    if not isinstance(messages, (list, tuple)):
-        raise ParameterError(f"messages must be a list of message objects, got {type(messages).__name__}")
-    if tools is not None and not isinstance(tools, (list, tuple)):
-        raise ParameterError(f"tools must be a list of tool objects or None, got {type(tools).__name__}")
-    if not isinstance(reasoning_effort, str) or reasoning_effort.lower() not in REASONING_EFFORTS:
-        raise ParameterError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
-                             f"got {reasoning_effort!r:.80}")
-    if max_tokens is not None and (not is_integer(max_tokens) or max_tokens < 1):
-        raise ParameterError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r:.80}")
-    if not isinstance(stream, bool):
-        raise ParameterError(f"stream must be True or False, got {stream!r:.80}")
-    if current_date is not None and not isinstance(current_date, (str, datetime.date)):
-        raise ParameterError(f"current_date must be a 'YYYY-MM-DD' string, a date or None, got {current_date!r:.80}")
-
-
 class ChatStream:
     """Iterator of chat events: `ReasoningDelta`, `PreambleDelta`, `ContentDelta`, `ToolCallBegin`,
     `ToolCallDelta`, `ToolCall`, and finally `Done(response)`. `cancel()` (from any thread) or `close()` stops
     generation; a cancelled stream still ends with `Done` (finish_reason "cancelled")."""
 
-    def __init__(self, session: ChatSession, prompt: list[int], sampler, max_tokens: int | None):
+    def __init__(self, session: ChatSession, request: ChatRequest):
         self.session = session
-        self.prompt = prompt
+        self.request = request
         self.response: ChatResponse | None = None
         self._cancel = threading.Event()
         self._step = threading.Lock()  # one `next` at a time, and `close` waits for the one in progress
-        self._events = self._run(sampler, max_tokens)
+        self._events = self._run()
 
     def __iter__(self) -> "ChatStream":
         return self
@@ -188,34 +218,33 @@ class ChatStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, sampler, max_tokens: int | None) -> Iterator[ChatEvent]:
+    def _run(self) -> Iterator[ChatEvent]:
         session = self.session
         if not session.busy.acquire(blocking=False):
             # The session is in use by another turn (another thread): answer from a fresh, private cache.
-            session = ChatSession(session.model)
+            session = ChatSession(session.engine)
             session.busy.acquire()
         try:
-            yield from self._turn(session, sampler, max_tokens)
+            yield from self._turn(session)
         finally:
             session.busy.release()
 
-    def _turn(self, session: ChatSession, sampler, max_tokens: int | None) -> Iterator[ChatEvent]:
-        model, prompt = session.model, self.prompt
-        tok = model.tokenizer
+    def _turn(self, session: ChatSession) -> Iterator[ChatEvent]:
+        engine, prompt = session.engine, self.request.prompt
+        tok = engine.tokenizer
         t_start = time.perf_counter()
         cached, last_logits = session.reuse(prompt)
         cache = session.cache
-        stats = GenerationStats()
         parser = HarmonyParser(tok)
         generated: list[int] = []
 
         def prefilled(logits: np.ndarray) -> None:
             session.snapshot, session.snapshot_logits = cache.snapshot(), logits
 
-        ids = generate_tokens(model.transformer, cache, np.asarray(prompt[cached:], dtype=np.int64), sampler,
-                              max_tokens=max_tokens, stop_tokens=frozenset(tok.stop_tokens_for_assistant),
-                              stats=stats, should_stop=self._cancel.is_set, on_prefilled=prefilled,
-                              last_logits=last_logits)
+        ids = Generation(engine, cache, np.asarray(prompt[cached:], dtype=np.int64), self.request.sampler,
+                         max_tokens=self.request.max_tokens, stop_tokens=tok.stop_tokens_for_assistant,
+                         should_stop=self._cancel.is_set, on_prefilled=prefilled, last_logits=last_logits)
+        stats = ids.stats
         try:
             for token in ids:
                 generated.append(token)
@@ -228,14 +257,7 @@ class ChatStream:
             session.tokens = (list(prompt) + generated)[:cache.length]
         message = completion_to_message(parser.messages)
         calls = message.get("tool_calls", [])
-        if stats.stop_reason == "cancelled":
-            finish = "cancelled"
-        elif calls and parser.stop_reason == "call":
-            finish = "tool_calls"
-        elif stats.stop_reason == "stop":
-            finish = "stop"
-        else:
-            finish = "length"
+        finish = finish_reason(stats.stop_reason, calls_waiting=bool(calls) and parser.stop_reason == "call")
         timing = Timing(prefill_seconds=stats.prefill_seconds, decode_seconds=stats.decode_seconds,
                         prefill_tokens_per_second=stats.prefill_tokens_per_second,
                         decode_tokens_per_second=stats.decode_tokens_per_second,
@@ -246,3 +268,12 @@ class ChatStream:
                                      tool_calls=calls, finish_reason=finish, usage=usage, timing=timing,
                                      message=message, problems=list(parser.problems))
         yield Done(self.response)
+
+
+def finish_reason(stop: StopReason, *, calls_waiting: bool) -> FinishReason:
+    """A generation's stop reason as a chat turn's finish reason."""
+    if stop is StopReason.CANCELLED:
+        return FinishReason.CANCELLED
+    if stop is StopReason.STOP:
+        return FinishReason.TOOL_CALLS if calls_waiting else FinishReason.STOP
+    return FinishReason.LENGTH  # max_tokens or the end of the context

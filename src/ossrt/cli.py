@@ -122,13 +122,14 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
             raise ParameterError("--raw needs a non-empty prompt to continue")
         decoder = m.tokenizer.incremental_decoder()
         pieces = []
-        for token in m.generate(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed):
+        generation = m.generate(ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed)
+        for token in generation:
             text = decoder.feed(token)
             pieces.append(text)
             if not as_json:
                 click.echo(text, nl=False)
         pieces.append(decoder.flush())
-        s = m.stats
+        s = generation.stats
         if as_json:
             click.echo(json.dumps({"content": "".join(pieces), "finish_reason": s.stop_reason,
                                    "usage": {"prompt_tokens": s.prompt_tokens,
