@@ -11,17 +11,14 @@ import numpy as np
 from .chat import ChatResponse, ChatSession, ChatStream
 from .engine.engine import Engine, as_token_ids
 from .engine.generate import Generation, check_max_tokens
-from .engine.kv_cache import KV_TYPES
 from .engine.model import Transformer
 from .engine.sampling import Sampler, is_integer
+from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, KV_TYPES
 from .errors import ParameterError
 from .format.config import ModelConfig
 from .format.modelfile import ModelFile
 from .resolve import resolve_model
 from .tokenizer import Tokenizer
-
-DEFAULT_CONTEXT_LENGTH = 8192
-DEFAULT_KV_TYPE = "f16"  # llama.cpp's default
 
 
 class Model:

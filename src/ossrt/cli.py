@@ -9,7 +9,9 @@ from pathlib import Path
 
 import click
 
+from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, DEFAULT_MODEL, KV_TYPES
 from .errors import OssrtError, ParameterError
+from .harmony import REASONING_EFFORTS
 
 
 def expected_errors(fn):
@@ -70,8 +72,8 @@ def info(file: Path, context: int | None) -> None:
     click.echo(report(file, context))
 
 
-_EFFORTS = click.Choice(["low", "medium", "high"])
-_KV_TYPES = click.Choice(["f16", "q8_0", "f32"])
+_EFFORTS = click.Choice(REASONING_EFFORTS)
+_KV_TYPES = click.Choice(KV_TYPES)
 
 
 def _model_options(fn):
@@ -85,9 +87,10 @@ def _model_options(fn):
                      show_default=True),
         click.option("--seed", type=int, default=None),
         click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
-                     help="context length [default: 8192]"),
+                     help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]"),
         click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]"),
-        click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision"),
+        click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True,
+                     help="KV cache precision"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -173,7 +176,7 @@ def run(model: str | None, system: str | None, effort: str, max_tokens: int | No
     import ossrt
     from ossrt.repl import Repl
 
-    m = ossrt.load(model or "gpt-oss-20b", context_length=ctx, threads=threads, kv_type=kv_type)
+    m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type)
     repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
                 verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
                 max_tokens=max_tokens)
@@ -235,9 +238,10 @@ def _save_history(readline, history: Path) -> None:
               help="requests generated at once (each keeps its own KV cache)")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="requests waiting beyond those; more get 503")
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None, help="context length [default: 8192]")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
-@click.option("--kv-type", type=_KV_TYPES, default="f16", show_default=True, help="KV cache precision")
+@click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
           queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
@@ -250,7 +254,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     import ossrt
     from .resolve import resolve_model
 
-    spec = model or "gpt-oss-20b"
+    spec = model or DEFAULT_MODEL
     path = resolve_model(spec)
     model_id, aliases = model_names(spec, path)
     sock = listen(host, port)  # before loading: a taken port fails at once

@@ -23,10 +23,11 @@ from typing import Any, Callable, Iterator, TextIO
 
 from .chat import ChatResponse, ChatStream, ContentDelta, Done, PreambleDelta, ReasoningDelta, ToolCall
 from .errors import OssrtError
+from .harmony import REASONING_EFFORTS
 
-HELP = """Commands:
+HELP = f"""Commands:
   /help                    this list
-  /effort low|medium|high  reasoning effort
+  /effort {'|'.join(REASONING_EFFORTS):<17}reasoning effort
   /system TEXT             set the system instructions (and start over)
   /clear                   forget the conversation
   /reasoning on|off        show or hide the model's reasoning
@@ -175,7 +176,7 @@ class Repl:
             return False
         if name == "/help":
             self.say(HELP)
-        elif name == "/effort" and arg in ("low", "medium", "high"):
+        elif name == "/effort" and arg in REASONING_EFFORTS:
             self.effort = arg
             self.say(f"reasoning effort: {arg}")
         elif name == "/system" and arg:
@@ -228,7 +229,7 @@ class Repl:
             return
         self.messages = messages
         self.system = data.get("system") or self.system
-        self.effort = data.get("effort") if data.get("effort") in ("low", "medium", "high") else self.effort
+        self.effort = data.get("effort") if data.get("effort") in REASONING_EFFORTS else self.effort
         self.say(f"loaded {len(messages)} messages from {path}")
 
 

@@ -14,9 +14,9 @@ import stat
 import sys
 from pathlib import Path
 
+from .defaults import DEFAULT_MODEL
 from .errors import ConvertError, ModelFileError, ModelNotFoundError, OssrtError, ParameterError
 
-DEFAULT_MODEL = "openai/gpt-oss-20b"
 ALIASES = {"gpt-oss-20b": "openai/gpt-oss-20b", "gpt-oss:20b": "openai/gpt-oss-20b",
            "gpt-oss-120b": "openai/gpt-oss-120b", "gpt-oss:120b": "openai/gpt-oss-120b"}
 # What the converter reads; not the `original/` or `metal/` copies of the weights.
