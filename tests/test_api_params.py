@@ -129,9 +129,9 @@ LOAD = [
     (dict(threads=True), "threads must be an integer between 1 and"),
     (dict(threads=0), "threads must be an integer between 1 and"),
     (dict(threads=10**6), "threads must be an integer between 1 and"),
-    (dict(kv_type=None), "kv_type must be one of f32, f16, q8_0, got None"),
-    (dict(kv_type=["f16"]), "kv_type must be one of f32, f16, q8_0, got ['f16']"),
-    (dict(kv_type="q4_0"), "kv_type must be one of f32, f16, q8_0, got 'q4_0'"),
+    (dict(kv_type=None), "kv_type must be one of f16, q8_0, f32, got None"),
+    (dict(kv_type=["f16"]), "kv_type must be one of f16, q8_0, f32, got ['f16']"),
+    (dict(kv_type="q4_0"), "kv_type must be one of f16, q8_0, f32, got 'q4_0'"),
 ]
 
 
