@@ -1,0 +1,317 @@
+"""The Harmony chat format of gpt-oss (spec §7): a renderer from OpenAI-style chat messages to prompt ids, and a
+streaming parser from generated ids back to reasoning, preambles, the final answer and tool calls.
+
+The renderer reproduces OpenAI's `openai-harmony` token for token (`render_conversation_for_completion` with its
+default config); tests check that differentially. Mapping of OpenAI messages to Harmony messages:
+
+- leading `system` / `developer` messages → the developer message's `# Instructions` (joined by a blank line);
+  `tools` → its `functions` namespace. Later `system` / `developer` messages → developer messages with plain text.
+- `user` → user message.
+- `assistant` → `reasoning` (or `reasoning_content`) on `analysis`; `content` on `final`, or on `commentary` (a
+  preamble) when the message also has `tool_calls`; each tool call →
+  `assistant to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>ARGS<|call|>`.
+- `tool` → `functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT`, NAME found from `tool_call_id`.
+- Chain of thought (§7.7): `reasoning` of a turn that ended with a final answer and was followed by a user message
+  is dropped (OpenAI's docs rule); then openai-harmony's own rule runs on the result (if the last assistant message
+  is `final`, drop `analysis` messages before the first `final` one).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ChatFormatError
+from ..tokenizer import Tokenizer
+from .constants import CHANNELS, CONSTRAIN, REASONING_EFFORTS, ROLES
+from .schema import schema_to_typescript
+
+MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
+KNOWLEDGE_CUTOFF = "2024-06"
+
+
+@dataclass
+class HarmonyMessage:
+    """One Harmony message. `name` is the author name: the tool name for role `tool`."""
+
+    role: str
+    content: str
+    name: str | None = None
+    recipient: str | None = None
+    channel: str | None = None
+    content_type: str | None = None
+
+
+def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
+                        tools: Sequence[Mapping[str, Any]] | None = None, reasoning_effort: str = "medium",
+                        current_date: str | _dt.date | None = None,
+                        model_identity: str = MODEL_IDENTITY) -> list[int]:
+    """Render OpenAI-style chat `messages` (and function `tools`) as a Harmony prompt ending in `<|start|>assistant`.
+
+    `reasoning_effort` is low / medium / high; `current_date` (a `date` or "YYYY-MM-DD") adds a "Current date"
+    line to the system message. Bad input raises `ChatFormatError` naming the message and field."""
+    msgs = to_harmony_messages(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
+                               model_identity=model_identity)
+    out: list[int] = []
+    for m in msgs:
+        _render_message(tokenizer, m, out)
+    out.append(tokenizer.start)
+    out += tokenizer.encode("assistant")
+    return out
+
+
+def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+                        reasoning_effort: str = "medium", current_date: str | _dt.date | None = None,
+                        model_identity: str = MODEL_IDENTITY) -> list[HarmonyMessage]:
+    """The Harmony messages `render_conversation` renders, system message first, chain of thought dropped."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+        raise ChatFormatError(f"messages must be a list of message objects, got {type(messages).__name__}")
+    functions = _function_tools(tools)
+    effort = reasoning_effort.lower() if isinstance(reasoning_effort, str) else reasoning_effort
+    if effort not in REASONING_EFFORTS:
+        raise ChatFormatError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; "
+                              f"got {reasoning_effort!r}")
+    if isinstance(current_date, _dt.date):
+        current_date = current_date.strftime("%Y-%m-%d")
+    elif current_date is not None and not isinstance(current_date, str):
+        raise ChatFormatError(f"current_date must be a date or a 'YYYY-MM-DD' string, got {current_date!r}")
+
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatFormatError(f"messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}")
+        if m.get("role") not in ROLES:
+            raise ChatFormatError(f"messages[{i}]: unknown role {m.get('role')!r}; expected one of "
+                                  f"{', '.join(ROLES)}")
+    n_lead = 0
+    while n_lead < len(messages) and messages[n_lead]["role"] in ("system", "developer"):
+        n_lead += 1
+    instructions = "\n\n".join(_text(messages[i], i) for i in range(n_lead)) if n_lead else None
+    keep_reasoning = _reasoning_to_keep(messages)
+
+    system = [model_identity, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}"]
+    if current_date is not None:
+        system.append(f"Current date: {current_date}")
+    channels = f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
+    if functions:
+        channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
+    out = [HarmonyMessage("system", "\n\n".join(["\n".join(system), f"Reasoning: {effort}", channels]))]
+    if instructions is not None or functions:
+        sections = ["# Instructions", instructions] if instructions is not None else []
+        if functions:
+            sections.append(_tools_section("functions", functions))
+        out.append(HarmonyMessage("developer", "\n\n".join(sections)))
+
+    calls: dict[str, str] = {}  # tool_call_id -> function name, of the assistant calls seen so far
+    called: set[str] = set()
+    for i in range(n_lead, len(messages)):
+        m = messages[i]
+        role = m["role"]
+        if role in ("system", "developer", "user"):
+            out.append(HarmonyMessage("user" if role == "user" else "developer", _text(m, i)))
+        elif role == "assistant":
+            out += _assistant(m, i, i in keep_reasoning, calls, called)
+        else:
+            out.append(_tool_result(m, i, calls, called))
+    return _drop_analysis(out)
+
+
+def _text(m: Mapping[str, Any], i: int, *, required: bool = True) -> str | None:
+    """A message's text content: a string, or a list of `{"type": "text", "text": ...}` parts (concatenated)."""
+    c = m.get("content")
+    if c is None:
+        if required:
+            raise ChatFormatError(f"messages[{i}] ({m['role']}): missing 'content'")
+        return None
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for j, p in enumerate(c):
+            if not (isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                raise ChatFormatError(f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
+                                      f"are supported, got {p!r:.80}")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ChatFormatError(f"messages[{i}] ({m['role']}): 'content' must be a string or a list of text parts, "
+                          f"got {type(c).__name__}")
+
+
+def _reasoning_to_keep(messages: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Indices of assistant messages whose reasoning is rendered: all except those of a turn that ended with a
+    final answer (the turn's last assistant message has content and no tool calls) and was followed by a user
+    message."""
+    drop: set[int] = set()
+    turn: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            if turn and messages[turn[-1]].get("content") and not messages[turn[-1]].get("tool_calls"):
+                drop.update(turn)
+            turn = []
+        elif m["role"] == "assistant":
+            turn.append(i)
+    return {i for i, m in enumerate(messages) if m["role"] == "assistant" and i not in drop}
+
+
+def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[str, str],
+               called: set[str]) -> list[HarmonyMessage]:
+    out = []
+    reasoning = m.get("reasoning")
+    if reasoning is None:
+        reasoning = m.get("reasoning_content")
+    elif m.get("reasoning_content") not in (None, reasoning):
+        raise ChatFormatError(f"messages[{i}] (assistant): 'reasoning' and 'reasoning_content' differ")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ChatFormatError(f"messages[{i}] (assistant): 'reasoning' must be a string, got "
+                              f"{type(reasoning).__name__}")
+    content = _text(m, i, required=False)
+    tool_calls = m.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise ChatFormatError(f"messages[{i}] (assistant): 'tool_calls' must be a list")
+    if not content and not tool_calls and not reasoning:
+        raise ChatFormatError(f"messages[{i}] (assistant): needs 'content', 'tool_calls' or 'reasoning'")
+    if reasoning and keep_reasoning:
+        out.append(HarmonyMessage("assistant", reasoning, channel="analysis"))
+    if content:
+        out.append(HarmonyMessage("assistant", content, channel="commentary" if tool_calls else "final"))
+    for j, call in enumerate(tool_calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            raise ChatFormatError(f"{where}: missing 'function' ({{'name': ..., 'arguments': ...}})")
+        name = _tool_name(fn.get("name"), where)
+        args = fn.get("arguments", "")
+        if not isinstance(args, str):
+            try:
+                args = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+            except (TypeError, ValueError):
+                raise ChatFormatError(f"{where}.function.arguments must be a JSON string, got {args!r:.80}") from None
+        if call.get("id") is not None:
+            calls[str(call["id"])] = name
+        called.add(name)
+        out.append(HarmonyMessage("assistant", args, recipient=f"functions.{name}", channel="commentary",
+                                  content_type=f"{CONSTRAIN}json"))
+    return out
+
+
+def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: set[str]) -> HarmonyMessage:
+    call_id, name = m.get("tool_call_id"), m.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ChatFormatError(f"messages[{i}] (tool): 'name' must be a string, got {type(name).__name__}")
+    if call_id is not None:
+        if str(call_id) not in calls:
+            raise ChatFormatError(f"messages[{i}] (tool): no earlier assistant tool call has id {call_id!r}")
+        found = calls[str(call_id)]
+        if name is not None and name != found:
+            raise ChatFormatError(f"messages[{i}] (tool): name {name!r} does not match call {call_id!r} "
+                                  f"to {found!r}")
+        name = found
+    elif name is None:
+        raise ChatFormatError(f"messages[{i}] (tool): needs 'tool_call_id' (or 'name')")
+    elif name not in called:
+        raise ChatFormatError(f"messages[{i}] (tool): no earlier assistant tool call to {name!r}")
+    return HarmonyMessage("tool", _text(m, i), name=f"functions.{name}", recipient="assistant", channel="commentary")
+
+
+def _drop_analysis(msgs: list[HarmonyMessage]) -> list[HarmonyMessage]:
+    """openai-harmony's `auto_drop_analysis`: if the last assistant message is on `final`, drop every `analysis`
+    message before the first `final` message."""
+    last = next((m for m in reversed(msgs) if m.role == "assistant"), None)
+    first_final = next((k for k, m in enumerate(msgs) if m.channel == "final"), None)
+    if last is None or last.channel != "final" or first_final is None:
+        return msgs
+    return [m for k, m in enumerate(msgs) if not (k < first_final and m.channel == "analysis")]
+
+
+def _render_message(tok: Tokenizer, m: HarmonyMessage, out: list[int]) -> None:
+    """One message, piece by piece as openai-harmony encodes it (each text piece encoded on its own)."""
+    out.append(tok.start)
+    if m.role == "tool":
+        out += tok.encode(m.name)
+    else:
+        out += tok.encode(m.role)
+        if m.name is not None:
+            out += tok.encode(f":{m.name}")
+    if m.recipient is not None and m.recipient != "all":
+        out += tok.encode(f" to={m.recipient}")
+    if m.channel is not None:
+        out.append(tok.channel)
+        out += tok.encode(m.channel)
+    if m.content_type is not None:
+        if m.content_type.startswith(CONSTRAIN):
+            out += tok.encode(" ")
+            out.append(tok.constrain)
+            out += tok.encode(m.content_type[len(CONSTRAIN):])
+        else:
+            out += tok.encode(f" {m.content_type}")
+    out.append(tok.message)
+    out += tok.encode(m.content)
+    out.append(tok.call if m.role == "assistant" and m.recipient is not None else tok.end)
+
+
+# --- tools -------------------------------------------------------------------------------------------------------
+_BAD_NAME = re.compile(r"[\s<]")
+
+
+def _tool_name(name: Any, where: str) -> str:
+    # Whitespace or "<" in a name would make the rendered header unparseable (spec §7.9).
+    if not isinstance(name, str) or not name or _BAD_NAME.search(name):
+        raise ChatFormatError(f"{where}: tool name must be a non-empty string without spaces or '<', got {name!r}")
+    return name
+
+
+def _function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, str, Any]]:
+    """OpenAI function tools (`{"type": "function", "function": {...}}`, or the flat Responses form) ->
+    (name, description, parameters-or-None)."""
+    if tools is None:
+        return []
+    if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
+        raise ChatFormatError(f"tools must be a list of tool objects, got {type(tools).__name__}")
+    out, seen = [], set()
+    for j, t in enumerate(tools):
+        where = f"tools[{j}]"
+        if not isinstance(t, Mapping):
+            raise ChatFormatError(f"{where} must be an object, got {t!r:.80}")
+        if t.get("type", "function") != "function":
+            raise ChatFormatError(f"{where}: type {t.get('type')!r} is not supported; only 'function' tools")
+        fn = t.get("function", t)
+        if not isinstance(fn, Mapping):
+            raise ChatFormatError(f"{where}.function must be an object")
+        name = _tool_name(fn.get("name"), f"{where}.function.name")
+        if name in seen:
+            raise ChatFormatError(f"{where}: a second tool named {name!r}")
+        seen.add(name)
+        desc = fn.get("description") or ""
+        if not isinstance(desc, str):
+            raise ChatFormatError(f"{where}.function.description must be a string")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, Mapping):
+            raise ChatFormatError(f"{where}.function.parameters must be a JSON-schema object")
+        out.append((name, desc, params))
+    return out
+
+
+def _lines(s: str) -> list[str]:
+    """Rust's `str::lines`: split at "\\n" (a preceding "\\r" goes too); no empty line after a final newline."""
+    pieces = s.split("\n")
+    last = pieces.pop()
+    out = [p[:-1] if p.endswith("\r") else p for p in pieces]
+    if last:
+        out.append(last)
+    return out
+
+
+def _tools_section(namespace: str, functions: list[tuple[str, str, Any]]) -> str:
+    block = [f"## {namespace}\n", f"namespace {namespace} {{\n"]
+    for name, desc, params in functions:
+        block += [f"// {line}" for line in _lines(desc)]
+        if params is None:
+            block.append(f"type {name} = () => any;\n")
+        else:
+            block.append(f"type {name} = (_: {schema_to_typescript(params)}) => any;\n")
+    block.append(f"}} // namespace {namespace}")
+    return "# Tools\n\n" + "\n".join(block)
+
