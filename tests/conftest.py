@@ -70,7 +70,8 @@ def harmony_encoding(o200k_path: Path):
     """openai-harmony's HarmonyGptOss encoding, offline: with TIKTOKEN_ENCODINGS_BASE set, its loader reads
     `$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken` (hash-checked) instead of downloading; the variable is read only
     while the encoding loads."""
-    openai_harmony = pytest.importorskip("openai_harmony")
+    import openai_harmony  # a test dependency: if missing, the Harmony tests fail rather than skip
+
     old = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(o200k_path.parent)
     try:

@@ -36,8 +36,6 @@ def test_mutated_checkpoints_fail_cleanly_and_leave_nothing(tmp_path):
 
 
 def test_malformed_requests_get_4xx_with_openai_errors(tiny_gguf):
-    pytest.importorskip("uvicorn")
-    httpx = pytest.importorskip("httpx")  # noqa: F841
     tally = fuzz.Tally()
     fuzz.fuzz_server(tiny_gguf("q8_0"), 200, seed=13, tally=tally)
     _no_others(tally, "server", least_clean=100)

@@ -64,7 +64,6 @@ def make_hub_cache(root, repo, checkpoint):
 
 @pytest.mark.parametrize("name", ["gpt-oss:20b", "gpt-oss-20b", "openai/gpt-oss-20b", None])
 def test_hub_name_from_the_local_hub_cache_offline(name, tiny_checkpoint, tmp_path, cache, monkeypatch):
-    pytest.importorskip("huggingface_hub")
     hub = make_hub_cache(tmp_path / "hub", "openai/gpt-oss-20b", tiny_checkpoint())
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -78,7 +77,6 @@ def test_aliases():
 
 
 def test_offline_and_not_cached(tmp_path, cache, monkeypatch):
-    pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache .*HF_HUB_OFFLINE"):
@@ -137,7 +135,6 @@ def test_empty_name():
 
 @pytest.mark.parametrize("name", ["openai/gpt--oss", "openai/" + "g" * 120, "openai/-gpt"])
 def test_names_the_hub_refuses(name, tmp_path, cache, monkeypatch):
-    pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match=f"^'{name}' is not a file, a directory or a valid hub name: "):
