@@ -5,7 +5,6 @@ result — never a traceback, a 500, a file left behind, or a mutated file silen
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fuzz  # noqa: E402
