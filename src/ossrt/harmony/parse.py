@@ -81,8 +81,8 @@ Event = Union[ReasoningDelta, PreambleDelta, ContentDelta, ToolCallBegin, ToolCa
 @dataclass
 class ParsedMessage:
     """One message of a completion. `end` is the token that closed it: "end", "return", "call", "endoftext", or
-    None if the output stopped (or a new message began) before its end token. `call_id` is set when the message
-    is a tool call (an assistant message with a recipient): the id of its events."""
+    None if the output stopped (or a new message began) before its end token. `call_id`: when the message is a
+    tool call (an assistant message with a recipient), the id its events carry; else None."""
 
     role: str
     content: str = ""
@@ -95,6 +95,7 @@ class ParsedMessage:
 
 
 def _new_call_id() -> str:
+    """An id in OpenAI's form for tool calls."""
     return f"call_{secrets.token_hex(12)}"
 
 

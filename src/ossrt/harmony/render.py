@@ -1,8 +1,8 @@
-"""The Harmony chat format of gpt-oss (spec §7): a renderer from OpenAI-style chat messages to prompt ids, and a
-streaming parser from generated ids back to reasoning, preambles, the final answer and tool calls.
+"""The Harmony renderer (spec §7): OpenAI-style chat messages and function tools → the prompt ids, ending in
+`<|start|>assistant`.
 
-The renderer reproduces OpenAI's `openai-harmony` token for token (`render_conversation_for_completion` with its
-default config); tests check that differentially. Mapping of OpenAI messages to Harmony messages:
+It reproduces OpenAI's `openai-harmony` token for token (`render_conversation_for_completion` with its default
+config); tests check that differentially. Mapping of OpenAI messages to Harmony messages:
 
 - leading `system` / `developer` messages → the developer message's `# Instructions` (joined by a blank line);
   `tools` → its `functions` namespace. Later `system` / `developer` messages → developer messages with plain text.
@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ChatFormatError
 from ..tokenizer import Tokenizer
@@ -71,15 +71,8 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatFormatError(f"messages must be a list of message objects, got {type(messages).__name__}")
     functions = _function_tools(tools)
-    effort = reasoning_effort.lower() if isinstance(reasoning_effort, str) else reasoning_effort
-    if effort not in REASONING_EFFORTS:
-        raise ChatFormatError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; "
-                              f"got {reasoning_effort!r}")
-    if isinstance(current_date, _dt.date):
-        current_date = current_date.strftime("%Y-%m-%d")
-    elif current_date is not None and not isinstance(current_date, str):
-        raise ChatFormatError(f"current_date must be a date or a 'YYYY-MM-DD' string, got {current_date!r}")
-
+    effort = _reasoning_effort(reasoning_effort)
+    date = _date_text(current_date)
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise ChatFormatError(f"messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}")
@@ -90,24 +83,53 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
     while n_lead < len(messages) and messages[n_lead]["role"] in ("system", "developer"):
         n_lead += 1
     instructions = "\n\n".join(_text(messages[i], i) for i in range(n_lead)) if n_lead else None
-    keep_reasoning = _reasoning_to_keep(messages)
 
-    system = [model_identity, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}"]
-    if current_date is not None:
-        system.append(f"Current date: {current_date}")
-    channels = f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
-    if functions:
-        channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-    out = [HarmonyMessage("system", "\n\n".join(["\n".join(system), f"Reasoning: {effort}", channels]))]
+    out = [_system_message(model_identity, date, effort, calls_functions=bool(functions))]
     if instructions is not None or functions:
-        sections = ["# Instructions", instructions] if instructions is not None else []
-        if functions:
-            sections.append(_tools_section("functions", functions))
-        out.append(HarmonyMessage("developer", "\n\n".join(sections)))
+        out.append(_developer_message(instructions, functions))
+    out += _turns(messages, n_lead)
+    return _drop_analysis(out)
 
+
+def _reasoning_effort(value: Any) -> str:
+    effort = value.lower() if isinstance(value, str) else value
+    if effort not in REASONING_EFFORTS:
+        raise ChatFormatError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {value!r}")
+    return effort
+
+
+def _date_text(value: Any) -> str | None:
+    if isinstance(value, _dt.date):
+        return value.strftime("%Y-%m-%d")
+    if value is not None and not isinstance(value, str):
+        raise ChatFormatError(f"current_date must be a date or a 'YYYY-MM-DD' string, got {value!r}")
+    return value
+
+
+def _system_message(model_identity: str, date: str | None, effort: str, *, calls_functions: bool) -> HarmonyMessage:
+    identity = [model_identity, f"Knowledge cutoff: {KNOWLEDGE_CUTOFF}"]
+    if date is not None:
+        identity.append(f"Current date: {date}")
+    channels = f"# Valid channels: {', '.join(CHANNELS)}. Channel must be included for every message."
+    if calls_functions:
+        channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
+    return HarmonyMessage("system", "\n\n".join(["\n".join(identity), f"Reasoning: {effort}", channels]))
+
+
+def _developer_message(instructions: str | None, functions: list[FunctionTool]) -> HarmonyMessage:
+    sections = ["# Instructions", instructions] if instructions is not None else []
+    if functions:
+        sections.append(_tools_section("functions", functions))
+    return HarmonyMessage("developer", "\n\n".join(sections))
+
+
+def _turns(messages: Sequence[Mapping[str, Any]], start: int) -> list[HarmonyMessage]:
+    """The messages from `start` on (after the leading instructions), in order."""
+    keep_reasoning = _reasoning_to_keep(messages)
     calls: dict[str, str] = {}  # tool_call_id -> function name, of the assistant calls seen so far
     called: set[str] = set()
-    for i in range(n_lead, len(messages)):
+    out = []
+    for i in range(start, len(messages)):
         m = messages[i]
         role = m["role"]
         if role in ("system", "developer", "user"):
@@ -116,7 +138,7 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
             out += _assistant(m, i, i in keep_reasoning, calls, called)
         else:
             out.append(_tool_result(m, i, calls, called))
-    return _drop_analysis(out)
+    return out
 
 
 def _text(m: Mapping[str, Any], i: int, *, required: bool = True) -> str | None:
@@ -253,6 +275,14 @@ def _render_message(tok: Tokenizer, m: HarmonyMessage, out: list[int]) -> None:
 
 
 # --- tools -------------------------------------------------------------------------------------------------------
+class FunctionTool(NamedTuple):
+    """A function tool as the tools section shows it."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any] | None  # a JSON schema
+
+
 _BAD_NAME = re.compile(r"[\s<]")
 
 
@@ -263,9 +293,8 @@ def _tool_name(name: Any, where: str) -> str:
     return name
 
 
-def _function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, str, Any]]:
-    """OpenAI function tools (`{"type": "function", "function": {...}}`, or the flat Responses form) ->
-    (name, description, parameters-or-None)."""
+def _function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[FunctionTool]:
+    """OpenAI function tools (`{"type": "function", "function": {...}}`, or the flat Responses form), checked."""
     if tools is None:
         return []
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
@@ -290,7 +319,7 @@ def _function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[tuple[str
         params = fn.get("parameters")
         if params is not None and not isinstance(params, Mapping):
             raise ChatFormatError(f"{where}.function.parameters must be a JSON-schema object")
-        out.append((name, desc, params))
+        out.append(FunctionTool(name, desc, params))
     return out
 
 
@@ -304,7 +333,7 @@ def _lines(s: str) -> list[str]:
     return out
 
 
-def _tools_section(namespace: str, functions: list[tuple[str, str, Any]]) -> str:
+def _tools_section(namespace: str, functions: list[FunctionTool]) -> str:
     block = [f"## {namespace}\n", f"namespace {namespace} {{\n"]
     for name, desc, params in functions:
         block += [f"// {line}" for line in _lines(desc)]
