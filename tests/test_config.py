@@ -1,7 +1,9 @@
+import gguf
+import numpy as np
 import pytest
 
-from ossrt.format.config import ModelConfig
 from ossrt.errors import ConfigError
+from ossrt.format.config import ARCH, FLOAT32_MAX, FLOAT32_TINY, MAX_LAYERS, MAX_SIZE, ModelConfig
 
 HF_20B = dict(
     model_type="gpt_oss", num_hidden_layers=24, hidden_size=2880, intermediate_size=2880,
@@ -76,6 +78,15 @@ def test_kv_cache_bytes_counts_window_for_sliding_layers():
      r"rope_scaling.beta_fast \(1.0\) must be greater than rope_scaling.beta_slow \(1.0\)"),
     ({"rope_scaling": {**HF_20B["rope_scaling"], "beta_slow": 0.0}},
      "rope_scaling.beta_slow must be a finite number above 0, got 0.0"),
+    ({"rope_theta": 1e39}, r"rope_theta must be at most 3.4028235e\+38, the largest float32 \(GGUF stores it as "
+                           r"one\), got 1e\+39"),
+    ({"rope_theta": -1e39}, "rope_theta must be a finite number greater than 1, got -1e\\+39"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a finite number greater than 1, got nan"),
+    ({"rope_scaling": {**HF_20B["rope_scaling"], "factor": 4 * 10**38}},
+     "rope_scaling.factor must be at most 3.4028235e\\+38, the largest float32"),
+    ({"max_position_embeddings": 1 << 32}, "max_position_embeddings must be between 1 and 2147483647"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings must be between 1 and 2147483647"),
+    ({"max_position_embeddings": 4096.0}, "max_position_embeddings must be an integer, got 4096.0"),
 ])
 def test_bad_hf_config(change, message):
     with pytest.raises(ConfigError, match="^x/config.json: " + message):
@@ -104,3 +115,26 @@ def test_real_configs_pass_and_count_their_tensors(size):
     c = ModelConfig.from_hf_config(synthetic.hf_config(size))
     assert (c.n_ctx_train, c.sliding_window, c.rope_orig_ctx, c.n_vocab) == (131072, 128, 4096, 201088)
     assert c.n_tensors == len(c.tensor_specs()) == {"20b": 459, "120b": 687}[size]
+
+
+def test_every_config_accepted_fits_its_gguf_types(tmp_path):
+    """ModelConfig's bounds lie within the GGUF types its metadata is written as (the converter does not check the
+    values again): a config at every bound is written by gguf's writer and read back unchanged."""
+    widest = ModelConfig(n_layer=MAX_LAYERS, n_embd=MAX_SIZE // 32 * 32, n_ff_exp=MAX_SIZE // 32 * 32,
+                         n_head=MAX_SIZE, n_head_kv=MAX_SIZE, head_dim=MAX_SIZE - 1, n_expert=MAX_SIZE,
+                         n_expert_used=MAX_SIZE, n_vocab=MAX_SIZE, n_ctx_train=MAX_SIZE, sliding_window=MAX_SIZE,
+                         rope_freq_base=FLOAT32_MAX, rope_scaling_factor=FLOAT32_MAX, rope_orig_ctx=MAX_SIZE,
+                         rms_norm_eps=FLOAT32_TINY)
+    metadata = widest.gguf_metadata()
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", ARCH)
+    for key, (vtype, value) in metadata.items():
+        writer.add_key_value(key, value, vtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    for key, (vtype, value) in metadata.items():
+        assert fields[key].types == [vtype]
+        read = fields[key].contents()
+        assert read == (np.float32(value) if vtype == gguf.GGUFValueType.FLOAT32 else value), key
+        assert vtype != gguf.GGUFValueType.FLOAT32 or 0 < read < np.inf

@@ -1,7 +1,7 @@
 """HF checkpoint -> GGUF: bit-exact experts, outtypes, llama.cpp metadata and names (spec §5), bad input."""
 
+import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -13,9 +13,21 @@ from gguf import quants
 from ossrt.format import convert as conv
 from ossrt.format import mxfp4
 from ossrt.testing import synthetic
-from ossrt.format.convert import Checkpoint, convert
+from ossrt.format.checkpoint import Checkpoint
+from ossrt.format.convert import convert
 from ossrt.errors import ConvertError
 from ossrt.format.modelfile import ModelFile
+
+
+# sha256 of tiny conversions made by the converter before its split into safetensors/checkpoint/convert and the
+# one-pass vocabulary packing (commit 3e4b13e): the output is the same, byte for byte.
+@pytest.mark.parametrize("layout,outtype,sha256", [
+    ("mxfp4", "q8_0", "40ecf04ca76b4873dd60de2e8eb8052e0b547c641fcb2a792e7b45c81437c01e"),
+    ("bf16", "f16", "1b9f99198f86fd93c7b93f0dc31e9b4f94cbe07768407b62c7622318320c7e6b"),
+])
+def test_output_bytes_unchanged(tiny_checkpoint, tmp_path, layout, outtype, sha256):
+    out = convert(tiny_checkpoint(layout), tmp_path / "tiny.gguf", outtype=outtype, progress=False, name="tiny")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sha256
 
 
 def test_mxfp4_experts_bit_exact(tiny_checkpoint, tiny_gguf):

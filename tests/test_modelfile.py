@@ -21,7 +21,7 @@ def write_gguf(path, *, cfg=CFG, skip_key=None, drop=None, reshape=None, retype=
     w = GGUFWriter(str(path), "gpt-oss")
     for key, (vtype, value) in cfg.gguf_metadata().items():
         if key != skip_key:
-            getattr(w, f"add_{vtype}")(key, value)
+            w.add_key_value(key, value, vtype)
     tokens = [f"t{i}" for i in range(cfg.n_vocab)]
     w.add_token_list(tokens)
     w.add_token_types([1] * cfg.n_vocab)

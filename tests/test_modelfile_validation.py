@@ -28,8 +28,8 @@ CFG = ModelConfig(n_layer=2, n_embd=64, n_ff_exp=32, n_head=4, n_head_kv=2, head
                   rope_scaling_factor=32.0, rope_orig_ctx=4096)
 KIND_TYPE = {"vector": GGMLQuantizationType.F32, "router": GGMLQuantizationType.F32,
              "matrix": GGMLQuantizationType.Q8_0, "experts": GGMLQuantizationType.MXFP4}
-INT_KEYS = [k for k, (t, _) in CFG.gguf_metadata().items() if t == "uint32"]
-FLOAT_KEYS = [k for k, (t, _) in CFG.gguf_metadata().items() if t == "float32"]
+INT_KEYS = [k for k, (t, _) in CFG.gguf_metadata().items() if t == U32]
+FLOAT_KEYS = [k for k, (t, _) in CFG.gguf_metadata().items() if t == F32]
 
 
 def encode(vtype: int, value) -> bytes:
@@ -44,9 +44,8 @@ def encode(vtype: int, value) -> bytes:
 
 def metadata(cfg: ModelConfig = CFG, tokens: bool = True) -> list[list]:
     """[key, value type, value] of a valid file, as llama.cpp's converter types them."""
-    types = {"uint32": U32, "float32": F32, "string": STR}
     kv = [["general.architecture", STR, "gpt-oss"], ["general.alignment", U32, ALIGN]]
-    kv += [[key, types[t], value] for key, (t, value) in cfg.gguf_metadata().items()]
+    kv += [[key, t, value] for key, (t, value) in cfg.gguf_metadata().items()]
     kv += [["tokenizer.ggml.model", STR, "gpt2"], ["tokenizer.ggml.pre", STR, "gpt-4o"]]
     if tokens:
         kv += [["tokenizer.ggml.tokens", ARR, (STR, [f"t{i}" for i in range(cfg.n_vocab)])],

@@ -12,7 +12,8 @@ from ossrt.format import mxfp4
 
 from ossrt.testing import synthetic
 from ossrt.format.config import ModelConfig
-from ossrt.format.convert import Checkpoint, _read_shard
+from ossrt.format.checkpoint import Checkpoint
+from ossrt.format.safetensors import read_shard
 
 
 def test_tiny_config_yarn_is_valid():
@@ -76,8 +77,8 @@ def test_deterministic_for_a_seed(tiny_checkpoint, tmp_path, o200k_path):
     synthetic.write_safetensors(tmp_path / "a.safetensors", plan, seed=0)
     synthetic.write_safetensors(tmp_path / "b.safetensors", plan, seed=1)
     ck = Checkpoint(tiny_checkpoint())
-    _, ta = _read_shard(tmp_path / "a.safetensors")
-    _, tb = _read_shard(tmp_path / "b.safetensors")
+    _, ta = read_shard(tmp_path / "a.safetensors")
+    _, tb = read_shard(tmp_path / "b.safetensors")
     for t in plan:  # same seed: the same bytes, whatever the sharding
         np.testing.assert_array_equal(ta[t.name].data, ck.tensors[t.name].data)
     assert not np.array_equal(ta["model.embed_tokens.weight"].data, tb["model.embed_tokens.weight"].data)

@@ -7,34 +7,71 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
+import numpy as np
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFValueType, Keys
+
+from . import mxfp4
 from ..errors import ConfigError
 
-ARCH = "gpt-oss"
+ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]  # "gpt-oss"
+ROPE_SCALING_TYPE = "yarn"  # the only RoPE scaling gpt-oss uses
 
-# GGUF metadata keys (llama.cpp's names, spec §5); "{arch}" is filled with ARCH.
-KEY_BLOCK_COUNT = f"{ARCH}.block_count"
-KEY_CONTEXT_LENGTH = f"{ARCH}.context_length"
-KEY_EMBEDDING_LENGTH = f"{ARCH}.embedding_length"
-KEY_FEED_FORWARD_LENGTH = f"{ARCH}.feed_forward_length"
-KEY_EXPERT_FEED_FORWARD_LENGTH = f"{ARCH}.expert_feed_forward_length"
-KEY_HEAD_COUNT = f"{ARCH}.attention.head_count"
-KEY_HEAD_COUNT_KV = f"{ARCH}.attention.head_count_kv"
-KEY_KEY_LENGTH = f"{ARCH}.attention.key_length"
-KEY_VALUE_LENGTH = f"{ARCH}.attention.value_length"
-KEY_RMS_EPS = f"{ARCH}.attention.layer_norm_rms_epsilon"
-KEY_SLIDING_WINDOW = f"{ARCH}.attention.sliding_window"
-KEY_EXPERT_COUNT = f"{ARCH}.expert_count"
-KEY_EXPERT_USED_COUNT = f"{ARCH}.expert_used_count"
-KEY_ROPE_FREQ_BASE = f"{ARCH}.rope.freq_base"
-KEY_ROPE_SCALING_TYPE = f"{ARCH}.rope.scaling.type"
-KEY_ROPE_SCALING_FACTOR = f"{ARCH}.rope.scaling.factor"
-KEY_ROPE_SCALING_ORIG_CTX = f"{ARCH}.rope.scaling.original_context_length"
-KEY_VOCAB_SIZE = f"{ARCH}.vocab_size"
+
+def _arch_key(template: str) -> str:
+    """A GGUF architecture key: llama.cpp's `gguf.Keys` template with "{arch}" filled in."""
+    return template.format(arch=ARCH)
+
+
+# GGUF metadata keys (gguf.Keys: llama.cpp's own names, spec §5).
+KEY_BLOCK_COUNT = _arch_key(Keys.LLM.BLOCK_COUNT)
+KEY_CONTEXT_LENGTH = _arch_key(Keys.LLM.CONTEXT_LENGTH)
+KEY_EMBEDDING_LENGTH = _arch_key(Keys.LLM.EMBEDDING_LENGTH)
+KEY_FEED_FORWARD_LENGTH = _arch_key(Keys.LLM.FEED_FORWARD_LENGTH)
+KEY_EXPERT_FEED_FORWARD_LENGTH = _arch_key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
+KEY_HEAD_COUNT = _arch_key(Keys.Attention.HEAD_COUNT)
+KEY_HEAD_COUNT_KV = _arch_key(Keys.Attention.HEAD_COUNT_KV)
+KEY_KEY_LENGTH = _arch_key(Keys.Attention.KEY_LENGTH)
+KEY_VALUE_LENGTH = _arch_key(Keys.Attention.VALUE_LENGTH)
+KEY_RMS_EPS = _arch_key(Keys.Attention.LAYERNORM_RMS_EPS)
+KEY_SLIDING_WINDOW = _arch_key(Keys.Attention.SLIDING_WINDOW)
+KEY_EXPERT_COUNT = _arch_key(Keys.LLM.EXPERT_COUNT)
+KEY_EXPERT_USED_COUNT = _arch_key(Keys.LLM.EXPERT_USED_COUNT)
+KEY_ROPE_FREQ_BASE = _arch_key(Keys.Rope.FREQ_BASE)
+KEY_ROPE_SCALING_TYPE = _arch_key(Keys.Rope.SCALING_TYPE)
+KEY_ROPE_SCALING_FACTOR = _arch_key(Keys.Rope.SCALING_FACTOR)
+KEY_ROPE_SCALING_ORIG_CTX = _arch_key(Keys.Rope.SCALING_ORIG_CTX_LEN)
+KEY_VOCAB_SIZE = _arch_key(Keys.LLM.VOCAB_SIZE)
+
+_U32, _F32, _STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
+# What a gpt-oss GGUF file says about the architecture, in the order llama.cpp's converter writes it: key, GGUF
+# type, and the ModelConfig field it holds. The reader takes every field from its key here, except from
+# _OPTIONAL_KEYS: llama.cpp writes them but does not need them for gpt-oss, so a reader checks them where present.
+ARCH_METADATA: tuple[tuple[str, GGUFValueType, str], ...] = (
+    (KEY_BLOCK_COUNT, _U32, "n_layer"),
+    (KEY_CONTEXT_LENGTH, _U32, "n_ctx_train"),
+    (KEY_EMBEDDING_LENGTH, _U32, "n_embd"),
+    (KEY_FEED_FORWARD_LENGTH, _U32, "n_ff_exp"),
+    (KEY_HEAD_COUNT, _U32, "n_head"),
+    (KEY_HEAD_COUNT_KV, _U32, "n_head_kv"),
+    (KEY_ROPE_FREQ_BASE, _F32, "rope_freq_base"),
+    (KEY_RMS_EPS, _F32, "rms_norm_eps"),
+    (KEY_EXPERT_COUNT, _U32, "n_expert"),
+    (KEY_EXPERT_USED_COUNT, _U32, "n_expert_used"),
+    (KEY_KEY_LENGTH, _U32, "head_dim"),
+    (KEY_VALUE_LENGTH, _U32, "head_dim"),
+    (KEY_SLIDING_WINDOW, _U32, "sliding_window"),
+    (KEY_EXPERT_FEED_FORWARD_LENGTH, _U32, "n_ff_exp"),
+    (KEY_ROPE_SCALING_TYPE, _STR, "rope_scaling_type"),
+    (KEY_ROPE_SCALING_FACTOR, _F32, "rope_scaling_factor"),
+    (KEY_ROPE_SCALING_ORIG_CTX, _U32, "rope_orig_ctx"),
+)
+_OPTIONAL_KEYS = (KEY_FEED_FORWARD_LENGTH, KEY_VALUE_LENGTH, KEY_ROPE_SCALING_TYPE)
 
 # Bounds on sizes. llama.cpp holds every size, token id and position in a 32-bit integer, so no model it can run
-# has a size of 2^31 or more (gpt-oss-20b/120b: context 131072, window 128, vocabulary 201088).
+# has a size of 2^31 or more (gpt-oss-20b/120b: context 131072, window 128, vocabulary 201088). Every size so fits
+# GGUF's uint32 as well.
 MAX_SIZE = 2**31 - 1
 # The tensor table (19 entries a layer) is built in memory, so the layer count has a tighter bound; published
 # transformers have at most a few hundred layers (gpt-oss: 24 and 36).
@@ -42,6 +79,8 @@ MAX_LAYERS = 4096
 TENSORS_PER_LAYER = 19
 # The kernels add rms_norm_eps in float32: below the smallest normal float32 it would vanish or lose precision.
 FLOAT32_TINY = 2.0**-126
+# GGUF stores the float fields in ARCH_METADATA as float32: a larger number would become infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _INT_FIELDS = ("n_layer", "n_embd", "n_ff_exp", "n_head", "n_head_kv", "head_dim", "n_expert", "n_expert_used",
                "n_vocab", "n_ctx_train", "sliding_window", "rope_orig_ctx")
@@ -56,6 +95,7 @@ _FLOAT_FIELDS: dict[str, tuple[Callable[[float], bool], str]] = {
     "swiglu_limit": (lambda v: v > 0, "above 0"),
     "swiglu_alpha": (lambda v: v > 0, "above 0"),
 }
+_FLOAT32_FIELDS = {field for _, vtype, field in ARCH_METADATA if vtype == _F32}
 
 
 @dataclass(frozen=True)
@@ -92,6 +132,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
+    rope_scaling_type: ClassVar[str] = ROPE_SCALING_TYPE
 
     def __post_init__(self) -> None:
         _validate(vars(self), {})
@@ -183,8 +224,9 @@ class ModelConfig:
         if not isinstance(rope, Mapping):
             raise ConfigError(f"{source}: missing field 'rope_scaling' (YaRN parameters)")
         rope_type = rope.get("rope_type", rope.get("type"))
-        if rope_type != "yarn":
-            raise ConfigError(f"{source}: {rope_key}.rope_type is {describe_value(rope_type)}, expected 'yarn'")
+        if rope_type != ROPE_SCALING_TYPE:
+            raise ConfigError(f"{source}: {rope_key}.rope_type is {describe_value(rope_type)}, expected "
+                              f"{ROPE_SCALING_TYPE!r}")
 
         values: dict[str, Any] = {}
         labels: dict[str, str] = {}
@@ -252,35 +294,37 @@ class ModelConfig:
                 raise ConfigError(f"{source}: metadata key {key!r} must be {kind}, got {describe_value(value)}")
             return value
 
-        arch = get("general.architecture")
+        arch = get(Keys.General.ARCHITECTURE)
         if arch != ARCH:
-            raise ConfigError(f"{source}: general.architecture is {describe_value(arch)}, expected {ARCH!r}")
+            raise ConfigError(f"{source}: {Keys.General.ARCHITECTURE} is {describe_value(arch)}, expected {ARCH!r}")
         scaling = get(KEY_ROPE_SCALING_TYPE)
-        if scaling not in (None, "yarn"):
-            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {describe_value(scaling)}, expected 'yarn'")
+        if scaling not in (None, ROPE_SCALING_TYPE):
+            raise ConfigError(f"{source}: {KEY_ROPE_SCALING_TYPE} is {describe_value(scaling)}, expected "
+                              f"{ROPE_SCALING_TYPE!r}")
         values: dict[str, Any] = {}
         labels: dict[str, str] = {}
-        for field, key in _GGUF_KEYS.items():
-            values[field] = typed(key, need(key), float if field in _FLOAT_FIELDS else int)
-            labels[field] = f"metadata key {key!r}"
+        for key, vtype, field in ARCH_METADATA:
+            if key not in _OPTIONAL_KEYS:
+                values[field] = typed(key, need(key), float if vtype == _F32 else int)
+                labels[field] = f"metadata key {key!r}"
 
-        vocab_size, tokens = get(KEY_VOCAB_SIZE), get("tokenizer.ggml.tokens")
+        vocab_size, tokens = get(KEY_VOCAB_SIZE), get(Keys.Tokenizer.LIST)
         if tokens is not None and (isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__")):
-            raise ConfigError(f"{source}: metadata key 'tokenizer.ggml.tokens' must be an array of strings, "
+            raise ConfigError(f"{source}: metadata key {Keys.Tokenizer.LIST!r} must be an array of strings, "
                               f"got {describe_value(tokens)}")
         if vocab_size is not None:
             values["n_vocab"] = typed(KEY_VOCAB_SIZE, vocab_size, int)
             labels["n_vocab"] = f"metadata key {KEY_VOCAB_SIZE!r}"
         elif tokens is not None:  # llama.cpp takes the vocab size from the token list
-            values["n_vocab"], labels["n_vocab"] = len(tokens), "the length of 'tokenizer.ggml.tokens'"
+            values["n_vocab"], labels["n_vocab"] = len(tokens), f"the length of {Keys.Tokenizer.LIST!r}"
         else:
-            raise ConfigError(f"{source}: neither {KEY_VOCAB_SIZE!r} nor 'tokenizer.ggml.tokens' is present")
+            raise ConfigError(f"{source}: neither {KEY_VOCAB_SIZE!r} nor {Keys.Tokenizer.LIST!r} is present")
         try:
             _validate(values, labels)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if vocab_size is not None and tokens is not None and len(tokens) != vocab_size:
-            raise ConfigError(f"{source}: {KEY_VOCAB_SIZE} is {vocab_size} but tokenizer.ggml.tokens has "
+            raise ConfigError(f"{source}: {KEY_VOCAB_SIZE} is {vocab_size} but {Keys.Tokenizer.LIST} has "
                               f"{len(tokens)} entries")
         # Written by llama.cpp's converter but not needed here; still checked, so no key holds nonsense.
         value_length = get(KEY_VALUE_LENGTH)
@@ -293,38 +337,9 @@ class ModelConfig:
                               f"got {ff_length}")
         return cls(**values)
 
-    def gguf_metadata(self) -> dict[str, tuple[str, Any]]:
-        """The architecture keys llama.cpp's converter writes, as {key: (gguf value type, value)}."""
-        return {
-            KEY_BLOCK_COUNT: ("uint32", self.n_layer),
-            KEY_CONTEXT_LENGTH: ("uint32", self.n_ctx_train),
-            KEY_EMBEDDING_LENGTH: ("uint32", self.n_embd),
-            KEY_FEED_FORWARD_LENGTH: ("uint32", self.n_ff_exp),
-            KEY_HEAD_COUNT: ("uint32", self.n_head),
-            KEY_HEAD_COUNT_KV: ("uint32", self.n_head_kv),
-            KEY_ROPE_FREQ_BASE: ("float32", self.rope_freq_base),
-            KEY_RMS_EPS: ("float32", self.rms_norm_eps),
-            KEY_EXPERT_COUNT: ("uint32", self.n_expert),
-            KEY_EXPERT_USED_COUNT: ("uint32", self.n_expert_used),
-            KEY_KEY_LENGTH: ("uint32", self.head_dim),
-            KEY_VALUE_LENGTH: ("uint32", self.head_dim),
-            KEY_SLIDING_WINDOW: ("uint32", self.sliding_window),
-            KEY_EXPERT_FEED_FORWARD_LENGTH: ("uint32", self.n_ff_exp),
-            KEY_ROPE_SCALING_TYPE: ("string", "yarn"),
-            KEY_ROPE_SCALING_FACTOR: ("float32", self.rope_scaling_factor),
-            KEY_ROPE_SCALING_ORIG_CTX: ("uint32", self.rope_orig_ctx),
-        }
-
-
-# ModelConfig fields read from GGUF metadata, by key (n_vocab is read apart: llama.cpp may take it from the tokens).
-_GGUF_KEYS = {
-    "n_layer": KEY_BLOCK_COUNT, "n_embd": KEY_EMBEDDING_LENGTH, "n_ff_exp": KEY_EXPERT_FEED_FORWARD_LENGTH,
-    "n_head": KEY_HEAD_COUNT, "n_head_kv": KEY_HEAD_COUNT_KV, "head_dim": KEY_KEY_LENGTH,
-    "n_expert": KEY_EXPERT_COUNT, "n_expert_used": KEY_EXPERT_USED_COUNT, "n_ctx_train": KEY_CONTEXT_LENGTH,
-    "sliding_window": KEY_SLIDING_WINDOW, "rope_freq_base": KEY_ROPE_FREQ_BASE,
-    "rope_scaling_factor": KEY_ROPE_SCALING_FACTOR, "rope_orig_ctx": KEY_ROPE_SCALING_ORIG_CTX,
-    "rms_norm_eps": KEY_RMS_EPS,
-}
+    def gguf_metadata(self) -> dict[str, tuple[GGUFValueType, Any]]:
+        """The architecture keys llama.cpp's converter writes, as {key: (GGUF value type, value)}."""
+        return {key: (vtype, getattr(self, field)) for key, vtype, field in ARCH_METADATA}
 
 
 def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
@@ -348,6 +363,9 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
         value = values[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not in_range(value):
             raise ConfigError(f"{name(field)} must be a finite number {description}, got {describe_value(value)}")
+        if field in _FLOAT32_FIELDS and not value <= FLOAT32_MAX:
+            raise ConfigError(f"{name(field)} must be at most {FLOAT32_MAX:.8g}, the largest float32 (GGUF stores "
+                              f"it as one), got {describe_value(value)}")
 
     def get(field: str) -> Any:
         return values.get(field)
@@ -362,8 +380,9 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
         raise ConfigError(f"{name('head_dim')} must be even for RoPE, got {get('head_dim')}")
     # MXFP4 blocks run along the input axis of every expert matrix (H for gate/up, I for down).
     for field in ("n_embd", "n_ff_exp"):
-        if get(field) and get(field) % 32:
-            raise ConfigError(f"{name(field)} must be a multiple of 32 (MXFP4 block size), got {get(field)}")
+        if get(field) and get(field) % mxfp4.BLOCK_VALUES:
+            raise ConfigError(f"{name(field)} must be a multiple of {mxfp4.BLOCK_VALUES} (MXFP4 block size), "
+                              f"got {get(field)}")
     if get("rope_beta_fast") and get("rope_beta_slow") and not get("rope_beta_fast") > get("rope_beta_slow"):
         raise ConfigError(f"{name('rope_beta_fast')} ({get('rope_beta_fast')}) must be greater than "
                           f"{name('rope_beta_slow')} ({get('rope_beta_slow')})")

@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig, describe_value
 from ..errors import ConfigError, ModelFileError
 
-GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
+_MAGIC = GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
 
 # GGUF metadata value types -> struct format (gguf.h `enum gguf_type`).
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_INT32, _STRING, _ARRAY = 5, 8, 9
-_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
-               8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
+}
+_INT32, _FLOAT32, _STRING, _ARRAY = (GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
+                                     GGUFValueType.ARRAY)
 # The smallest a header entry can be: a metadata key (name length, type, a 1-byte value) and a tensor info
 # (name length, n_dims, one dimension, type, offset). Counts are checked against these before anything is read.
 _MIN_KV_BYTES = 8 + 4 + 1
@@ -41,11 +43,10 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 _MAX_DIM = 2**62 - 1
 
 # Metadata that must be arrays of one element type: llama.cpp's types (it reads token_type as raw int32).
-_ARRAY_KEYS = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.token_type": _INT32,
-               "tokenizer.ggml.merges": _STRING}
+_ARRAY_KEYS = {Keys.Tokenizer.LIST: _STRING, Keys.Tokenizer.TOKEN_TYPE: _INT32, Keys.Tokenizer.MERGES: _STRING}
 # Metadata that must be strings where present.
-_STRING_KEYS = ("general.architecture", "general.name", KEY_ROPE_SCALING_TYPE, "tokenizer.ggml.model",
-                "tokenizer.ggml.pre", "tokenizer.chat_template")
+_STRING_KEYS = (Keys.General.ARCHITECTURE, Keys.General.NAME, KEY_ROPE_SCALING_TYPE, Keys.Tokenizer.MODEL,
+                Keys.Tokenizer.PRE, Keys.Tokenizer.CHAT_TEMPLATE)
 
 # Tensor types accepted for each kind of tensor in ModelConfig.tensor_specs().
 DENSE_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -131,7 +132,7 @@ class _LazyArray:
         return self.count
 
     def __repr__(self) -> str:
-        return f"an array of {self.count} {_TYPE_NAMES[self.elem_type]} values"
+        return f"an array of {self.count} {_type_name(self.elem_type)} values"
 
     def decode(self, path: Path) -> list:
         cur = _Cursor(self.buf, path)
@@ -211,19 +212,19 @@ class ModelFile:
 
     @property
     def tokenizer_tokens(self) -> list[str]:
-        return self._need_list("tokenizer.ggml.tokens")
+        return self._need_list(Keys.Tokenizer.LIST)
 
     @property
     def tokenizer_token_types(self) -> list[int]:
-        return self._need_list("tokenizer.ggml.token_type")
+        return self._need_list(Keys.Tokenizer.TOKEN_TYPE)
 
     @property
     def tokenizer_merges(self) -> list[str]:
-        return self.get("tokenizer.ggml.merges", [])
+        return self.get(Keys.Tokenizer.MERGES, [])
 
     @property
     def chat_template(self) -> str | None:
-        return self.get("tokenizer.chat_template")
+        return self.get(Keys.Tokenizer.CHAT_TEMPLATE)
 
     def _need_list(self, key: str) -> list:
         value = self.get(key)
@@ -238,15 +239,15 @@ class ModelFile:
             value = self._fields.get(key)
             if value is not None and not (isinstance(value, _LazyArray) and value.elem_type == elem_type):
                 raise ModelFileError(f"{self.path}: metadata key {key!r} must be an array of "
-                                     f"{_TYPE_NAMES[elem_type]} values, got {describe_value(value)}")
+                                     f"{_type_name(elem_type)} values, got {describe_value(value)}")
         for key in _STRING_KEYS:
             value = self._fields.get(key)
             if value is not None and not isinstance(value, str):
                 raise ModelFileError(f"{self.path}: metadata key {key!r} must be a string, got {describe_value(value)}")
-        tokens, types = self._fields.get("tokenizer.ggml.tokens"), self._fields.get("tokenizer.ggml.token_type")
+        tokens, types = self._fields.get(Keys.Tokenizer.LIST), self._fields.get(Keys.Tokenizer.TOKEN_TYPE)
         if tokens is not None and types is not None and len(tokens) != len(types):
-            raise ModelFileError(f"{self.path}: tokenizer.ggml.tokens has {len(tokens)} entries but "
-                                 f"tokenizer.ggml.token_type has {len(types)}")
+            raise ModelFileError(f"{self.path}: {Keys.Tokenizer.LIST} has {len(tokens)} entries but "
+                                 f"{Keys.Tokenizer.TOKEN_TYPE} has {len(types)}")
 
     # --- tensors -----------------------------------------------------------------------------------------
     def _read_config(self) -> ModelConfig:
@@ -320,7 +321,7 @@ class ModelFile:
 def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int, int]:
     """Metadata, tensor infos, where the tensor data starts and the alignment."""
     cur = _Cursor(buf, path)
-    if buf[:4] != GGUF_MAGIC:
+    if buf[:4] != _MAGIC:
         raise ModelFileError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r})")
     cur.pos = 4
     version = cur.unpack("I")
@@ -356,9 +357,10 @@ def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_Ten
         type_id, offset = cur.unpack("IQ")
         infos[name] = _TensorInfo(name, tuple(int(n) for n in reversed(ne)), type_id, offset)
 
-    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    alignment = fields.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
     if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
-        raise ModelFileError(f"{path}: general.alignment is {describe_value(alignment)}, expected a power of two")
+        raise ModelFileError(f"{path}: {Keys.General.ALIGNMENT} is {describe_value(alignment)}, expected a power "
+                             "of two")
     data_start = -(-cur.pos // alignment) * alignment
     return fields, list(infos.values()), data_start, alignment
 
@@ -366,7 +368,7 @@ def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_Ten
 def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
     if vtype == _STRING:
         return cur.string()
-    if vtype == 6:  # f32: the shortest decimal that round-trips, so 1e-5 reads back as 1e-5, not 9.9999997e-06
+    if vtype == _FLOAT32:  # f32: the shortest decimal that round-trips, so 1e-5 reads back as 1e-5, not 9.9999997e-06
         return float(str(np.float32(cur.unpack("f"))))
     if vtype in _SCALAR_FORMATS:
         return cur.unpack(_SCALAR_FORMATS[vtype])
@@ -395,3 +397,8 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
             return _LazyArray(cur.buf, start, elem_type, count)
         raise ModelFileError(f"{cur.path}: metadata array {key!r} has unsupported element type {elem_type}")
     raise ModelFileError(f"{cur.path}: metadata key {key!r} has unknown value type {vtype}")
+
+
+def _type_name(vtype: int) -> str:
+    """A GGUF value type by name, as gguf.h spells it: "uint32", "string"."""
+    return GGUFValueType(vtype).name.lower()

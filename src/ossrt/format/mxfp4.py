@@ -11,9 +11,12 @@ The scale byte is the same in both, so HF -> GGUF is a pure nibble shuffle: bit-
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QK = 32  # values per block
-BLOCK_BYTES = 17  # GGUF block_mxfp4: e + qs[16]
+# Values per block (in both layouts) and bytes per GGUF block_mxfp4 (the scale byte e, then qs), as ggml defines them.
+BLOCK_VALUES, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.MXFP4]
+CODE_BYTES = BLOCK_VALUES // 2  # a block's 4-bit codes, two a byte: HF's blocks[..., 16], GGUF's qs[16]
+QK = BLOCK_VALUES  # TODO(issue 12): the old name, until engine/simd.py imports BLOCK_VALUES
 
 # E2M1 code -> value; bit 3 is the sign (OCP MX spec).
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
@@ -31,9 +34,9 @@ def dequantize_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """HF layout `blocks[..., G, 16]`, `scales[..., G]` -> float32 `[..., G*32]`."""
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
         raise ValueError("MXFP4 blocks and scales must be uint8")
-    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+    if blocks.shape[-1] != CODE_BYTES or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
-    nib = np.empty(blocks.shape[:-1] + (32,), dtype=np.uint8)
+    nib = np.empty(blocks.shape[:-1] + (BLOCK_VALUES,), dtype=np.uint8)
     nib[..., 0::2] = blocks & 0x0F
     nib[..., 1::2] = blocks >> 4
     values = FP4_VALUES[nib] * _pow2(scales.astype(np.int32) - 127)[..., None]
@@ -45,13 +48,13 @@ def dequantize_gguf(rows: np.ndarray, n: int | None = None) -> np.ndarray:
     if rows.dtype != np.uint8 or rows.shape[-1] % BLOCK_BYTES:
         raise ValueError(f"MXFP4 rows must be uint8 with a multiple of {BLOCK_BYTES} bytes, got {rows.shape}")
     g = rows.shape[-1] // BLOCK_BYTES
-    if n is not None and n != g * QK:
-        raise ValueError(f"MXFP4 rows hold {g * QK} values, expected {n}")
+    if n is not None and n != g * BLOCK_VALUES:
+        raise ValueError(f"MXFP4 rows hold {g * BLOCK_VALUES} values, expected {n}")
     b = rows.reshape(rows.shape[:-1] + (g, BLOCK_BYTES))
     e, qs = b[..., 0], b[..., 1:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # elements 0..15, then 16..31
     values = KVALUES[codes].astype(np.float32) * _pow2(e.astype(np.int32) - 128)[..., None]
-    return values.reshape(rows.shape[:-1] + (g * QK,))
+    return values.reshape(rows.shape[:-1] + (g * BLOCK_VALUES,))
 
 
 def hf_to_gguf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -59,15 +62,15 @@ def hf_to_gguf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     (llama.cpp `transform_nibble_layout` + `repack_mxfp4`): the scale byte is copied, nibbles reordered."""
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
         raise ValueError("MXFP4 blocks and scales must be uint8")
-    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+    if blocks.shape[-1] != CODE_BYTES or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
     lo, hi = blocks & 0x0F, blocks >> 4  # elements 2j and 2j+1
-    nib = np.empty(blocks.shape[:-1] + (32,), dtype=np.uint8)
+    nib = np.empty(blocks.shape[:-1] + (BLOCK_VALUES,), dtype=np.uint8)
     nib[..., 0::2] = lo
     nib[..., 1::2] = hi
     out = np.empty(blocks.shape[:-1] + (BLOCK_BYTES,), dtype=np.uint8)
     out[..., 0] = scales
-    out[..., 1:] = nib[..., :16] | (nib[..., 16:] << 4)
+    out[..., 1:] = nib[..., :CODE_BYTES] | (nib[..., CODE_BYTES:] << 4)
     return out.reshape(blocks.shape[:-2] + (-1,))
 
 
@@ -80,10 +83,10 @@ def quantize_gguf(x: np.ndarray) -> np.ndarray:
     float32; ties go to the lower table index. amax / d lies in [8, 16), so values above 12·d saturate to ±12·d.
     """
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] % QK:
-        raise ValueError(f"MXFP4 quantization needs a multiple of {QK} values per row, got {x.shape[-1]}")
-    g = x.shape[-1] // QK
-    xb = x.reshape(x.shape[:-1] + (g, QK))
+    if x.shape[-1] % BLOCK_VALUES:
+        raise ValueError(f"MXFP4 quantization needs a multiple of {BLOCK_VALUES} values per row, got {x.shape[-1]}")
+    g = x.shape[-1] // BLOCK_VALUES
+    xb = x.reshape(x.shape[:-1] + (g, BLOCK_VALUES))
     amax = np.abs(xb).max(axis=-1)
     with np.errstate(divide="ignore"):
         e_f = np.floor(np.log2(amax)) - 2 + 127
@@ -98,5 +101,5 @@ def quantize_gguf(x: np.ndarray) -> np.ndarray:
         best_err = np.where(better, err, best_err)
     out = np.empty(x.shape[:-1] + (g, BLOCK_BYTES), dtype=np.uint8)
     out[..., 0] = e
-    out[..., 1:] = best[..., :16] | (best[..., 16:] << 4)
+    out[..., 1:] = best[..., :CODE_BYTES] | (best[..., CODE_BYTES:] << 4)
     return out.reshape(x.shape[:-1] + (g * BLOCK_BYTES,))
