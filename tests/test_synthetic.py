@@ -5,12 +5,14 @@ import json
 import math
 
 import numpy as np
+import pytest
 import regex
 import tiktoken
 
 from ossrt.format import mxfp4
 
 from ossrt.testing import synthetic
+from ossrt.tokenizer import O200K_PATTERN, SPECIAL_TOKENS, unicode_token_to_bytes
 from ossrt.format.config import ModelConfig
 from ossrt.format.checkpoint import Checkpoint
 from ossrt.format.safetensors import read_shard
@@ -37,6 +39,16 @@ def test_shipped_vocabulary_is_o200k_base():
     assert len(tokens) == 199998 and tokens[:3] == [b"!", b'"', b"#"] and tokens[13225] == b"Hello"
 
 
+def test_ranks_must_follow_file_order(tmp_path):
+    """The merges are derived from the token order, so a vocabulary listing ranks out of order is refused."""
+    path = tmp_path / "v.tiktoken"
+    path.write_bytes(b"IQ== 1\nIg== 0\n")  # "!" then '"', ranks swapped
+    with pytest.raises(ValueError, match=r"token 0 of the file \(b'!'\) has rank 1, expected 0$"):
+        synthetic.load_ranks(path)
+    path.write_bytes(b"IQ== 0\nIg== 1\n")
+    assert synthetic.load_ranks(path) == [b"!", b'"']
+
+
 def _bpe(piece: bytes, ranks: dict) -> list[bytes]:
     """HF BPE: repeatedly merge the adjacent pair with the lowest merge rank."""
     parts = [bytes([b]) for b in piece]
@@ -53,18 +65,18 @@ def _bpe(piece: bytes, ranks: dict) -> list[bytes]:
 def test_tokenizer_json_reproduces_tiktoken(tiny_checkpoint, o200k_path):
     d = tiny_checkpoint()
     tok = json.loads((d / "tokenizer.json").read_text())
-    u2b = {v: k for k, v in synthetic._bytes_to_unicode().items()}
-    vocab = {bytes(u2b[ch] for ch in s): i for s, i in tok["model"]["vocab"].items()}
+    u2b = unicode_token_to_bytes
+    vocab = {u2b(s): i for s, i in tok["model"]["vocab"].items()}
     merges = tok["model"]["merges"]
     assert len(vocab) == 199998 and len(merges) == 446189
-    ranks = {(bytes(u2b[c] for c in a), bytes(u2b[c] for c in b)): r for r, (a, b) in enumerate(merges)}
+    ranks = {(u2b(a), u2b(b)): r for r, (a, b) in enumerate(merges)}
     added = {a["id"]: a["content"] for a in tok["added_tokens"]}
-    assert added == synthetic.SPECIAL_TOKENS and len(added) == 21
-    enc = tiktoken.Encoding("o200k", pat_str=synthetic.O200K_PATTERN,
+    assert added == SPECIAL_TOKENS and len(added) == 21
+    enc = tiktoken.Encoding("o200k", pat_str=O200K_PATTERN,
                             mergeable_ranks=dict(zip(synthetic.load_ranks(o200k_path), range(199998))),
                             special_tokens={})
     text = "Hello, world! Ünïcödé 12345 tokens'll    split\n\n  déjà vu — 日本語のテキスト 🙂 x=y+1;"
-    ours = [vocab[p] for piece in regex.findall(synthetic.O200K_PATTERN, text) for p in _bpe(piece.encode(), ranks)]
+    ours = [vocab[p] for piece in regex.findall(O200K_PATTERN, text) for p in _bpe(piece.encode(), ranks)]
     assert ours == enc.encode(text)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == ("<|startoftext|>", "<|return|>", "<|endoftext|>")

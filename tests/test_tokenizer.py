@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+from gguf import TokenType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ossrt.errors import ModelFileError
+from ossrt.testing import synthetic
 from ossrt.tokenizer import (
     N_VOCAB,
     SPECIAL_TOKENS,
-    TOKEN_CONTROL,
-    TOKEN_NORMAL,
-    TOKEN_UNUSED,
     Tokenizer,
     bytes_to_unicode_token,
     load_tiktoken_ranks,
@@ -195,11 +194,11 @@ def test_bytes_to_unicode_token():
 
 def _gguf_lists(ranks):
     tokens = [f"[PAD{i}]" for i in range(N_VOCAB)]
-    types = [TOKEN_UNUSED] * N_VOCAB
+    types = [TokenType.UNUSED.value] * N_VOCAB
     for b, i in ranks.items():
-        tokens[i], types[i] = bytes_to_unicode_token(b), TOKEN_NORMAL
+        tokens[i], types[i] = bytes_to_unicode_token(b), TokenType.NORMAL.value
     for i, s in SPECIAL_TOKENS.items():
-        tokens[i], types[i] = s, TOKEN_CONTROL
+        tokens[i], types[i] = s, TokenType.CONTROL.value
     return tokens, types
 
 
@@ -230,7 +229,7 @@ def test_from_gguf_vocab_rejects_bad_vocabularies(ranks):
     with pytest.raises(ModelFileError, match=r"tokens\[101\] .* repeats token 100"):
         Tokenizer.from_gguf_vocab(bad_tokens, types)
     no_byte = list(types)
-    no_byte[ranks[b"\x00"]] = TOKEN_UNUSED
+    no_byte[ranks[b"\x00"]] = TokenType.UNUSED.value
     with pytest.raises(ModelFileError, match="all 256 single bytes; missing \\[0\\]"):
         Tokenizer.from_gguf_vocab(tokens, no_byte)
 
@@ -262,7 +261,7 @@ class _VocabFile:
 def test_from_model_file_needs_every_special_token_at_its_id(ranks):
     tokens, types = _gguf_lists(ranks)
     normal = list(types)
-    normal[200006] = TOKEN_NORMAL  # <|start|> as ordinary text: encodes, but Harmony could not find it
+    normal[200006] = TokenType.NORMAL.value  # <|start|> as ordinary text: encodes, but Harmony could not find it
     with pytest.raises(ModelFileError, match=r"m.gguf: tokenizer.ggml.tokens\[200006\] must be the special token "
                                              r"'<\|start\|>' \(token_type CONTROL = 3\), found '<\|start\|>' of type 1"):
         Tokenizer.from_model_file(_VocabFile(tokens, normal))
@@ -293,3 +292,11 @@ def test_from_tiktoken_file_names_bad_line(tmp_path):
     p.write_bytes(b"IQ== 0\nnot-base64!! 1\n")
     with pytest.raises(ValueError, match="line 2"):
         Tokenizer.from_tiktoken_file(p)
+
+
+def test_tiktoken_ranks_from_the_shipped_bytes(ranks):
+    """The vocabulary the package ships (xz, read as bytes) gives the ranks of the plain file."""
+    assert load_tiktoken_ranks(synthetic.o200k_base()) == ranks
+    assert len(ranks) == 199998 and ranks[b"Hello"] == 13225
+    with pytest.raises(ValueError, match="^the .tiktoken data: line 2 is not 'base64-token rank'$"):
+        load_tiktoken_ranks(b"IQ== 0\nnot-base64!! 1\n")

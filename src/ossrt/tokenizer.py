@@ -15,9 +15,11 @@ import codecs
 import operator
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import AbstractSet, Literal
 
 import tiktoken
+from gguf import Keys, TokenType
 
 from .errors import ModelFileError
 
@@ -44,9 +46,6 @@ SPECIAL_TOKENS: dict[int, str] = {
     200015: "<|reserved_200015|>", 200016: "<|reserved_200016|>", 200017: "<|reserved_200017|>",
     200018: "<|endofprompt|>",
 }
-
-# GGUF token types (llama.cpp `llama_token_type`).
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
 # --- GPT-2 byte-to-unicode ---------------------------------------------------------------------------------------
@@ -81,18 +80,21 @@ def unicode_token_to_bytes(s: str) -> bytes:
         raise ValueError(f"token {s!r}: character {e.args[0]!r} is not a GPT-2 byte-to-unicode character") from None
 
 
-def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Read a `.tiktoken` file (`base64(token) rank` per line) without tiktoken's download/cache layer."""
+def load_tiktoken_ranks(source: str | os.PathLike | bytes) -> dict[bytes, int]:
+    """A `.tiktoken` vocabulary (`base64(token) rank` per line) -> {token bytes: rank}, without tiktoken's
+    download/cache layer. `source` is a path, or the file's contents (such as `ossrt.testing.synthetic.o200k_base()`,
+    the copy the package ships)."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    where = "the .tiktoken data" if isinstance(source, bytes) else os.fspath(source)
     ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                b64, rank = line.split()
-                ranks[base64.b64decode(b64, validate=True)] = int(rank)
-            except ValueError:
-                raise ValueError(f"{path}: line {n} is not 'base64-token rank'") from None
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            b64, rank = line.split()
+            ranks[base64.b64decode(b64, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{where}: line {n} is not 'base64-token rank'") from None
     return ranks
 
 
@@ -134,31 +136,33 @@ class Tokenizer:
         """From GGUF `tokenizer.ggml.tokens` / `token_type` (DEVELOPERS.md): NORMAL entries are GPT-2
         byte-to-unicode strings with rank = id; CONTROL (and USER_DEFINED) entries are special tokens with their
         literal text; UNUSED entries (`[PAD{id}]`) have no string."""
+        tokens_key, types_key = Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE
         if len(tokens) != len(token_types):
-            raise ModelFileError(f"tokenizer.ggml.tokens has {len(tokens)} entries but tokenizer.ggml.token_type "
-                                 f"has {len(token_types)}")
+            raise ModelFileError(f"{tokens_key} has {len(tokens)} entries but {types_key} has {len(token_types)}")
         ranks: dict[bytes, int] = {}
         specials: dict[str, int] = {}
         for i, (text, ttype) in enumerate(zip(tokens, token_types)):
             if not isinstance(text, str):
-                raise ModelFileError(f"tokenizer.ggml.tokens[{i}] is {text!r}, not a string")
+                raise ModelFileError(f"{tokens_key}[{i}] is {text!r}, not a string")
             if type(ttype) is not int:  # True == 1 would pass as NORMAL
-                raise ModelFileError(f"tokenizer.ggml.token_type[{i}] is {ttype!r}, not an integer")
-            if ttype == TOKEN_NORMAL:
+                raise ModelFileError(f"{types_key}[{i}] is {ttype!r}, not an integer")
+            if ttype == TokenType.NORMAL:
                 try:
                     b = unicode_token_to_bytes(text)
                 except ValueError as e:
-                    raise ModelFileError(f"tokenizer.ggml.tokens[{i}]: {e}") from None
+                    raise ModelFileError(f"{tokens_key}[{i}]: {e}") from None
                 if b in ranks:
-                    raise ModelFileError(f"tokenizer.ggml.tokens[{i}] {text!r} repeats token {ranks[b]}")
+                    raise ModelFileError(f"{tokens_key}[{i}] {text!r} repeats token {ranks[b]}")
                 ranks[b] = i
-            elif ttype in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+            elif ttype in (TokenType.CONTROL, TokenType.USER_DEFINED):
                 if text in specials:
-                    raise ModelFileError(f"tokenizer.ggml.tokens[{i}] {text!r} repeats token {specials[text]}")
+                    raise ModelFileError(f"{tokens_key}[{i}] {text!r} repeats token {specials[text]}")
                 specials[text] = i
-            elif ttype != TOKEN_UNUSED:
-                raise ModelFileError(f"tokenizer.ggml.token_type[{i}] = {ttype!r}: a gpt2 (byte-level BPE) "
-                                     f"vocabulary has only NORMAL (1), CONTROL (3), USER_DEFINED (4), UNUSED (5)")
+            elif ttype != TokenType.UNUSED:
+                kinds = ", ".join(f"{t.name} ({t.value})" for t in (TokenType.NORMAL, TokenType.CONTROL,
+                                                                     TokenType.USER_DEFINED, TokenType.UNUSED))
+                raise ModelFileError(f"{types_key}[{i}] = {ttype!r}: a gpt2 (byte-level BPE) vocabulary has only "
+                                     f"{kinds}")
         try:
             return cls(ranks, specials, n_vocab=len(tokens))
         except ValueError as e:
@@ -167,9 +171,9 @@ class Tokenizer:
     @classmethod
     def from_model_file(cls, mf) -> "Tokenizer":
         """From an open `ossrt.format.modelfile.ModelFile`; checks that the vocabulary is the o200k kind."""
-        model, pre = mf.get("tokenizer.ggml.model"), mf.get("tokenizer.ggml.pre")
+        model, pre = mf.get(Keys.Tokenizer.MODEL), mf.get(Keys.Tokenizer.PRE)
         if model != "gpt2" or pre not in ("gpt-4o", None):
-            raise ModelFileError(f"{mf.path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; gpt-oss uses "
+            raise ModelFileError(f"{mf.path}: {Keys.Tokenizer.MODEL}/pre = {model!r}/{pre!r}; gpt-oss uses "
                                  f"'gpt2'/'gpt-4o' (o200k)")
         tokens, types = mf.tokenizer_tokens, mf.tokenizer_token_types
         try:
@@ -180,8 +184,8 @@ class Tokenizer:
         for i, text in SPECIAL_TOKENS.items():
             if tokenizer._special_by_id.get(i) != text:
                 found = f"{tokens[i]!r} of type {types[i]}" if i < len(tokens) else "nothing"
-                raise ModelFileError(f"{mf.path}: tokenizer.ggml.tokens[{i}] must be the special token {text!r} "
-                                     f"(token_type CONTROL = {TOKEN_CONTROL}), found {found}")
+                raise ModelFileError(f"{mf.path}: {Keys.Tokenizer.LIST}[{i}] must be the special token {text!r} "
+                                     f"(token_type CONTROL = {TokenType.CONTROL.value}), found {found}")
         return tokenizer
 
     # --- encoding ---
@@ -190,10 +194,6 @@ class Tokenizer:
         if not allowed_special:
             return self._enc.encode_ordinary(text)
         return self._enc.encode(text, allowed_special=allowed_special, disallowed_special=())
-
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        """Ordinary encoding of many texts (tiktoken runs them on its thread pool)."""
-        return self._enc.encode_ordinary_batch(list(texts))
 
     # --- decoding ---
     def decode_bytes(self, ids: Iterable[int]) -> bytes:

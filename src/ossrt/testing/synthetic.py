@@ -7,7 +7,7 @@ The real weights cannot be downloaded in CI, so tests and benchmarks convert che
 The vocabulary is OpenAI's o200k_base, shipped in the package (`data/o200k_base.tiktoken.xz`, checked against its
 published sha256 when read), so nothing is downloaded and no file outside the package is needed.
 
-Weights: each tensor has its own RNG seeded by (seed, tensor index), so a file is the same whatever the sharding.
+Weights: each tensor has its own RNG seeded by (seed, its name), so a file is the same whatever the sharding.
 Dense matrices are N(0, gain/sqrt(fan_in)) in bf16 so every projection keeps the RMS of its input; output
 projections (o_proj, down) use gain 0.5 so the residual stream grows slowly through the layers; norms ≈ 1;
 sinks and biases small. MXFP4 experts are drawn as random nibble bytes directly (fast: no float quantization) with
@@ -21,7 +21,6 @@ Files are streamed tensor by tensor into ~4 GB shards, so the full 120b needs no
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import hashlib
 import json
@@ -37,31 +36,13 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..format import mxfp4
+from ..tokenizer import N_VOCAB, O200K_PATTERN, SPECIAL_TOKENS, bytes_to_unicode_token, load_tiktoken_ranks
 
 O200K_BASE_RESOURCE = "data/o200k_base.tiktoken.xz"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # of the uncompressed file
 
-# The 21 special tokens of o200k_harmony that HF tokenizer.json defines (spec §6).
-SPECIAL_TOKENS = {
-    199998: "<|startoftext|>", 199999: "<|endoftext|>", 200000: "<|reserved_200000|>",
-    200001: "<|reserved_200001|>", 200002: "<|return|>", 200003: "<|constrain|>", 200004: "<|reserved_200004|>",
-    200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
-    200009: "<|reserved_200009|>", 200010: "<|reserved_200010|>", 200011: "<|reserved_200011|>",
-    200012: "<|call|>", 200013: "<|reserved_200013|>", 200014: "<|reserved_200014|>",
-    200015: "<|reserved_200015|>", 200016: "<|reserved_200016|>", 200017: "<|reserved_200017|>",
-    200018: "<|endofprompt|>",
-}
+# The release's config.json ids: bos <|startoftext|>, eos <|return|>, pad <|endoftext|>.
 BOS_ID, EOS_ID, PAD_ID = 199998, 200002, 199999
-
-O200K_PATTERN = "|".join([
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
 
 # A Harmony chat template in the HF style: system, developer instructions, user/assistant turns, tool calls and
 # results, past assistant turns as `final` only (spec §7). It is stored verbatim in `tokenizer.chat_template`.
@@ -122,7 +103,7 @@ def _base_config() -> dict:
         "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "original_max_position_embeddings": 4096, "truncate": False},
         "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
-        "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
+        "tie_word_embeddings": False, "use_cache": True, "vocab_size": N_VOCAB,
     }
 
 
@@ -157,20 +138,6 @@ def hf_config(size: str = "tiny", **overrides) -> dict:
 
 
 # --- tokenizer files ---------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies.
-    TODO(dedup): tokenizer.py is to provide bytes_to_unicode_token; switch to it once it exists."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars = keep[:]
-    n = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
 def o200k_base() -> bytes:
     """The bytes of OpenAI's o200k_base.tiktoken as published, from the copy shipped in the package."""
     resource = resources.files(__package__).joinpath(O200K_BASE_RESOURCE)
@@ -182,16 +149,14 @@ def o200k_base() -> bytes:
 
 
 def load_ranks(vocab_path: str | os.PathLike | None = None) -> list[bytes]:
-    """A `.tiktoken` file (`base64(token) rank` per line; default: the shipped o200k_base) -> token bytes by rank."""
-    data = o200k_base() if vocab_path is None else Path(vocab_path).read_bytes()
-    source = vocab_path or O200K_BASE_RESOURCE
-    tokens: list[bytes] = []
-    for n, line in enumerate(data.splitlines()):
-        b64, rank = line.split()
-        if int(rank) != n:
-            raise ValueError(f"{source}: line {n + 1} has rank {int(rank)}, expected {n}")
-        tokens.append(base64.b64decode(b64))
-    return tokens
+    """A `.tiktoken` file (default: the shipped o200k_base) -> token bytes by rank; the ranks must run 0, 1, 2...
+    in file order, as the merges are derived from that order."""
+    ranks = load_tiktoken_ranks(o200k_base() if vocab_path is None else vocab_path)
+    for n, (token, rank) in enumerate(ranks.items()):
+        if rank != n:
+            raise ValueError(f"{vocab_path or O200K_BASE_RESOURCE}: token {n} of the file ({token!r}) has rank "
+                             f"{rank}, expected {n}")
+    return list(ranks)
 
 
 def bpe_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -223,12 +188,7 @@ def write_tokenizer(out_dir: Path, vocab_path: str | os.PathLike | None, n_vocab
 @functools.lru_cache(maxsize=2)
 def _tokenizer_files(vocab_path: str | None, n_vocab: int, max_length: int) -> tuple[tuple[str, str], ...]:
     tokens = load_ranks(vocab_path)
-    b2u = _bytes_to_unicode()
-    table = [b2u[b] for b in range(256)]
-
-    def u(t: bytes) -> str:
-        return "".join(table[b] for b in t)
-
+    u = bytes_to_unicode_token
     vocab = {u(t): i for i, t in enumerate(tokens)}
     merges = [[u(a), u(b)] for a, b in bpe_merges(tokens)]
     specials = {i: s for i, s in SPECIAL_TOKENS.items() if i < n_vocab}
@@ -297,7 +257,7 @@ def _uniform_rms_exponent(std: float) -> int:
 
 def _expert_blocks(rng: np.random.Generator, rows: int, g: int, std: float) -> tuple[np.ndarray, np.ndarray]:
     """One expert's MXFP4 weight in HF layout: blocks [rows, g, 16], scales [rows, g]."""
-    blocks = np.frombuffer(rng.bytes(rows * g * 16), dtype=np.uint8).reshape(rows, g, 16)
+    blocks = np.frombuffer(rng.bytes(rows * g * mxfp4.CODE_BYTES), dtype=np.uint8).reshape(rows, g, mxfp4.CODE_BYTES)
     # Jitter the block exponents by ±1 so scales vary like a real checkpoint's.
     scales = (_uniform_rms_exponent(std) + rng.integers(-1, 2, size=(rows, g), dtype=np.int16)).astype(np.uint8)
     return blocks, scales
@@ -307,7 +267,7 @@ def _experts(kind: str, n_exp: int, rows: int, cols: int, std: float) -> Callabl
     """Expert tensors of one layer, streamed expert by expert. kind: "blocks", "scales" (mxfp4 layout) or
     "dense" (bf16 layout: the dequantized blocks transposed to [in, out]). All three draw the same RNG stream,
     so the layouts hold the same values for a seed."""
-    g = cols // mxfp4.QK
+    g = cols // mxfp4.BLOCK_VALUES
 
     def gen(rng: np.random.Generator) -> Iterator[np.ndarray]:
         for _ in range(n_exp):
@@ -328,7 +288,7 @@ def plan_tensors(cfg: dict, layout: str) -> list[_Planned]:
     H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     E, L, hd = cfg["num_local_experts"], cfg["num_hidden_layers"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    nh = cfg["num_attention_heads"]
+    nh, QK = cfg["num_attention_heads"], mxfp4.BLOCK_VALUES
     t = [_Planned("model.embed_tokens.weight", "BF16", (V, H), _dense((V, H), 1.0))]
     for i in range(L):
         p = f"model.layers.{i}."
@@ -351,9 +311,9 @@ def plan_tensors(cfg: dict, layout: str) -> list[_Planned]:
         gu_std, dn_std = H ** -0.5, 0.5 * I ** -0.5
         if layout == "mxfp4":
             t += [
-                _Planned(x + "gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16),
+                _Planned(x + "gate_up_proj_blocks", "U8", (E, 2 * I, H // QK, mxfp4.CODE_BYTES),
                          _experts("blocks", E, 2 * I, H, gu_std)),
-                _Planned(x + "gate_up_proj_scales", "U8", (E, 2 * I, H // 32),
+                _Planned(x + "gate_up_proj_scales", "U8", (E, 2 * I, H // QK),
                          _experts("scales", E, 2 * I, H, gu_std)),
             ]
         else:
@@ -361,8 +321,9 @@ def plan_tensors(cfg: dict, layout: str) -> list[_Planned]:
         t.append(_Planned(x + "gate_up_proj_bias", "BF16", (E, 2 * I), _dense((E, 2 * I), 0.02)))
         if layout == "mxfp4":
             t += [
-                _Planned(x + "down_proj_blocks", "U8", (E, H, I // 32, 16), _experts("blocks", E, H, I, dn_std)),
-                _Planned(x + "down_proj_scales", "U8", (E, H, I // 32), _experts("scales", E, H, I, dn_std)),
+                _Planned(x + "down_proj_blocks", "U8", (E, H, I // QK, mxfp4.CODE_BYTES),
+                         _experts("blocks", E, H, I, dn_std)),
+                _Planned(x + "down_proj_scales", "U8", (E, H, I // QK), _experts("scales", E, H, I, dn_std)),
             ]
         else:
             t.append(_Planned(x + "down_proj", "BF16", (E, I, H), _experts("dense", E, H, I, dn_std)))
