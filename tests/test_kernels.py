@@ -1,4 +1,5 @@
-"""Numba kernels against plain NumPy: gguf's own dequantizer and the spec's formulas."""
+"""Numba weight kernels against plain NumPy: gguf's own dequantizer and the spec's formulas (attention: see
+test_attention.py)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from ossrt.engine import kernels
-
+from ossrt.engine.reference import weight as reference  # gguf's dequantizer, float64
 from ossrt.format import mxfp4
 from ossrt.format.modelfile import Tensor
 
@@ -27,14 +28,6 @@ def make_tensor(x: np.ndarray, qtype: T, name: str = "w") -> Tensor:
     else:
         data = quants.quantize(x, qtype)
     return Tensor(name, qtype, x.shape, data)
-
-
-def reference(w: Tensor) -> np.ndarray:
-    if w.type == T.BF16:
-        return quants.dequantize(w.data.view(np.uint8), T.BF16).reshape(w.shape)
-    if w.type == T.MXFP4:
-        return mxfp4.dequantize_gguf(w.data)
-    return quants.dequantize(w.data, w.type).reshape(w.shape).astype(np.float32)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -61,7 +54,7 @@ def test_matvec_matches_dequantized_product(qtype, shape):
     rng = np.random.default_rng(2)
     w = make_tensor(rng.standard_normal(shape), qtype)
     x = rng.standard_normal(shape[1]).astype(np.float32)
-    expect = reference(w).astype(np.float64) @ x
+    expect = reference(w) @ x
     got = kernels.matvec(w, x)
     assert got.dtype == np.float32 and got.shape == (shape[0],)
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5 * np.sqrt(shape[1]))
@@ -73,7 +66,7 @@ def test_matmul_tiles_match_dequantized_product(qtype, monkeypatch):
     rng = np.random.default_rng(3)
     w = make_tensor(rng.standard_normal((23, 96)), qtype)
     X = rng.standard_normal((11, 96)).astype(np.float32)
-    expect = X.astype(np.float64) @ reference(w).T.astype(np.float64)
+    expect = X.astype(np.float64) @ reference(w).T
     np.testing.assert_allclose(kernels.matmul(w, X), expect, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(kernels.linear(w, X[:1]), expect[:1], rtol=1e-5, atol=1e-4)
 
@@ -88,7 +81,10 @@ def test_matvec_and_matmul_reject_wrong_sizes():
         kernels.dequantize(w, rows=[4])
 
 
-def moe_reference(gate, up, down, gb, ub, db, X, ids, weights, alpha=1.702, limit=7.0):
+ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's swiglu_alpha and swiglu_limit
+
+
+def moe_reference(gate, up, down, gb, ub, db, X, ids, weights, alpha, limit):
     """Spec §2.6 with the experts dequantized: clamped SwiGLU, +1 on the linear half, bias inside the sum."""
     G, U, D = (mxfp4.dequantize_gguf(t.data).astype(np.float64) for t in (gate, up, down))
     out = np.zeros(X.shape, dtype=np.float64)
@@ -117,8 +113,8 @@ def test_moe_matches_reference(T_, dense_min_tokens):
     X = (rng.standard_normal((T_, H)) * 2).astype(np.float32)  # large enough that the clamps bite
     ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T_)])
     w = rng.dirichlet(np.ones(k), T_).astype(np.float32)
-    got = kernels.moe(*experts, X, ids, w, dense_min_tokens=dense_min_tokens)
-    expect = moe_reference(*experts, X, ids, w)
+    got = kernels.moe(*experts, X, ids, w, alpha=ALPHA, limit=LIMIT, dense_min_tokens=dense_min_tokens)
+    expect = moe_reference(*experts, X, ids, w, ALPHA, LIMIT)
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
 
 
@@ -127,12 +123,13 @@ def test_moe_rejects_bad_expert_ids_and_shapes():
     experts = make_experts(rng, 4, 32, 32)
     X = np.ones((1, 32), dtype=np.float32)
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
-        kernels.moe(*experts, X, np.array([[0, 4]]), np.ones((1, 2), np.float32))
+        kernels.moe(*experts, X, np.array([[0, 4]]), np.ones((1, 2), np.float32), alpha=ALPHA, limit=LIMIT)
     with pytest.raises(ValueError, match="do not match"):
-        kernels.moe(*experts, X, np.array([[0, 1]]), np.ones((1, 3), np.float32))
+        kernels.moe(*experts, X, np.array([[0, 1]]), np.ones((1, 3), np.float32), alpha=ALPHA, limit=LIMIT)
     gate, up, down, gb, ub, db = experts
     with pytest.raises(ValueError, match="down bias"):
-        kernels.moe(gate, up, down, gb, ub, db[:, :5], X, np.array([[0, 1]]), np.ones((1, 2), np.float32))
+        kernels.moe(gate, up, down, gb, ub, db[:, :5], X, np.array([[0, 1]]), np.ones((1, 2), np.float32),
+                    alpha=ALPHA, limit=LIMIT)
 
 
 def test_set_num_threads():
@@ -171,71 +168,6 @@ def test_scalar_fallbacks_match_the_reference():
     x = rng.standard_normal(96).astype(np.float32)
     for kind, qtype in enumerate((T.MXFP4, T.Q8_0)):
         w = make_tensor(rng.standard_normal((9, 96)), qtype)
-        np.testing.assert_allclose(dots(w.data, x, kind), reference(w).astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dots(w.data, x, kind), reference(w) @ x, rtol=1e-5, atol=1e-4)
     w = make_tensor(rng.standard_normal((9, 96)), T.MXFP4)
     np.testing.assert_array_equal(dequant(w.data, 96), reference(w))
-
-
-def attend_reference(q, keys, values, first, last, sinks, scale):
-    out = np.zeros(q.shape)
-    per_kv = q.shape[1] // keys.shape[0]
-    for t in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            k = keys[h // per_kv, first[t]:last[t]].astype(np.float64)
-            a = k @ q[t, h] * scale
-            z = np.concatenate([a, [sinks[h]]])
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            out[t, h] = p[:-1] @ values[h // per_kv, first[t]:last[t]]
-    return out
-
-
-def test_attention_kernels_match_the_reference():
-    rng = np.random.default_rng(7)
-    n_head, n_kv, d, N = 6, 2, 16, 20
-    keys = rng.standard_normal((n_kv, N, d)).astype(np.float32)
-    values = rng.standard_normal((n_kv, N, d)).astype(np.float32)
-    sinks = rng.standard_normal(n_head).astype(np.float32)
-    q = rng.standard_normal((5, n_head, d)).astype(np.float32)
-    first, last = np.array([0, 3, 3, 10, 19]), np.array([1, 8, 20, 15, 20])
-    np.testing.assert_allclose(kernels.attend_block(q, keys, values, first, last, sinks, 0.25),
-                               attend_reference(q, keys, values, first, last, sinks, 0.25), rtol=1e-5, atol=1e-5)
-    # Decode: 7 keys from ring slot 16, wrapping past the end of the 20 slots.
-    slots = np.arange(16, 23) % N
-    got = kernels.attend(q[0], keys, values, 16, 7, sinks, 0.25)
-    expect = attend_reference(q[:1], keys[:, slots], values[:, slots], [0], [7], sinks, 0.25)[0]
-    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="key ranges"):
-        kernels.attend_block(q, keys, values, first, last + 1, sinks, 0.25)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.attend(q[0], keys, values, 16, 21, sinks, 0.25)
-
-
-def test_ring_attention_over_an_f16_cache():
-    rng = np.random.default_rng(8)
-    keys = rng.standard_normal((2, 12, 16)).astype(np.float16)
-    values = rng.standard_normal((2, 12, 16)).astype(np.float16)
-    sinks = rng.standard_normal(4).astype(np.float32)
-    q = rng.standard_normal((4, 16)).astype(np.float32)
-    got = kernels.attend(q, keys.view(np.uint16), values.view(np.uint16), 9, 5, sinks, 0.25)
-    slots = np.arange(9, 14) % 12
-    expect = attend_reference(q[None], keys[:, slots].astype(np.float32), values[:, slots].astype(np.float32),
-                              [0], [5], sinks, 0.25)[0]
-    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
-
-
-def test_ring_attention_over_a_q8_0_cache():
-    from ossrt.engine.kv_cache import _dequantize_q8, _quantize_q8
-
-    rng = np.random.default_rng(9)
-    keys, key_scales = _quantize_q8(rng.standard_normal((2, 12, 64)).astype(np.float32))
-    values, value_scales = _quantize_q8(rng.standard_normal((2, 12, 64)).astype(np.float32))
-    sinks = rng.standard_normal(4).astype(np.float32)
-    q = rng.standard_normal((4, 64)).astype(np.float32)
-    got = kernels.attend_q8(q, keys, key_scales, values, value_scales, 10, 6, sinks, 0.125)
-    slots = np.arange(10, 16) % 12
-    expect = attend_reference(q[None], _dequantize_q8(keys, key_scales)[:, slots],
-                              _dequantize_q8(values, value_scales)[:, slots], [0], [6], sinks, 0.125)[0]
-    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="q8_0 attention shapes"):
-        kernels.attend_q8(q, keys, key_scales[..., :1], values, value_scales, 10, 6, sinks, 0.125)

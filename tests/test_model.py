@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from ossrt.engine import reference
-from ossrt.errors import ContextLengthError, ParameterError
-from ossrt.engine.kv_cache import KVCache
+from ossrt.engine.kv_cache import CHUNK, KVCache, cache_bytes
 from ossrt.engine.model import Transformer, yarn_frequencies
+from ossrt.errors import ContextLengthError, ParameterError
 from ossrt.format.modelfile import ModelFile
 
 # (outtype, source layout, HF config overrides): more than one shape, more experts than top-k, prompts that cross
@@ -36,6 +36,14 @@ def assert_close(got: np.ndarray, expect: np.ndarray) -> None:
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
 
 
+def small_rings(mf: ModelFile, context_length: int, kv_type: str = "f32", chunk: int = 3) -> KVCache:
+    """A cache whose forward steps are at most `chunk` positions, so the sliding layers' rings are window + 2 slots
+    and wrap around within a few tokens (at the default chunk of 512 a tiny model's ring is its whole context)."""
+    cache = KVCache(mf.config, context_length, kv_type, chunk=chunk)
+    assert any(layer.capacity < context_length for layer in cache.layers)
+    return cache
+
+
 def test_logits_match_reference_at_every_position(tiny):
     mf, model, weights = tiny
     tokens = prompt(40)
@@ -47,10 +55,11 @@ def test_logits_match_reference_at_every_position(tiny):
 
 @pytest.mark.parametrize("chunks", [[1] * 24, [3, 5, 1, 1, 9, 2, 3], [17, 1, 1, 1, 4]])
 def test_incremental_decode_equals_recomputing(tiny, chunks):
-    """Chunked prefill and single-token decode, across window and chunk boundaries, equal one pass."""
+    """Chunked prefill and single-token decode, across window and chunk boundaries and around the rings (inputs
+    longer than the cache's step of 3 are split), equal one pass."""
     mf, model, weights = tiny
     tokens = prompt(sum(chunks), seed=1)
-    cache = model.new_cache(32, "f32")
+    cache = small_rings(mf, 32)
     pieces, start = [], 0
     for n in chunks:
         pieces.append(model.forward(tokens[start:start + n], cache, all_logits=True))
@@ -60,18 +69,17 @@ def test_incremental_decode_equals_recomputing(tiny, chunks):
 
 
 def test_greedy_continuation_equals_reference(tiny):
+    """32 greedy decode steps: each token is the reference's argmax after the tokens before it. One reference pass
+    over prompt + continuation gives all of those, since position p's logits depend only on tokens 0..p."""
     mf, model, weights = tiny
     tokens = list(prompt(12, seed=2))
     cache = model.new_cache(64, "f32")
-    fast = list(tokens)
-    logits = model.forward(fast, cache)[-1]
+    logits = model.forward(tokens, cache)[-1]
     for _ in range(32):
-        fast.append(int(np.argmax(logits)))
-        logits = model.forward(fast[-1:], cache)[-1]
-    slow = list(tokens)
-    for _ in range(32):
-        slow.append(int(np.argmax(reference.forward(mf.config, weights, slow)[-1])))
-    assert fast == slow
+        tokens.append(int(np.argmax(logits)))
+        logits = model.forward(tokens[-1:], cache)[-1]
+    expect = reference.forward(mf.config, weights, tokens[:-1])  # the last token's logits predict nothing here
+    assert tokens[12:] == np.argmax(expect[11:], axis=1).tolist()
 
 
 @pytest.mark.parametrize("chunks", [[1] * 24, [17, 1, 1, 1, 4]])
@@ -79,8 +87,8 @@ def test_f16_cache_stays_close_to_the_reference(tiny, chunks):
     """The default f16 cache rounds keys and values to 11 significant bits: logits move by well under 1%."""
     mf, model, weights = tiny
     tokens = prompt(sum(chunks), seed=3)
-    cache = model.new_cache(32, "f16")
-    assert cache.keys[0].dtype == np.uint16
+    cache = small_rings(mf, 32, "f16")
+    assert cache.layers[0].keys.dtype == np.uint16
     pieces, start = [], 0
     for n in chunks:
         pieces.append(model.forward(tokens[start:start + n], cache, all_logits=True))
@@ -125,18 +133,35 @@ def test_yarn_constants_of_the_spec():
 def test_kv_cache_size_and_ring(tiny):
     mf, model, _ = tiny
     cfg = mf.config
-    cache = KVCache(cfg, 100)
-    assert cache.nbytes == cfg.kv_cache_bytes(100, bytes_per_value=2)  # f16 by default
-    assert KVCache(cfg, 100, "f32").nbytes == cfg.kv_cache_bytes(100)
+    cache = KVCache(cfg, 1000)
+    assert cache.kv_type == "f16" and cache.chunk == CHUNK
+    assert [layer.capacity for layer in cache.layers] == [
+        min(cfg.sliding_window + CHUNK - 1, 1000) if cfg.is_sliding(i) else 1000 for i in range(cfg.n_layer)]
+    kv_dim_bytes = 2 * cfg.n_head_kv * cfg.head_dim  # keys and values of one position, one byte a value
+    full = sum(1 for i in range(cfg.n_layer) if not cfg.is_sliding(i))
+    assert cache.nbytes == cache_bytes(cfg, 1000, "f16") == 2 * kv_dim_bytes * (
+        full * 1000 + (cfg.n_layer - full) * (cfg.sliding_window + CHUNK - 1))
+    assert KVCache(cfg, 100, "f32").nbytes == cache_bytes(cfg, 100, "f32") == 4 * kv_dim_bytes * cfg.n_layer * 100
     with pytest.raises(ValueError, match="kv_type"):
         KVCache(cfg, 100, "q4")
-    assert all(c == (min(cfg.sliding_window, 100) if cfg.is_sliding(i) else 100)
-               for i, c in enumerate(cache.capacity))
+    cache = small_rings(mf, 100, chunk=2)  # rings of window + 1
     model.forward(prompt(30), cache)
     with pytest.raises(ValueError, match="no longer holds"):
         cache.truncate(20)  # the sliding rings have moved on
     cache.truncate(30)
     assert cache.length == 30
+
+
+def test_truncate_within_the_rings_equals_a_fresh_pass(tiny):
+    """A ring of window + chunk - 1 slots can step back up to `chunk` positions and go on from there."""
+    mf, model, weights = tiny
+    tokens, other = prompt(30, seed=6), prompt(8, seed=7)
+    cache = small_rings(mf, 64, chunk=4)
+    model.forward(tokens, cache)
+    assert cache.can_truncate(26) and not cache.can_truncate(25)
+    cache.truncate(26)
+    got = model.forward(other, cache, all_logits=True)
+    assert_close(got, reference.forward(mf.config, weights, np.concatenate([tokens[:26], other]))[26:])
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +176,13 @@ def head_dim_32(tiny_gguf):
 def test_compact_caches_stay_close_to_the_reference(head_dim_32, kv_type, bound):
     mf, model, weights = head_dim_32
     tokens = prompt(30, seed=4)
-    cache = model.new_cache(64, kv_type)
+    cache = small_rings(mf, 64, kv_type, chunk=4)
     got = np.concatenate([model.forward(tokens[:10], cache, all_logits=True)] +
                          [model.forward([t], cache) for t in tokens[10:]])
     expect = reference.forward(mf.config, weights, tokens)
     error = np.abs(got - expect).max() / np.abs(expect).max()
     assert 0 < error < bound
-    assert cache.nbytes == mf.config.kv_cache_bytes(64, bytes_per_value={"f16": 2, "q8_0": 1.125}[kv_type])
+    assert cache.nbytes == cache_bytes(mf.config, 64, kv_type, chunk=4)
 
 
 @pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
@@ -165,7 +190,7 @@ def test_snapshot_restores_the_rings(head_dim_32, kv_type):
     """Back to a snapshot after more positions overwrote the rings: the same continuation gives the same logits."""
     mf, model, _ = head_dim_32
     tokens = prompt(40, seed=5)
-    cache = model.new_cache(64, kv_type)
+    cache = small_rings(mf, 64, kv_type, chunk=4)
     model.forward(tokens[:20], cache)
     snap = cache.snapshot()
     first = model.forward(tokens[20:], cache, all_logits=True)

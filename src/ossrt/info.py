@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .engine.kv_cache import cache_bytes
 from .errors import ParameterError
 from .format.modelfile import ModelFile
 
@@ -33,7 +34,7 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
         other = sum(t.data.nbytes for n, t in m.tensors.items() if n not in experts and n != "token_embd.weight")
         # Per token: every dense tensor, one embedding row, and the selected experts' share of the expert data.
         touched = other + embd.data.nbytes // embd.shape[0] + expert_bytes * c.n_expert_used // c.n_expert
-        kv = c.kv_cache_bytes(ctx, bytes_per_value=2)  # f16, the default cache type
+        kv = {kv_type: cache_bytes(c, ctx, kv_type) for kv_type in ("f16", "f32", "q8_0")}  # f16: the default
         sliding = sum(1 for i in range(c.n_layer) if c.is_sliding(i))
         lines = [
             f"file               {m.path}",
@@ -51,7 +52,7 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
             f"RAM at context {ctx}:",
             f"  weights touched per token   {_gb(touched)}",
             f"  whole file (memory-mapped)  {_gb(m.file_size)}",
-            f"  KV cache (f16)              {_gb(kv)}  (f32: {_gb(2 * kv)}, q8_0: {_gb(kv * 1.125 / 2)})",
-            f"  file + KV cache             {_gb(m.file_size + kv)}",
+            f"  KV cache (f16)              {_gb(kv['f16'])}  (f32: {_gb(kv['f32'])}, q8_0: {_gb(kv['q8_0'])})",
+            f"  file + KV cache             {_gb(m.file_size + kv['f16'])}",
         ]
     return "\n".join(lines)

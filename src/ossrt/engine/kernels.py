@@ -3,6 +3,7 @@
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
 accumulation are float32. Every public function checks shapes and types in Python before a kernel touches memory.
+Attention, which reads the KV cache rather than weights, is in `attention`.
 
 `w` arguments are `ossrt.format.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
 """
@@ -11,17 +12,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
-from ..format import mxfp4
-from .simd import BF16_TO_F32, F16_TO_F32, dequant_row_mxfp4, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0
-
-# Reassociation lets LLVM vectorize the dot-product reductions; results differ from NumPy only in rounding order.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-
-
-Q8_0_BLOCK = 34  # f16 scale + 32 int8
+from .simd import (BF16_TO_F32, F16_TO_F32, FASTMATH, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_SIZE, bf16_to_f32,
+                   dequant_row_mxfp4, dequant_row_q8_0, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0)
 
 
 def set_num_threads(n: int | None) -> int:
@@ -36,20 +32,16 @@ def set_num_threads(n: int | None) -> int:
 # --- dequantization ------------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
 def _dequant_mxfp4(w, out):
-    n_blocks = out.shape[1] // 32
+    n_blocks = out.shape[1] // MXFP4_BLOCK_SIZE
     for r in prange(w.shape[0]):
         dequant_row_mxfp4(w[r], out[r], n_blocks)
 
 
 @njit(parallel=True, cache=True)
 def _dequant_q8_0(w, out):
-    n_blocks = out.shape[1] // 32
+    n_blocks = out.shape[1] // Q8_0_BLOCK_SIZE
     for r in prange(w.shape[0]):
-        for b in range(n_blocks):
-            o = b * Q8_0_BLOCK
-            d = F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
-            for j in range(32):
-                out[r, b * 32 + j] = np.float32(np.int8(w[r, o + 2 + j])) * d
+        dequant_row_q8_0(w[r], out[r], n_blocks)
 
 
 def _dequant_rows(w, data: np.ndarray, out: np.ndarray) -> None:
@@ -59,7 +51,7 @@ def _dequant_rows(w, data: np.ndarray, out: np.ndarray) -> None:
     elif w.type == GGMLType.Q8_0:
         _dequant_q8_0(data, out)
     elif w.type == GGMLType.BF16:
-        out[...] = (data.astype(np.uint32) << 16).view(np.float32)
+        out[...] = bf16_to_f32(data)
     else:  # F32, F16
         out[...] = data
 
@@ -87,33 +79,33 @@ def dequantize(w, rows=None) -> np.ndarray:
 
 
 # --- matrix-vector (decode) ----------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_mxfp4(w, x, out):
-    n_blocks = x.shape[0] // 32
+    n_blocks = x.shape[0] // MXFP4_BLOCK_SIZE
     for r in prange(w.shape[0]):
         out[r] = row_dot_mxfp4(w[r], x, n_blocks)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_q8_0(w, x, out):
-    n_blocks = x.shape[0] // 32
+    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     for r in prange(w.shape[0]):
         out[r] = row_dot_q8_0(w[r], x, n_blocks)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_bf16(w, x, out):
     for r in prange(w.shape[0]):
         out[r] = row_dot_bf16(w[r], x)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_f16(w, x, out):
     for r in prange(w.shape[0]):
         out[r] = row_dot_f16(w[r], x)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_f32(w, x, out):
     for r in prange(w.shape[0]):
         acc = np.float32(0.0)
@@ -128,8 +120,9 @@ def _check_matrix(w, n_in: int) -> None:
         raise ValueError(f"{w.name}: expected a matrix, got shape {w.shape}")
     if w.shape[1] != n_in:
         raise ValueError(f"{w.name}: input size {n_in} does not match the tensor's {w.shape[1]}")
-    if w.type in (GGMLType.MXFP4, GGMLType.Q8_0) and n_in % 32:
-        raise ValueError(f"{w.name}: rows of {n_in} values are not whole blocks of 32")
+    block = GGML_QUANT_SIZES[w.type][0]
+    if n_in % block:
+        raise ValueError(f"{w.name}: rows of {n_in} values are not whole blocks of {block}")
 
 
 def matvec(w, x: np.ndarray) -> np.ndarray:
@@ -201,34 +194,29 @@ def _rows_times_tokens(rows, n_rows, X, out, r0):
             out[t1, r0 + k] = s
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matmul_mxfp4(w, X, out):
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
         n = min(4, R - 4 * g)
         rows = np.empty((4, H), dtype=np.float32)
         for k in range(n):
-            dequant_row_mxfp4(w[4 * g + k], rows[k], H // 32)
+            dequant_row_mxfp4(w[4 * g + k], rows[k], H // MXFP4_BLOCK_SIZE)
         _rows_times_tokens(rows, n, X, out, 4 * g)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matmul_q8_0(w, X, out):
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
         n = min(4, R - 4 * g)
         rows = np.empty((4, H), dtype=np.float32)
         for k in range(n):
-            r = 4 * g + k
-            for b in range(H // 32):
-                o = b * Q8_0_BLOCK
-                d = F16_TO_F32[np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8)]
-                for j in range(32):
-                    rows[k, b * 32 + j] = np.float32(np.int8(w[r, o + 2 + j])) * d
+            dequant_row_q8_0(w[4 * g + k], rows[k], H // Q8_0_BLOCK_SIZE)
         _rows_times_tokens(rows, n, X, out, 4 * g)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matmul_16bit(w, table, X, out):
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
@@ -240,7 +228,7 @@ def _matmul_16bit(w, table, X, out):
         _rows_times_tokens(rows, n, X, out, 4 * g)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matmul_f32(w, X, out):
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
@@ -285,14 +273,14 @@ def linear(w, X: np.ndarray) -> np.ndarray:
 
 
 # --- mixture of experts ---------------------------------------------------------------------------------------------
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _swiglu(g, u, alpha, limit):
     g = min(g, limit)
     u = min(max(u, -limit), limit)
     return g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
     """out[tok[a]] += wt[a] * expert exp[a] applied to X[tok[a]], for each assignment a, over the packed MXFP4
     rows. `out` rows must start at zero."""
@@ -304,17 +292,17 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
         a = ar // n_ff
         r = ar - a * n_ff
         e = exp[a]
-        g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // 32) + gate_b[e, r]
-        u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // 32) + up_b[e, r]
+        g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + gate_b[e, r]
+        u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + up_b[e, r]
         act[a, r] = _swiglu(g, u, alpha, limit)
     # Parallel over output rows, so every output element has one writer.
     for r in prange(n_embd):
         for a in range(n_assign):
             e = exp[a]
-            out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // 32) + down_b[e, r])
+            out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r])
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _swiglu_rows(G, U, alpha, limit, out):
     for t in prange(G.shape[0]):
         for i in range(G.shape[1]):
@@ -322,9 +310,10 @@ def _swiglu_rows(G, U, alpha, limit, out):
 
 
 def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, X: np.ndarray,
-        expert_ids: np.ndarray, expert_weights: np.ndarray, *, alpha: float = 1.702, limit: float = 7.0,
+        expert_ids: np.ndarray, expert_weights: np.ndarray, *, alpha: float, limit: float,
         dense_min_tokens: int = 2) -> np.ndarray:
-    """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d).
+    """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d), the
+    SwiGLU clamped at `limit` with slope `alpha` (the model's `swiglu_limit`, `swiglu_alpha`; spec §2.6).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
     An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
@@ -336,8 +325,8 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     for w, shape in ((gate_exps, (E, I, H)), (up_exps, (E, I, H)), (down_exps, (E, H, I))):
         if w.type != GGMLType.MXFP4 or tuple(w.shape) != shape:
             raise ValueError(f"{w.name}: expected MXFP4 experts of shape {shape}, got {w.type.name} {w.shape}")
-    if H % 32 or I % 32:
-        raise ValueError(f"expert sizes {H}, {I} are not whole blocks of 32")
+    if H % MXFP4_BLOCK_SIZE or I % MXFP4_BLOCK_SIZE:
+        raise ValueError(f"expert sizes {H}, {I} are not whole blocks of {MXFP4_BLOCK_SIZE}")
     for b, shape, name in ((gate_b, (E, I), "gate bias"), (up_b, (E, I), "up bias"), (down_b, (E, H), "down bias")):
         if b.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {b.shape}")
@@ -371,183 +360,4 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
         y = np.empty((len(rows), H), dtype=np.float32)
         _matmul_rows(down_exps, down_exps.data[e], act, y)
         out[rows] += wt[sel, None] * (y + down_b[e])  # rows are distinct: a token picks an expert at most once
-    return out
-
-
-# --- attention (decode) ---------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attend(q, keys, values, first_slot, n_keys, sinks, scale, out):
-    n_head, head_dim = q.shape
-    capacity = keys.shape[1]
-    per_kv = n_head // keys.shape[0]
-    for h in prange(n_head):
-        g = h // per_kv
-        scores = np.empty(n_keys, dtype=np.float32)
-        m = sinks[h]
-        for j in range(n_keys):
-            slot = (first_slot + j) % capacity
-            s = np.float32(0.0)
-            for i in range(head_dim):
-                s += q[h, i] * keys[g, slot, i]
-            s *= scale
-            scores[j] = s
-            m = max(m, s)
-        denom = np.exp(sinks[h] - m)  # the sink widens the denominator and has no value
-        acc = np.zeros(head_dim, dtype=np.float32)
-        for j in range(n_keys):
-            slot = (first_slot + j) % capacity
-            p = np.exp(scores[j] - m)
-            denom += p
-            for i in range(head_dim):
-                acc[i] += p * values[g, slot, i]
-        for i in range(head_dim):
-            out[h, i] = acc[i] / denom
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attend_f16(q, keys, values, first_slot, n_keys, sinks, scale, out):
-    """`_attend` over a cache of f16 bit patterns."""
-    n_head, head_dim = q.shape
-    capacity = keys.shape[1]
-    per_kv = n_head // keys.shape[0]
-    for h in prange(n_head):
-        g = h // per_kv
-        scores = np.empty(n_keys, dtype=np.float32)
-        m = sinks[h]
-        for j in range(n_keys):
-            s = row_dot_f16(keys[g, (first_slot + j) % capacity], q[h]) * scale
-            scores[j] = s
-            m = max(m, s)
-        denom = np.exp(sinks[h] - m)
-        acc = np.zeros(head_dim, dtype=np.float32)
-        for j in range(n_keys):
-            slot = (first_slot + j) % capacity
-            p = np.exp(scores[j] - m)
-            denom += p
-            for i in range(head_dim):
-                acc[i] += p * F16_TO_F32[values[g, slot, i]]
-        for i in range(head_dim):
-            out[h, i] = acc[i] / denom
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attend_q8(q, keys, key_scales, values, value_scales, first_slot, n_keys, sinks, scale, out):
-    """`_attend` over a q8_0 cache: int8 values, one scale per 32."""
-    n_head, head_dim = q.shape
-    capacity = keys.shape[1]
-    per_kv = n_head // keys.shape[0]
-    for h in prange(n_head):
-        g = h // per_kv
-        scores = np.empty(n_keys, dtype=np.float32)
-        m = sinks[h]
-        for j in range(n_keys):
-            slot = (first_slot + j) % capacity
-            s = np.float32(0.0)
-            for b in range(head_dim // 32):
-                sb = np.float32(0.0)
-                for i in range(b * 32, b * 32 + 32):
-                    sb += q[h, i] * np.float32(keys[g, slot, i])
-                s += sb * key_scales[g, slot, b]
-            s *= scale
-            scores[j] = s
-            m = max(m, s)
-        denom = np.exp(sinks[h] - m)
-        acc = np.zeros(head_dim, dtype=np.float32)
-        for j in range(n_keys):
-            slot = (first_slot + j) % capacity
-            p = np.exp(scores[j] - m)
-            denom += p
-            for b in range(head_dim // 32):
-                pb = p * value_scales[g, slot, b]
-                for i in range(b * 32, b * 32 + 32):
-                    acc[i] += pb * np.float32(values[g, slot, i])
-        for i in range(head_dim):
-            out[h, i] = acc[i] / denom
-
-
-def attend_q8(q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, values: np.ndarray, value_scales: np.ndarray,
-              first_slot: int, n_keys: int, sinks: np.ndarray, scale: float) -> np.ndarray:
-    """`attend` over a q8_0 cache: keys/values int8 [n_head_kv, capacity, d], scales float32 [.., .., d/32]."""
-    n_head, d = q.shape
-    n_kv, capacity = keys.shape[0], keys.shape[1]
-    if (keys.dtype != np.int8 or values.dtype != np.int8 or keys.shape != (n_kv, capacity, d)
-            or values.shape != keys.shape or d % 32 or key_scales.shape != (n_kv, capacity, d // 32)
-            or value_scales.shape != key_scales.shape or n_head % n_kv or sinks.shape != (n_head,)):
-        raise ValueError(f"q8_0 attention shapes do not fit: q {q.shape}, keys {keys.shape} {keys.dtype}, "
-                         f"scales {key_scales.shape}")
-    if not (0 < n_keys <= capacity and 0 <= first_slot < capacity):
-        raise ValueError(f"{n_keys} keys from slot {first_slot} do not fit a cache of {capacity}")
-    out = np.empty((n_head, d), dtype=np.float32)
-    _attend_q8(np.ascontiguousarray(q, dtype=np.float32), keys, key_scales, values, value_scales, first_slot, n_keys,
-               np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
-    return out
-
-
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_slot: int, n_keys: int, sinks: np.ndarray,
-           scale: float) -> np.ndarray:
-    """One query position against `n_keys` cached keys starting at ring slot `first_slot` (wrapping around the
-    cache's capacity), with attention sinks. q [n_head, d]; keys/values [n_head_kv, capacity, d], float32 or f16
-    bit patterns (uint16) → [n_head, d]."""
-    n_head, d = q.shape
-    n_kv, capacity = keys.shape[0], keys.shape[1]
-    if keys.shape != (n_kv, capacity, d) or values.shape != keys.shape or n_head % n_kv or sinks.shape != (n_head,):
-        raise ValueError(f"attention shapes do not fit: q {q.shape}, keys {keys.shape}, values {values.shape}, "
-                         f"sinks {sinks.shape}")
-    if not (0 < n_keys <= capacity and 0 <= first_slot < capacity):
-        raise ValueError(f"{n_keys} keys from slot {first_slot} do not fit a cache of {capacity}")
-    if keys.dtype not in (np.float32, np.uint16) or values.dtype != keys.dtype:
-        raise ValueError(f"cache arrays must be float32 or uint16 (f16 bits), got {keys.dtype} / {values.dtype}")
-    out = np.empty((n_head, d), dtype=np.float32)
-    kernel = _attend if keys.dtype == np.float32 else _attend_f16
-    kernel(np.ascontiguousarray(q, dtype=np.float32), keys, values, first_slot, n_keys,
-           np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
-    return out
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _attend_block(q, keys, values, first, last, sinks, scale, out):
-    T, n_head, d = q.shape
-    per_kv = n_head // keys.shape[0]
-    for th in prange(T * n_head):
-        t = th // n_head
-        h = th - t * n_head
-        g = h // per_kv
-        lo, hi = first[t], last[t]
-        scores = np.empty(hi - lo, dtype=np.float32)
-        m = sinks[h]
-        for j in range(lo, hi):
-            s = np.float32(0.0)
-            for i in range(d):
-                s += q[t, h, i] * keys[g, j, i]
-            s *= scale
-            scores[j - lo] = s
-            m = max(m, s)
-        denom = np.exp(sinks[h] - m)
-        acc = np.zeros(d, dtype=np.float32)
-        for j in range(lo, hi):
-            p = np.exp(scores[j - lo] - m)
-            denom += p
-            for i in range(d):
-                acc[i] += p * values[g, j, i]
-        for i in range(d):
-            out[t, h, i] = acc[i] / denom
-
-
-def attend_block(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first: np.ndarray, last: np.ndarray,
-                 sinks: np.ndarray, scale: float) -> np.ndarray:
-    """Queries q [T, n_head, d] against keys/values [n_head_kv, N, d] with sinks: query t sees keys
-    [first[t], last[t]) (its causal window). → [T, n_head, d]."""
-    T, n_head, d = q.shape
-    n_kv, N = keys.shape[0], keys.shape[1]
-    if keys.shape != (n_kv, N, d) or values.shape != keys.shape or n_head % n_kv or sinks.shape != (n_head,):
-        raise ValueError(f"attention shapes do not fit: q {q.shape}, keys {keys.shape}, values {values.shape}, "
-                         f"sinks {sinks.shape}")
-    first = np.asarray(first, dtype=np.int64)
-    last = np.asarray(last, dtype=np.int64)
-    if first.shape != (T,) or last.shape != (T,) or (first < 0).any() or (last > N).any() or (first >= last).any():
-        raise ValueError(f"key ranges must be non-empty and inside the {N} keys")
-    out = np.empty((T, n_head, d), dtype=np.float32)
-    _attend_block(np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.float32),
-                  np.ascontiguousarray(values, dtype=np.float32), first, last,
-                  np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
     return out

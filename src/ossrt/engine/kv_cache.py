@@ -1,12 +1,14 @@
-"""Keys and values of one sequence, for every layer.
+"""Keys and values of one sequence, for every layer: storage only (attention reads it in `attention`).
 
-Full-attention layers keep every position up to the context length; sliding-window layers keep a ring of the last
-`sliding_window` positions (spec §2.4; RoPE is applied before caching, so a ring is enough). Position p lives in
-slot p % capacity. Arrays are allocated zeroed, so the OS commits their pages only as positions are written.
+Each layer's `LayerKV` holds position p in slot p % capacity. Full-attention layers have a slot for every position
+up to the context length. A sliding-window layer has a ring of its window plus one chunk of new positions (less
+one), so a forward step can store its up to `chunk` new keys and values first and then attend over the cache, as
+decode does, without overwriting a position its first query still sees (spec §2.4; RoPE is applied before caching,
+so a ring is enough). Arrays are allocated zeroed, so the OS commits their pages only as positions are written.
 
-`kv_type` is "f16" (llama.cpp's default: half the memory of f32), "q8_0" (llama.cpp's 8-bit type: int8 values
-with one float32 scale per 32, 1.125 bytes a value) or "f32" (exact). f16 entries are stored as their uint16 bit
-patterns, since Numba has no float16 arrays.
+`kv_type` is "f16" (llama.cpp's default: half the memory of f32), "q8_0" (llama.cpp's 8-bit rule: int8 values
+with one float32 scale per 32) or "f32" (exact). f16 entries are stored as their uint16 bit patterns, since Numba
+has no float16 arrays.
 """
 
 from __future__ import annotations
@@ -15,32 +17,85 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from ..defaults import KV_TYPES
 from ..format.config import ModelConfig
+from .simd import Q8_0_BLOCK_SIZE
+
+STORED_DTYPE = {"f16": np.uint16, "q8_0": np.int8, "f32": np.float32}  # for each of KV_TYPES
+BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 1 + 4 / Q8_0_BLOCK_SIZE, "f32": 4.0}  # q8_0: a float32 scale per block
+CHUNK = 512  # the most positions a forward step appends (longer inputs are split into steps)
 
 
-KV_TYPES = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}
-BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 1.125}
+def capacities(config: ModelConfig, context_length: int, chunk: int = CHUNK) -> list[int]:
+    """Slots per layer: the context length for full layers; for sliding layers the window plus a chunk, less one
+    (the chunk's first query sees the window - 1 positions before it), at most the context length."""
+    return [min(config.sliding_window + chunk - 1, context_length) if config.is_sliding(layer) else context_length
+            for layer in range(config.n_layer)]
+
+
+def cache_bytes(config: ModelConfig, context_length: int, kv_type: str, chunk: int = CHUNK) -> int:
+    """Bytes a `KVCache` of these arguments reserves."""
+    values = 2 * config.kv_dim * sum(capacities(config, context_length, chunk))  # keys and values
+    return round(values * BYTES_PER_VALUE[kv_type])
+
+
+class LayerKV:
+    """One layer's keys and values, [n_head_kv, capacity, head_dim] each, position p in slot p % capacity. q8_0
+    adds float32 scales [n_head_kv, capacity, head_dim / 32]; the other types have None there. A query at position
+    t sees positions from max(0, t - window + 1) to t (the window is the context length in full layers)."""
+
+    def __init__(self, n_head_kv: int, capacity: int, head_dim: int, kv_type: str, window: int):
+        self.kv_type = kv_type
+        self.window = window
+        self.keys = np.zeros((n_head_kv, capacity, head_dim), dtype=STORED_DTYPE[kv_type])
+        self.values = np.zeros_like(self.keys)
+        scales = (n_head_kv, capacity, head_dim // Q8_0_BLOCK_SIZE)
+        self.key_scales = np.zeros(scales, dtype=np.float32) if kv_type == "q8_0" else None
+        self.value_scales = np.zeros(scales, dtype=np.float32) if kv_type == "q8_0" else None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (self.keys, self.values, self.key_scales, self.value_scales) if a is not None]
+
+    def first_visible(self, position: int) -> int:
+        """The first key position a query at `position` attends to."""
+        return max(0, position - self.window + 1)
+
+    def store(self, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Write keys/values [T, n_head_kv, head_dim] of positions [start, start + T), T at most the capacity."""
+        T = keys.shape[0]
+        if T > self.capacity:
+            raise ValueError(f"{T} positions do not fit {self.capacity} slots")
+        slots = np.arange(start, start + T) % self.capacity
+        k, v = keys.transpose(1, 0, 2), values.transpose(1, 0, 2)
+        if self.kv_type == "q8_0":
+            self.keys[:, slots], self.key_scales[:, slots] = quantize_q8_0(k)
+            self.values[:, slots], self.value_scales[:, slots] = quantize_q8_0(v)
+        elif self.kv_type == "f16":
+            self.keys[:, slots] = k.astype(np.float16).view(np.uint16)
+            self.values[:, slots] = v.astype(np.float16).view(np.uint16)
+        else:
+            self.keys[:, slots], self.values[:, slots] = k, v
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, context_length: int, kv_type: str = "f16"):
+    def __init__(self, config: ModelConfig, context_length: int, kv_type: str = "f16", chunk: int = CHUNK):
+        """`chunk`: the most positions one forward step may append (a smaller one makes small rings for tests)."""
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
-        if kv_type == "q8_0" and config.head_dim % 32:
-            raise ValueError(f"kv_type q8_0 needs a head dimension that is a multiple of 32, not {config.head_dim}")
-        self.config = config
+        if kv_type == "q8_0" and config.head_dim % Q8_0_BLOCK_SIZE:
+            raise ValueError(f"kv_type q8_0 needs a head dimension that is a multiple of {Q8_0_BLOCK_SIZE}, "
+                             f"not {config.head_dim}")
         self.context_length = context_length
         self.kv_type = kv_type
-        self.capacity = [min(config.sliding_window, context_length) if config.is_sliding(layer) else context_length
-                         for layer in range(config.n_layer)]
-        self.keys = [np.zeros((config.n_head_kv, c, config.head_dim), dtype=KV_TYPES[kv_type])
-                     for c in self.capacity]
-        self.values = [np.zeros_like(k) for k in self.keys]
-        # q8_0: one scale per 32 values of each head vector; None for the other types.
-        self.key_scales = [np.zeros(k.shape[:2] + (config.head_dim // 32,), dtype=np.float32)
-                           if kv_type == "q8_0" else None for k in self.keys]
-        self.value_scales = [np.zeros_like(k) if k is not None else None for k in self.key_scales]
+        self.chunk = chunk
+        self.layers = [LayerKV(config.n_head_kv, capacity, config.head_dim, kv_type,
+                               config.sliding_window if config.is_sliding(layer) else context_length)
+                       for layer, capacity in enumerate(capacities(config, context_length, chunk))]
         self._length = 0  # positions [0, length) are filled
         self._floor = 0  # the lowest length since the last snapshot: a snapshot above it is stale
         self._snapshots = 0  # only the latest snapshot can be restored
@@ -57,63 +112,16 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes reserved (full layers at the whole context length)."""
-        return sum(a.nbytes for a in self._arrays(range(self.config.n_layer)))
+        return sum(a.nbytes for layer in self.layers for a in layer.arrays)
 
-    def _arrays(self, layers) -> list[np.ndarray]:
-        return [a for layer in layers for a in (self.keys[layer], self.values[layer], self.key_scales[layer],
-                                                self.value_scales[layer]) if a is not None]
-
-    def window_start(self, layer: int, position: int) -> int:
-        """The first key position a query at `position` attends to in `layer`."""
-        if self.config.is_sliding(layer):
-            return max(0, position - self.config.sliding_window + 1)
-        return 0
-
-    def past(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of positions [start, stop), in order: [n_head_kv, stop - start, head_dim]."""
-        cap = self.capacity[layer]
-        if not (0 <= start <= stop <= self.length and stop - start <= cap and start >= self.length - cap):
-            raise IndexError(f"layer {layer}: positions [{start}, {stop}) are not in the cache")
-        slots = np.arange(start, stop) % cap
-        if self.kv_type == "q8_0":
-            return (_dequantize_q8(self.keys[layer][:, slots], self.key_scales[layer][:, slots]),
-                    _dequantize_q8(self.values[layer][:, slots], self.value_scales[layer][:, slots]))
-        return self._float(self.keys[layer][:, slots]), self._float(self.values[layer][:, slots])
-
-    def store(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
-        """Write keys/values [T, n_head_kv, head_dim] of positions [start, start + T); a ring keeps the last ones."""
-        cap = self.capacity[layer]
-        T = keys.shape[0]
-        first = max(start, start + T - cap)
-        slots = np.arange(first, start + T) % cap
-        k = keys[first - start:].transpose(1, 0, 2)
-        v = values[first - start:].transpose(1, 0, 2)
-        if self.kv_type == "q8_0":
-            self.keys[layer][:, slots], self.key_scales[layer][:, slots] = _quantize_q8(k)
-            self.values[layer][:, slots], self.value_scales[layer][:, slots] = _quantize_q8(v)
-        else:
-            self.keys[layer][:, slots] = self._stored(k)
-            self.values[layer][:, slots] = self._stored(v)
-
-    def _stored(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float16).view(np.uint16) if self.kv_type == "f16" else x
-
-    def _float(self, x: np.ndarray) -> np.ndarray:
-        return x.view(np.float16).astype(np.float32) if self.kv_type == "f16" else x
-
-    def attend(self, layer: int, q: np.ndarray, position: int, sinks: np.ndarray, scale: float) -> np.ndarray:
-        """Attention of one query q [n_head, d] at `position` (already stored) over its window in the cache."""
-        first = self.window_start(layer, position)
-        slot, n = first % self.capacity[layer], position + 1 - first
-        if self.kv_type == "q8_0":
-            return kernels.attend_q8(q, self.keys[layer], self.key_scales[layer], self.values[layer],
-                                     self.value_scales[layer], slot, n, sinks, scale)
-        return kernels.attend(q, self.keys[layer], self.values[layer], slot, n, sinks, scale)
+    def _rings(self) -> dict[int, LayerKV]:
+        """The layers whose slots are reused; later positions never overwrite earlier ones in the others."""
+        return {i: layer for i, layer in enumerate(self.layers) if layer.capacity < self.context_length}
 
     def can_truncate(self, length: int) -> bool:
         """Whether `truncate(length)` is possible: every ring must still hold the window before `length`."""
         return 0 <= length <= self.length and all(
-            self.window_start(layer, length) >= self.length - cap for layer, cap in enumerate(self.capacity))
+            layer.first_visible(length) >= self.length - layer.capacity for layer in self._rings().values())
 
     def truncate(self, length: int) -> None:
         """Forget positions from `length` on (to reuse a shared prefix)."""
@@ -122,9 +130,8 @@ class KVCache:
         self.length = length
 
     def snapshot(self) -> "KVSnapshot":
-        """The rings as they are now (full layers need no copy: later positions never overwrite earlier ones)."""
-        rings = {layer: [a.copy() for a in self._arrays([layer])]
-                 for layer, cap in enumerate(self.capacity) if cap < self.context_length}
+        """The rings as they are now (the other layers need no copy)."""
+        rings = {i: [a.copy() for a in layer.arrays] for i, layer in self._rings().items()}
         self._floor = self.length
         self._snapshots += 1
         return KVSnapshot(self.length, rings, self._snapshots)
@@ -137,8 +144,8 @@ class KVCache:
         """Go back to the positions and rings of `snap`."""
         if not self.can_restore(snap):
             raise ValueError(f"the cache has been rewritten below the snapshot at {snap.length}")
-        for layer, saved in snap.rings.items():
-            for a, b in zip(self._arrays([layer]), saved):
+        for i, saved in snap.rings.items():
+            for a, b in zip(self.layers[i].arrays, saved):
                 a[...] = b
         self.length = snap.length
 
@@ -150,16 +157,11 @@ class KVSnapshot:
     serial: int
 
 
-def _quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 [..., d] → int8 [..., d] and scales [..., d/32] (llama.cpp's Q8_0 rule: amax/127, round half away
     from zero)."""
-    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // 32, 32))
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // Q8_0_BLOCK_SIZE, Q8_0_BLOCK_SIZE))
     scale = np.abs(blocks).max(axis=-1) / 127
     inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
     q = np.trunc(blocks * inv[..., None] + np.copysign(0.5, blocks)).astype(np.int8)
     return q.reshape(x.shape), scale.astype(np.float32)
-
-
-def _dequantize_q8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    blocks = q.reshape(q.shape[:-1] + (q.shape[-1] // 32, 32)).astype(np.float32) * scale[..., None]
-    return blocks.reshape(q.shape)

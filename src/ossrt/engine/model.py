@@ -1,8 +1,8 @@
 """The gpt-oss forward pass over the packed weights of a model file, with a KV cache (spec §2).
 
-Weights are used where they lie in the memory-mapped file; `kernels` does the weight math (one row: Numba decode
-kernels; many rows: dequantized tiles and BLAS). Activations and accumulation are float32. The small ops here are
-plain array expressions, so the same code can run on another array module later.
+Weights are used where they lie in the memory-mapped file: `kernels` does the weight math (Numba kernels that decode
+the file's blocks as they go) and `attention` the attention over the cache. Activations and accumulation are
+float32. The small ops here are plain array expressions, so the same code can run on another array module later.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from ..format.config import ModelConfig
 from ..errors import ContextLengthError, ParameterError
-from .kv_cache import KVCache
+from ..format.config import ModelConfig
 from ..format.modelfile import ModelFile
+from .attention import attend
+from .kv_cache import KVCache, LayerKV
 
 
 class Cancelled(Exception):
@@ -38,11 +39,12 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+    """Spec §2.1: the gain used as stored (no +1)."""
     return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
 
 
 def apply_rope(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Half-split rotation of v [T, heads, d] by cos/sin [T, d/2]."""
+    """Half-split rotation (spec §2.3) of v [T, heads, d] by cos/sin [T, d/2]."""
     half = v.shape[-1] // 2
     a, b = v[..., :half], v[..., half:]
     c, s = cos[:, None], sin[:, None]
@@ -55,6 +57,11 @@ def softmax_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     sel = np.take_along_axis(logits, ids, axis=1)
     w = np.exp(sel - sel.max(axis=1, keepdims=True))
     return ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
+    """x @ W.T + b for the layer's `name.weight` and `name.bias`."""
+    return kernels.linear(w[name + ".weight"], x) + w[name + ".bias"].data
 
 
 class Transformer:
@@ -102,65 +109,53 @@ class Transformer:
                                      f"{cache.context_length}")
         with self._lock:
             kernels.set_num_threads(self.threads)
-            return self._forward(tokens, cache, all_logits, should_stop)
+            hidden = []  # the final residual stream of the positions whose logits are asked for
+            try:
+                # Steps of at most `cache.chunk` positions: as many as a sliding-window ring holds beyond its window.
+                for i in range(0, len(tokens), cache.chunk):
+                    x = self._step(tokens[i:i + cache.chunk], cache, should_stop)
+                    hidden.append(x if all_logits else x[-1:])
+            except BaseException:
+                cache.length = 0
+                raise
+            x = np.concatenate(hidden[-1:] if not all_logits else hidden)
+            return kernels.linear(self.output, rms_norm(x, self.output_norm, cfg.rms_norm_eps))  # spec §2.7
 
-    def _forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool,
-                 should_stop: Callable[[], bool] | None) -> np.ndarray:
-        cfg = self.config
+    def _step(self, tokens: np.ndarray, cache: KVCache, should_stop: Callable[[], bool] | None) -> np.ndarray:
+        """The residual stream [T, n_embd] after the last block, for `tokens` appended to the cache."""
+        eps = self.config.rms_norm_eps
         start = cache.length
-        try:
-            x = kernels.dequantize(self.token_embd, rows=tokens)
-            cos, sin = self.rope_tables(start + np.arange(len(tokens)))
-            for layer, w in enumerate(self.layers):
-                if should_stop is not None and should_stop():
-                    raise Cancelled
-                x = x + self._attention(layer, w, rms_norm(x, w["attn_norm.weight"].data, cfg.rms_norm_eps),
-                                        cos, sin, cache, start)
-                x = x + self._moe(w, rms_norm(x, w["post_attention_norm.weight"].data, cfg.rms_norm_eps))
-        except BaseException:
-            cache.length = 0
-            raise
+        rope = self.rope_tables(start + np.arange(len(tokens)))
+        x = kernels.dequantize(self.token_embd, rows=tokens)
+        for w, kv in zip(self.layers, cache.layers):
+            if should_stop is not None and should_stop():
+                raise Cancelled
+            x = x + self._attention(w, rms_norm(x, w["attn_norm.weight"].data, eps), rope, kv, start)
+            x = x + self._moe(w, rms_norm(x, w["post_attention_norm.weight"].data, eps))
         cache.length = start + len(tokens)
-        if not all_logits:
-            x = x[-1:]
-        return kernels.linear(self.output, rms_norm(x, self.output_norm, cfg.rms_norm_eps))
+        return x
 
-    def _attention(self, layer: int, w: dict, h: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache: KVCache,
+    def _attention(self, w: dict, h: np.ndarray, rope: tuple[np.ndarray, np.ndarray], kv: LayerKV,
                    start: int) -> np.ndarray:
+        """Spec §2.2-2.4: q/k/v projections, RoPE on q and k, attention with sinks over the cache, output
+        projection."""
         cfg = self.config
         T = h.shape[0]
-        q = (kernels.linear(w["attn_q.weight"], h) + w["attn_q.bias"].data).reshape(T, cfg.n_head, cfg.head_dim)
-        k = (kernels.linear(w["attn_k.weight"], h) + w["attn_k.bias"].data).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = (kernels.linear(w["attn_v.weight"], h) + w["attn_v.bias"].data).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        sinks = w["attn_sinks.weight"].data
-        if T == 1:
-            cache.store(layer, start, k, v)
-            out = cache.attend(layer, q[0], start, sinks, self.scale).reshape(1, -1)
-        else:
-            out = self._attention_block(layer, q, k, v, sinks, cache, start)
-            cache.store(layer, start, k, v)
-        return kernels.linear(w["attn_output.weight"], out) + w["attn_output.bias"].data
-
-    def _attention_block(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, sinks: np.ndarray,
-                         cache: KVCache, start: int) -> np.ndarray:
-        """Attention with sinks (spec §2.4) for queries at positions start.. against the cached keys in the
-        window plus the new ones."""
-        cfg = self.config
-        T = q.shape[0]
-        first = cache.window_start(layer, start)
-        past_k, past_v = cache.past(layer, first, start)
-        keys = np.concatenate([past_k, k.transpose(1, 0, 2)], axis=1)  # [kv, N, d], positions first..start+T-1
-        values = np.concatenate([past_v, v.transpose(1, 0, 2)], axis=1)
-        query_pos = start + np.arange(T)
-        lo = np.array([cache.window_start(layer, p) for p in query_pos]) - first
-        out = kernels.attend_block(q, keys, values, lo, query_pos - first + 1, sinks, self.scale)
-        return out.reshape(T, cfg.n_head * cfg.head_dim)
+        q = linear(w, "attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
+        k = linear(w, "attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = linear(w, "attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # Stored first, then attended over: the new positions see their own keys as the cache holds them, the same
+        # values later queries will see.
+        kv.store(start, k, v)
+        out = attend(q, kv, start, w["attn_sinks.weight"].data, self.scale)
+        return linear(w, "attn_output", out.reshape(T, cfg.n_head * cfg.head_dim))
 
     def _moe(self, w: dict, h: np.ndarray) -> np.ndarray:
+        """Spec §2.5-2.6: the router's top-k experts weighted by a softmax over their logits, each a clamped
+        SwiGLU MLP."""
         cfg = self.config
-        router = kernels.linear(w["ffn_gate_inp.weight"], h) + w["ffn_gate_inp.bias"].data
-        ids, weights = softmax_top_k(router, cfg.n_expert_used)
+        experts, weights = softmax_top_k(linear(w, "ffn_gate_inp", h), cfg.n_expert_used)
         return kernels.moe(w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"],
                            w["ffn_gate_exps.bias"].data, w["ffn_up_exps.bias"].data, w["ffn_down_exps.bias"].data,
-                           h, ids, weights, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+                           h, experts, weights, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)

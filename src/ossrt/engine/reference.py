@@ -1,7 +1,7 @@
 """The gpt-oss forward pass in plain NumPy, line by line from the spec (§2): the yardstick for the fast path.
 
-Every weight is dequantized in full and all math runs in float64, so this is only for tiny models and tests.
-It shares nothing with `model.py` but the file reader and the MXFP4 table.
+Every weight is dequantized in full (by gguf's NumPy code) and all math runs in float64, so this is only for tiny
+models and tests. It shares nothing with the fast path but the file reader.
 """
 
 from __future__ import annotations
@@ -9,24 +9,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from gguf import GGMLQuantizationType as GGMLType
 from gguf import quants
 
-from ..format import mxfp4
 from ..format.config import ModelConfig
 from ..format.modelfile import ModelFile, Tensor
 
 
 def weight(t: Tensor) -> np.ndarray:
-    """A tensor of the file as float64 of its logical shape."""
-    if t.type == GGMLType.MXFP4:
-        values = mxfp4.dequantize_gguf(t.data)
-    elif t.type == GGMLType.BF16:
-        values = (t.data.astype(np.uint32) << 16).view(np.float32)
-    elif t.type == GGMLType.Q8_0:
-        values = quants.dequantize(t.data, GGMLType.Q8_0)
-    else:
-        values = t.data
+    """A tensor of the file as float64 of its logical shape, by gguf's own dequantizer."""
+    values = quants.dequantize(np.ascontiguousarray(t.data).view(np.uint8), t.type)
     return np.asarray(values, dtype=np.float64).reshape(t.shape)
 
 

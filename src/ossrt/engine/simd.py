@@ -14,6 +14,7 @@ from __future__ import annotations
 import platform
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -21,10 +22,24 @@ from numba.extending import intrinsic
 
 from ..format import mxfp4
 
+# The fastmath flags of every kernel that sums: reassociation lets LLVM vectorize the reductions (results differ
+# from NumPy only in rounding order). Helpers inlined into a kernel take the kernel's flags, so kernels that call
+# them must set these or the sums are not vectorized.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+MXFP4_BLOCK_SIZE, MXFP4_BLOCK_BYTES = mxfp4.BLOCK_VALUES, mxfp4.BLOCK_BYTES  # 32 values: e8m0 scale + 16 bytes
+Q8_0_BLOCK_SIZE, Q8_0_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # 32 values: f16 scale + 32 int8
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) → float32, exactly: bf16 is the top half of a float32."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 _KVALUES = mxfp4.KVALUES.astype(np.float32)
 _E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 128).astype(np.float32)  # 2^(e-128)
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-BF16_TO_F32 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+BF16_TO_F32 = bf16_to_f32(np.arange(65536, dtype=np.uint16))
 
 SIMD = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -80,7 +95,7 @@ def _mxfp4_block(builder, wp, b):
     pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i8, [v16i8, v16i8]),
                                             "llvm.x86.ssse3.pshuf.b.128")
     table = ir.Constant(v16i8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
-    base = builder.mul(b, _const(builder, b, 17))
+    base = builder.mul(b, _const(builder, b, MXFP4_BLOCK_BYTES))
     _prefetch(builder, wp, base)
     # The scale built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
     e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
@@ -139,23 +154,23 @@ def _dequant_row_mxfp4_simd(typingctx, row, out, n_blocks):
 @njit(cache=True, inline="always")
 def dequant_row_mxfp4_scalar(row, out, n_blocks):
     for b in range(n_blocks):
-        o = b * 17
+        o = b * MXFP4_BLOCK_BYTES
         d = _E8M0_HALF[row[o]]
         for j in range(16):
             q = row[o + 1 + j]
-            out[b * 32 + j] = _KVALUES[q & 15] * d
-            out[b * 32 + 16 + j] = _KVALUES[q >> 4] * d
+            out[b * MXFP4_BLOCK_SIZE + j] = _KVALUES[q & 15] * d
+            out[b * MXFP4_BLOCK_SIZE + 16 + j] = _KVALUES[q >> 4] * d
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"})
+@njit(cache=True, inline="always", fastmath=FASTMATH)
 def row_dot_mxfp4_scalar(row, x, n_blocks):
     acc = np.float32(0.0)
     for b in range(n_blocks):
-        o = b * 17
+        o = b * MXFP4_BLOCK_BYTES
         s = np.float32(0.0)
         for j in range(16):
             q = row[o + 1 + j]
-            s += _KVALUES[q & 15] * x[b * 32 + j] + _KVALUES[q >> 4] * x[b * 32 + 16 + j]
+            s += _KVALUES[q & 15] * x[b * MXFP4_BLOCK_SIZE + j] + _KVALUES[q >> 4] * x[b * MXFP4_BLOCK_SIZE + 16 + j]
         acc += s * _E8M0_HALF[row[o]]
     return acc
 
@@ -172,7 +187,7 @@ def _row_dot_q8_0_simd(typingctx, row, x, n_blocks):
         acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            base = builder.mul(b, _const(builder, b, 34))
+            base = builder.mul(b, _const(builder, b, Q8_0_BLOCK_BYTES))
             _prefetch(builder, wp, base)
             d_bits = builder.load(builder.bitcast(builder.gep(wp, [base]), _I16.as_pointer()), align=1)
             d = builder.fpext(builder.bitcast(d_bits, ir.HalfType()), _F32)
@@ -189,16 +204,31 @@ def _row_dot_q8_0_simd(typingctx, row, x, n_blocks):
     return sig, codegen
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"})
+@njit(cache=True, inline="always")
+def _q8_0_scale(row, o):
+    """The f16 scale that opens the block at byte o, as float32."""
+    return F16_TO_F32[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
 def row_dot_q8_0_scalar(row, x, n_blocks):
     acc = np.float32(0.0)
     for b in range(n_blocks):
-        o = b * 34
+        o = b * Q8_0_BLOCK_BYTES
         s = np.float32(0.0)
-        for j in range(32):
-            s += np.float32(np.int8(row[o + 2 + j])) * x[b * 32 + j]
-        acc += s * F16_TO_F32[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
+        for j in range(Q8_0_BLOCK_SIZE):
+            s += np.float32(np.int8(row[o + 2 + j])) * x[b * Q8_0_BLOCK_SIZE + j]
+        acc += s * _q8_0_scale(row, o)
     return acc
+
+
+@njit(cache=True, inline="always")
+def dequant_row_q8_0(row, out, n_blocks):
+    for b in range(n_blocks):
+        o = b * Q8_0_BLOCK_BYTES
+        d = _q8_0_scale(row, o)
+        for j in range(Q8_0_BLOCK_SIZE):
+            out[b * Q8_0_BLOCK_SIZE + j] = np.float32(np.int8(row[o + 2 + j])) * d
 
 
 # --- BF16 / F16 -----------------------------------------------------------------------------------------------------
@@ -237,7 +267,7 @@ _row_dot_bf16_chunks = _row_dot_16bit(bf16=True)
 _row_dot_f16_chunks = _row_dot_16bit(bf16=False)
 
 
-@njit(cache=True, inline="always", fastmath={"reassoc", "contract", "nsz", "arcp"})
+@njit(cache=True, inline="always", fastmath=FASTMATH)
 def row_dot_16bit_scalar(row, table, x, start):
     acc = np.float32(0.0)
     for i in range(start, x.shape[0]):

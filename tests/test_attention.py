@@ -1,0 +1,104 @@
+"""The attention core against a float64 reference of spec §2.4, for every KV storage type, one query and a block,
+in full layers and in rings that wrap around; and what `LayerKV.store` keeps."""
+
+import numpy as np
+import pytest
+
+from ossrt.defaults import KV_TYPES
+from ossrt.engine.attention import attend
+from ossrt.engine.kv_cache import LayerKV, quantize_q8_0
+
+N_HEAD, N_KV, D = 6, 2, 64  # three query heads per KV head; q8_0 needs whole blocks of 32
+
+
+def as_stored(x: np.ndarray, kv_type: str) -> np.ndarray:
+    """float64 of what a cache of `kv_type` keeps of x [..., D]: f16 rounding, or q8_0 values times their scale."""
+    if kv_type == "f16":
+        return x.astype(np.float16).astype(np.float64)
+    if kv_type == "q8_0":
+        q, scale = quantize_q8_0(x)
+        return (q.reshape(q.shape[:-1] + (-1, 32)) * scale[..., None].astype(np.float64)).reshape(x.shape)
+    return x.astype(np.float64)
+
+
+def attention_reference(q, keys, values, start, window, sinks, scale):
+    """Spec §2.4 in float64: queries q [T, n_head, d] at positions start.., keys/values [positions, n_kv, d] by
+    absolute position; the sink an extra logit whose probability is dropped."""
+    T = q.shape[0]
+    per_kv = N_HEAD // N_KV
+    out = np.zeros(q.shape)
+    for t in range(T):
+        pos = start + t
+        first = max(0, pos - window + 1)
+        for h in range(N_HEAD):
+            k = keys[first:pos + 1, h // per_kv]
+            a = np.concatenate([k @ q[t, h].astype(np.float64) * scale, [sinks[h]]])
+            p = np.exp(a - a.max())
+            p /= p.sum()
+            out[t, h] = p[:-1] @ values[first:pos + 1, h // per_kv]
+    return out
+
+
+@pytest.mark.parametrize("kv_type", KV_TYPES)
+@pytest.mark.parametrize("window, chunk, context", [(7, 5, 40), (40, 5, 40)], ids=["ring", "full"])
+def test_attention_over_the_cache_matches_the_reference(kv_type, window, chunk, context):
+    """Blocks of queries (prefill) and single queries (decode) stored then attended, as the model does; the ring
+    (window 7 plus a chunk of 5, less one: 11 slots) wraps around several times over 40 positions."""
+    rng = np.random.default_rng(1)
+    capacity = min(window + chunk - 1, context)
+    kv = LayerKV(N_KV, capacity, D, kv_type, window)
+    keys = rng.standard_normal((context, N_KV, D)).astype(np.float32)
+    values = rng.standard_normal((context, N_KV, D)).astype(np.float32)
+    q = rng.standard_normal((context, N_HEAD, D)).astype(np.float32) * 0.5
+    sinks = rng.standard_normal(N_HEAD).astype(np.float32)
+    stored_keys, stored_values = as_stored(keys, kv_type), as_stored(values, kv_type)
+    steps = [5, 1, 1, 5, 3, 1, 5, 5, 1, 4, 5, 4]  # blocks that straddle the ring's end, and single positions
+    assert sum(steps) == context
+    start = 0
+    for T in steps:
+        kv.store(start, keys[start:start + T], values[start:start + T])
+        got = attend(q[start:start + T], kv, start, sinks, 0.125)
+        expect = attention_reference(q[start:start + T], stored_keys, stored_values, start, window, sinks, 0.125)
+        assert got.dtype == np.float32 and got.shape == (T, N_HEAD, D)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+        start += T
+
+
+def test_store_rounds_as_each_type_says():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, N_KV, D)).astype(np.float32) * 10
+    for kv_type in KV_TYPES:
+        kv = LayerKV(N_KV, 4, D, kv_type, 4)
+        kv.store(2, x, x)  # positions 2, 3, 4: slots 2, 3, 0
+        slots = [2, 3, 0]
+        if kv_type == "f32":
+            np.testing.assert_array_equal(kv.keys[:, slots], x.transpose(1, 0, 2))
+        elif kv_type == "f16":
+            np.testing.assert_array_equal(kv.values[:, slots].view(np.float16), x.transpose(1, 0, 2).astype(np.float16))
+        else:
+            q, scale = kv.keys[:, slots], kv.key_scales[:, slots]
+            blocks = x.transpose(1, 0, 2).reshape(N_KV, 3, D // 32, 32)
+            np.testing.assert_allclose(scale, np.abs(blocks).max(axis=-1) / 127, rtol=1e-7)
+            error = blocks - q.reshape(blocks.shape) * scale[..., None]
+            assert (np.abs(error) <= scale[..., None] / 2 * (1 + 1e-6)).all()  # rounded to the nearest step
+
+
+def test_q8_0_rounds_halves_away_from_zero_and_keeps_zero_blocks():
+    x = np.zeros((2, 32), dtype=np.float32)
+    x[0, :3] = [127.0, 0.5, -0.5]  # scale 1: the halves go to 1 and -1
+    q, scale = quantize_q8_0(x)
+    assert scale.tolist() == [[1.0], [0.0]]
+    assert q[0, :3].tolist() == [127, 1, -1] and not q[1].any()
+
+
+def test_attend_rejects_what_does_not_fit():
+    kv = LayerKV(N_KV, 11, D, "f32", 7)
+    q = np.zeros((6, N_HEAD, D), dtype=np.float32)
+    sinks = np.zeros(N_HEAD, dtype=np.float32)
+    attend(q[:5], kv, 20, sinks, 0.125)  # positions 14..24 fill the 11 slots
+    with pytest.raises(ValueError, match="do not fit 11 slots"):
+        attend(q, kv, 20, sinks, 0.125)
+    with pytest.raises(ValueError, match="attention shapes"):
+        attend(q[:, :5], kv, 20, sinks[:5], 0.125)
+    with pytest.raises(ValueError, match="do not fit 11 slots"):
+        kv.store(0, np.zeros((12, N_KV, D)), np.zeros((12, N_KV, D)))
