@@ -14,8 +14,8 @@ from typing import Any
 
 from gguf import TokenType
 
-from .config import ModelConfig, describe_value
-from .safetensors import SourceTensor, is_int, read_shard
+from .config import ModelConfig, describe_value, is_int
+from .safetensors import SourceTensor, read_shard
 from ..errors import ConfigError, ConvertError
 
 

@@ -353,7 +353,7 @@ def _validate(values: Mapping[str, Any], labels: Mapping[str, str]) -> None:
         if field not in values:
             continue
         value, high = values[field], MAX_LAYERS if field == "n_layer" else MAX_SIZE
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise ConfigError(f"{name(field)} must be an integer, got {describe_value(value)}")
         if not 1 <= value <= high:
             raise ConfigError(f"{name(field)} must be between 1 and {high}, got {describe_value(value)}")
@@ -393,6 +393,11 @@ def _finite(value: int | float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond the float range
         return False
+
+
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (JSON's true would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def describe_value(value: Any) -> str:

@@ -30,16 +30,22 @@ def _pow2(exponent: np.ndarray) -> np.ndarray:
     return np.ldexp(np.float32(1.0), exponent.astype(np.int32)).astype(np.float32)
 
 
-def dequantize_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """HF layout `blocks[..., G, 16]`, `scales[..., G]` -> float32 `[..., G*32]`."""
+def _hf_codes(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The E2M1 codes of HF `blocks[..., G, 16]` in element order, `[..., G, 32]`, after checking `scales[..., G]`
+    matches."""
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
         raise ValueError("MXFP4 blocks and scales must be uint8")
     if blocks.shape[-1] != CODE_BYTES or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
-    nib = np.empty(blocks.shape[:-1] + (BLOCK_VALUES,), dtype=np.uint8)
-    nib[..., 0::2] = blocks & 0x0F
-    nib[..., 1::2] = blocks >> 4
-    values = FP4_VALUES[nib] * _pow2(scales.astype(np.int32) - 127)[..., None]
+    codes = np.empty(blocks.shape[:-1] + (BLOCK_VALUES,), dtype=np.uint8)
+    codes[..., 0::2] = blocks & 0x0F  # element 2j
+    codes[..., 1::2] = blocks >> 4  # element 2j+1
+    return codes
+
+
+def dequantize_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """HF layout `blocks[..., G, 16]`, `scales[..., G]` -> float32 `[..., G*32]`."""
+    values = FP4_VALUES[_hf_codes(blocks, scales)] * _pow2(scales.astype(np.int32) - 127)[..., None]
     return values.reshape(blocks.shape[:-2] + (-1,))
 
 
@@ -60,17 +66,10 @@ def dequantize_gguf(rows: np.ndarray, n: int | None = None) -> np.ndarray:
 def hf_to_gguf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Repack HF `blocks[..., G, 16]` + `scales[..., G]` into GGUF rows uint8 `[..., G*17]`, bit-exactly
     (llama.cpp `transform_nibble_layout` + `repack_mxfp4`): the scale byte is copied, nibbles reordered."""
-    if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-        raise ValueError("MXFP4 blocks and scales must be uint8")
-    if blocks.shape[-1] != CODE_BYTES or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
-    lo, hi = blocks & 0x0F, blocks >> 4  # elements 2j and 2j+1
-    nib = np.empty(blocks.shape[:-1] + (BLOCK_VALUES,), dtype=np.uint8)
-    nib[..., 0::2] = lo
-    nib[..., 1::2] = hi
+    codes = _hf_codes(blocks, scales)
     out = np.empty(blocks.shape[:-1] + (BLOCK_BYTES,), dtype=np.uint8)
     out[..., 0] = scales
-    out[..., 1:] = nib[..., :CODE_BYTES] | (nib[..., CODE_BYTES:] << 4)
+    out[..., 1:] = codes[..., :CODE_BYTES] | (codes[..., CODE_BYTES:] << 4)
     return out.reshape(blocks.shape[:-2] + (-1,))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import describe_value
+from .config import describe_value, is_int
 from ..errors import ConvertError
 
 # safetensors dtypes gpt-oss checkpoints use, as stored (BF16 as its uint16 bit patterns).
@@ -41,11 +41,6 @@ class SourceTensor:
         if self.dtype == "BF16":  # bf16 is the top half of a float32
             return (x.astype(np.uint32) << 16).view(np.float32)
         return x.astype(np.float32)
-
-
-def is_int(value: Any) -> bool:
-    """An integer of JSON, not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_shard(path: Path) -> tuple[mmap.mmap, dict[str, SourceTensor]]:
