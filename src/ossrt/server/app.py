@@ -1,10 +1,8 @@
 """`ossrt serve`: an OpenAI-compatible HTTP server over one loaded model (Starlette + uvicorn, the `serve` extra).
 
-Each request's turn runs on its own thread (the model is blocking CPU work and serialises its forward passes, so
-concurrent turns interleave token by token). At most `parallel` turns run at once, each on a chat session of a
-pool (the one whose cached conversation shares the longest prefix with the new prompt, so a client's next turn
-reuses its KV cache); up to `queue` more wait, and beyond that requests get 503. A client that disconnects has its
-turn cancelled. Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses.
+Each request's turn runs on its own thread, on a session of a pool (`runner`). At most `parallel` turns run at
+once; up to `queue` more wait, and beyond that requests get 503. A client that disconnects has its turn cancelled.
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses.
 
 A request that fails gets OpenAI's error body and one log line (method, path, status, message); only a bug (an
 unexpected exception) logs a traceback. Connections must send each request head within `HEADER_TIMEOUT`."""
@@ -22,9 +20,8 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -32,112 +29,26 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..chat import ChatResponse, ChatSession, Done
 from ..errors import OssrtError
-from ..harmony import render_conversation
+from .body import read_json_object
 from .chat_completions import ChatCompletion, parse_chat_request
-from .common import ApiError, Turn, api_error, check_content_type, field_of, parse_json
+from .errors import ApiError, api_error
+from .fields import field_of
 from .responses import ResponsesOutput, parse_responses_request
+from .runner import SessionPool, TurnThread
+from .turn import Turn
 
 log = logging.getLogger("ossrt.server.app")
 
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
 HEADER_TIMEOUT = 20.0  # seconds a connection gets to send a request head: clients send it at once
-_STARTED, _END = object(), object()
 _BEARER = re.compile(r"bearer +(.*)", re.IGNORECASE)
 
 
-class SessionPool:
-    """Chat sessions, each with its own KV cache; `take` hands out the free one that already holds the longest
-    prefix of the prompt."""
-
-    def __init__(self, sessions: Iterable[ChatSession]):
-        self.free = list(sessions)
-        self.lock = threading.Lock()
-
-    def take(self, prompt: list[int]) -> ChatSession:
-        p = np.asarray(prompt)
-
-        def shared(s: ChatSession) -> int:
-            n = min(len(s.tokens), len(p))
-            diff = np.flatnonzero(np.asarray(s.tokens[:n]) != p[:n])
-            return int(diff[0]) if diff.size else n
-
-        with self.lock:
-            best = max(self.free, key=shared)
-            self.free.remove(best)
-            return best
-
-    def give(self, session: ChatSession) -> None:
-        with self.lock:
-            self.free.append(session)
-
-
-class Generation:
-    """One turn on its own thread. `_STARTED` (the conversation rendered and checked), its events, then `_END`
-    reach the event loop through `queue`; an exception raised before or during generation arrives there instead.
-    `cancel()` is thread-safe and idempotent."""
-
-    def __init__(self, server: "Server", turn: Turn):
-        self.server, self.turn = server, turn
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.response: ChatResponse | None = None
-        self.consumed = False  # the client got everything up to `_END`
-        self._stream = None
-        self._cancelled = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="ossrt-turn").start()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-        if self._stream is not None:
-            self._stream.cancel()
-
-    def _put(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _run(self) -> None:
-        model, turn, session = self.server.model, self.turn, None
-        try:
-            prompt = render_conversation(model.tokenizer, turn.messages, tools=turn.tools,
-                                         reasoning_effort=turn.reasoning_effort)
-            session = self.server.pool.take(prompt)
-            self._stream = session.chat(turn.messages, stream=True, **turn.chat_kwargs())
-            if self._cancelled.is_set():
-                self._stream.cancel()
-            self._put(_STARTED)
-            for event in self._stream:
-                if isinstance(event, Done):
-                    self.response = event.response
-                self._put(event)
-        except BaseException as e:  # handed to the request's task, which answers or logs it
-            self._put(e)
-        finally:
-            if self._stream is not None:
-                self._stream.close()  # releases the session even when generation failed midway
-            if session is not None:
-                self.server.pool.give(session)
-            self._put(_END)
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.server._ended, self)
-
-    async def payloads(self, fmt) -> AsyncIterator[dict[str, Any]]:
-        """The API objects for the client: `fmt.start()`, one batch per event, `fmt.finish(response)`."""
-        for p in fmt.start():
-            yield p
-        while (item := await self.queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            batch = fmt.finish(item.response) if isinstance(item, Done) else fmt.event(item)
-            if fmt.stopped:
-                self.cancel()
-            for p in batch:
-                yield p
-        self.consumed = True
-
-
 class Server:
+    """The state behind the endpoints: the model and its session pool, admission (`parallel` slots, a queue of
+    `queue`), the counts /health reports."""
+
     def __init__(self, model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
                  parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY):
         if parallel < 1 or queue < 0:
@@ -148,12 +59,13 @@ class Server:
         self.pool = SessionPool(model.new_session() for _ in range(parallel))
         self.slots = asyncio.Semaphore(parallel)
         self.waiting = 0
-        self.running: set[Generation] = set()
+        self.running: set[TurnThread] = set()
+        self.changed = threading.Condition()  # notified when a turn queues, starts, ends or loses its client
         self.created = int(time.time())
         self.counts = dict(requests=0, rejected=0, disconnected=0, prompt_tokens=0, completion_tokens=0)
 
     # --- turns ---
-    async def start(self, turn: Turn) -> Generation:
+    async def start(self, turn: Turn) -> TurnThread:
         """Wait for a free slot (503 when the queue is full), start the turn, and return once it is rendered and
         validated: a bad conversation raises here, before any response is sent."""
         if len(self.running) + self.waiting >= self.parallel + self.queue_size:
@@ -162,46 +74,46 @@ class Server:
                                 f"waiting); try again shortly", type="server_error", code="server_busy",
                            headers={"Retry-After": "1"})
         self.waiting += 1
+        self._notify()
         try:
             await self.slots.acquire()
         finally:
             self.waiting -= 1
-        gen = Generation(self, turn)
-        self.running.add(gen)
+        run = TurnThread(turn, self.model.engine, self.pool, self._ended)
+        self.running.add(run)
+        self._notify()
         try:
-            first = await gen.queue.get()
-        except BaseException:
-            gen.cancel()
-            raise
-        if isinstance(first, BaseException):
-            raise api_error(first, turn.where) if isinstance(first, OssrtError) else first
-        return gen
+            await run.started()
+        except OssrtError as e:
+            raise api_error(e, turn.where) from None
+        return run
 
-    def _ended(self, gen: Generation) -> None:
-        self.running.discard(gen)
+    def _ended(self, run: TurnThread) -> None:
+        self.running.discard(run)
         self.slots.release()
-        if gen.response is not None:
-            self.counts["prompt_tokens"] += gen.response.usage.prompt_tokens
-            self.counts["completion_tokens"] += gen.response.usage.completion_tokens
+        if run.response is not None:
+            self.counts["prompt_tokens"] += run.response.usage.prompt_tokens
+            self.counts["completion_tokens"] += run.response.usage.completion_tokens
+        self._notify()
+
+    def _disconnected(self) -> None:
+        self.counts["disconnected"] += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """From a thread other than the server's (a test, a monitor): wait until `predicate()`, a question about
+        `running`, `waiting` or the turns' counts, is true; False after `timeout` seconds."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
 
     # --- requests ---
     async def read_json(self, request: Request) -> dict[str, Any]:
         self.check_key(request)
-        check_content_type(request.headers.get("content-type"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_body}",
-                           code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise ApiError(413, f"request body is over the limit of {self.max_body} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
-        body = parse_json(b"".join(chunks))
-        if not isinstance(body, dict):
-            raise ApiError(422, "the request body must be a JSON object", code="invalid_type")
+        body = await read_json_object(request, self.max_body)
         model = field_of(body, "model", "string", required=True)
         if _norm(model) not in self.names:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_id!r}",
@@ -225,29 +137,29 @@ class Server:
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     async def respond(self, request: Request, turn: Turn, fmt, stream: bool, named_events: bool) -> Response:
-        gen = await self.start(turn)
+        run = await self.start(turn)
         if stream:
-            return StreamingResponse(self._sse(request, gen, fmt, named_events), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, run, fmt, named_events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(self._watch_disconnect(request, gen))
+        watcher = asyncio.create_task(self._watch_disconnect(request, run))
         try:
-            async for _ in gen.payloads(fmt):
+            async for _ in run.payloads(fmt):
                 pass
         except OssrtError as e:
             raise api_error(e, turn.where) from None
         finally:
             watcher.cancel()
-        return JSONResponse(fmt.result(gen.response))
+        return JSONResponse(fmt.result(run.response))
 
-    async def _watch_disconnect(self, request: Request, gen: Generation) -> None:
+    async def _watch_disconnect(self, request: Request, run: TurnThread) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        gen.cancel()
-        self.counts["disconnected"] += 1
+        run.cancel()
+        self._disconnected()
 
-    async def _sse(self, request: Request, gen: Generation, fmt, named_events: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, request: Request, run: TurnThread, fmt, named_events: bool) -> AsyncIterator[bytes]:
         try:
-            async for p in gen.payloads(fmt):
+            async for p in run.payloads(fmt):
                 yield _sse_event(p, p["type"] if named_events else None)
             if not named_events:
                 yield b"data: [DONE]\n\n"
@@ -261,9 +173,9 @@ class Server:
             else:
                 yield _sse_event(err.body(), None)
         finally:
-            if not gen.consumed:  # the client went away (or an error ended the stream): stop generating
-                gen.cancel()
-                self.counts["disconnected"] += 1
+            if not run.consumed:  # the client went away (or an error ended the stream): stop generating
+                run.cancel()
+                self._disconnected()
 
     # --- endpoints ---
     async def health(self, request: Request) -> Response:
@@ -300,8 +212,8 @@ class Server:
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         yield
-        for gen in list(self.running):
-            gen.cancel()
+        for run in list(self.running):
+            run.cancel()
 
 
 def _norm(name: str) -> str:
@@ -401,12 +313,14 @@ def model_names(spec: str, path: Path) -> tuple[str, list[str]]:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound socket for `host`:`port` (0: any free port), or OssrtError saying why not."""
+    """A listening socket for `host`:`port` (0: any free port), or OssrtError saying why not. Connections made
+    before the server runs (while the model loads) wait in its backlog."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen()
     except OSError as e:
         raise OssrtError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock

@@ -7,12 +7,19 @@ content only when there is no final answer, like `ChatResponse.content`."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Mapping
 
-from ..chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
-from .common import (ApiError, StopMatcher, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
-                            reasoning_effort, stop_field, tools_field)
+from ..chat import (ChatResponse, ContentDelta, FinishReason, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
+                    ToolCallDelta)
+from .errors import ApiError
+from .fields import field_of, max_tokens_field, reasoning_effort_field
+from .ids import new_id
+from .stop import StopMatcher, stop_field
+from .turn import Turn, read_turn
+
+# Chat Completions has no "cancelled": a turn is cancelled when a stop sequence appeared (or the client left).
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.TOOL_CALLS: "tool_calls",
+                  FinishReason.CANCELLED: "stop"}
 
 
 def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, bool]:
@@ -21,7 +28,6 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
     check_messages(messages)
-    tools = tools_field(body, flat=False)
     n = field_of(body, "n", "integer", 1)
     if n != 1:
         raise ApiError(400, f"only n=1 is supported, got {n}", param="n", code="unsupported_value")
@@ -31,15 +37,10 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
     if fmt is not None and fmt.get("type", "text") != "text":
         raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
                        param="response_format", code="unsupported_value")
-    turn = Turn(messages=list(messages), tools=tools,
-                reasoning_effort=reasoning_effort(field_of(body, "reasoning_effort", "string"), "reasoning_effort"),
-                temperature=field_of(body, "temperature", "number", 1.0),
-                top_p=field_of(body, "top_p", "number", 1.0),
-                max_tokens=max_tokens_field(body, ("max_completion_tokens", "max_tokens"), context_length),
-                seed=field_of(body, "seed", "integer"), stop=stop_field(body.get("stop")))
-    check_range("temperature", turn.temperature, 0, 2)
-    check_range("top_p", turn.top_p, 0, 1, lo_open=True)
-    apply_tool_choice(turn, body, flat=False)
+    turn = read_turn(body, list(messages), flat=False,
+                     reasoning_effort=reasoning_effort_field(body, "reasoning_effort"),
+                     max_tokens=max_tokens_field(body, ("max_completion_tokens", "max_tokens"), context_length),
+                     stop=stop_field(body))
     stream = field_of(body, "stream", "boolean", False)
     options = field_of(body, "stream_options", "object", {})
     include_usage = field_of(options, "include_usage", "boolean", False, where="stream_options.")
@@ -86,12 +87,13 @@ class ChatCompletion:
 
     def __init__(self, model_id: str, turn: Turn, include_usage: bool = False):
         self.model_id = model_id
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.id = new_id("chatcmpl-")
         self.created = int(time.time())
         self.include_usage = include_usage
         self.matcher = StopMatcher(turn.stop)
         self.content: list[str] = []  # what went out as content, stop sequences applied
-        self.calls: list[dict[str, Any]] = []  # streamed tool calls, each {"id", "name", "complete"}
+        self.calls: list[ToolCallBegin] = []  # the tool calls streamed so far
+        self.complete: set[str] = set()  # the ids of those whose arguments ended
 
     @property
     def stopped(self) -> bool:
@@ -115,21 +117,18 @@ class ChatCompletion:
             self.content.append(text)
             return [self._chunk({"content": text})] if text else []
         if isinstance(e, ToolCallBegin):
-            self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "name": e.name, "complete": False})
-            return [self._chunk({"tool_calls": [{"index": len(self.calls) - 1, "id": self.calls[-1]["id"],
-                                                 "type": "function",
+            self.calls.append(e)
+            return [self._chunk({"tool_calls": [{"index": len(self.calls) - 1, "id": e.id, "type": "function",
                                                  "function": {"name": e.name, "arguments": ""}}]})]
         if isinstance(e, ToolCallDelta):
             return [self._chunk({"tool_calls": [{"index": len(self.calls) - 1,
                                                  "function": {"arguments": e.text}}]})]
-        if isinstance(e, ToolCall):
-            self.calls[-1]["complete"] = e.complete
+        if isinstance(e, ToolCall) and e.complete:
+            self.complete.add(e.id)
         return []
 
     def finish_reason(self, r: ChatResponse) -> str:
-        if self.stopped or r.finish_reason == "cancelled":
-            return "stop"
-        return r.finish_reason
+        return "stop" if self.stopped else FINISH_REASONS[r.finish_reason]
 
     def finish(self, r: ChatResponse) -> list[dict[str, Any]]:
         out = []
@@ -147,7 +146,7 @@ class ChatCompletion:
         message: dict[str, Any] = {"role": "assistant"}
         if self.stopped:
             message["content"] = "".join(self.content)
-            calls = [c for c, s in zip(r.tool_calls, self.calls) if s["complete"]]
+            calls = [c for c in r.tool_calls if c["id"] in self.complete]  # the calls the client saw whole
         else:
             message["content"] = r.content
             calls = r.tool_calls

@@ -8,12 +8,14 @@ as input, with `function_call_output` items, continues the conversation. Respons
 from __future__ import annotations
 
 import time
-import uuid
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-from ..chat import ChatResponse, ContentDelta, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta
-from .common import (ApiError, Turn, apply_tool_choice, check_range, field_of, max_tokens_field,
-                            reasoning_effort, tools_field)
+from ..chat import (ChatResponse, ContentDelta, FinishReason, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
+                    ToolCallDelta)
+from .errors import ApiError
+from .fields import field_of, max_tokens_field, reasoning_effort_field
+from .ids import new_id
+from .turn import Turn, read_turn
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -34,20 +36,12 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
     instructions = field_of(body, "instructions", "string")
     value = field_of(body, "input", "string|array", required=True)
     messages, where = input_messages(value, instructions)
-    tools = tools_field(body, flat=True)
     reasoning = field_of(body, "reasoning", "object", {})
-    turn = Turn(messages=messages, tools=tools,
-                reasoning_effort=reasoning_effort(field_of(reasoning, "effort", "string", where="reasoning."),
-                                                  "reasoning.effort"),
-                temperature=field_of(body, "temperature", "number", 1.0),
-                top_p=field_of(body, "top_p", "number", 1.0),
-                max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length),
-                seed=field_of(body, "seed", "integer"), where=where)
-    check_range("temperature", turn.temperature, 0, 2)
-    check_range("top_p", turn.top_p, 0, 1, lo_open=True)
-    apply_tool_choice(turn, body, flat=True)
+    turn = read_turn(body, messages, flat=True,
+                     reasoning_effort=reasoning_effort_field(reasoning, "effort", where="reasoning."),
+                     max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length), where=where)
     echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
-            "top_p": turn.top_p, "tools": tools or [], "tool_choice": body.get("tool_choice") or "auto",
+            "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": None},
             "metadata": field_of(body, "metadata", "object", {})}
     return turn, field_of(body, "stream", "boolean", False), echo
@@ -151,8 +145,21 @@ def _reasoning_text(item: Mapping[str, Any], key: str, at: str) -> str:
     return "".join(out)
 
 
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+class Outcome(NamedTuple):
+    status: str  # the Response's
+    item_status: str  # of the output item open at the end
+    event: str  # the stream's last event
+    incomplete_details: dict[str, Any] | None
+
+
+# How each way a turn ends reads in the Responses API. A cancelled turn (the client left, or the server is
+# stopping) has no event of its own.
+OUTCOMES = {
+    FinishReason.STOP: Outcome("completed", "completed", "response.completed", None),
+    FinishReason.TOOL_CALLS: Outcome("completed", "completed", "response.completed", None),
+    FinishReason.LENGTH: Outcome("incomplete", "incomplete", "response.incomplete", {"reason": "max_output_tokens"}),
+    FinishReason.CANCELLED: Outcome("cancelled", "incomplete", "response.failed", None),
+}
 
 
 class ResponsesOutput:
@@ -163,7 +170,7 @@ class ResponsesOutput:
 
     def __init__(self, model_id: str, echo: dict[str, Any]):
         self.model_id, self.echo = model_id, echo
-        self.id = _id("resp")
+        self.id = new_id("resp_")
         self.created_at = int(time.time())
         self.items: list[dict[str, Any]] = []
         self.seq = 0
@@ -174,24 +181,25 @@ class ResponsesOutput:
         self.seq += 1
         return {"type": type, "sequence_number": self.seq - 1, **fields}
 
-    def response(self, status: str, r: ChatResponse | None = None) -> dict[str, Any]:
-        out = {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+    def response(self, r: ChatResponse | None = None) -> dict[str, Any]:
+        """The Response object: in progress, or the finished turn `r`."""
+        out = {"id": self.id, "object": "response", "created_at": self.created_at, "status": "in_progress",
                "model": self.model_id, "output": [dict(i) for i in self.items], "error": None,
                "incomplete_details": None, "parallel_tool_calls": True, "text": {"format": {"type": "text"}},
                "truncation": "disabled", "usage": None, **self.echo}
         if r is not None:
             u = r.usage
+            outcome = OUTCOMES[r.finish_reason]
+            out["status"], out["incomplete_details"] = outcome.status, outcome.incomplete_details
             out["usage"] = {"input_tokens": u.prompt_tokens,
                             "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                             "total_tokens": u.total_tokens}
-            if r.finish_reason == "length":
-                out["incomplete_details"] = {"reason": "max_output_tokens"}
         return out
 
     def start(self) -> list[dict[str, Any]]:
-        return [self._ev("response.created", response=self.response("in_progress")),
-                self._ev("response.in_progress", response=self.response("in_progress"))]
+        return [self._ev("response.created", response=self.response()),
+                self._ev("response.in_progress", response=self.response())]
 
     def _place(self) -> dict[str, Any]:
         return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
@@ -200,10 +208,10 @@ class ResponsesOutput:
         out = self._close()
         self.kind, self.text = kind, []
         if kind == "reasoning":
-            item = {"type": "reasoning", "id": _id("rs"), "summary": [], "content": [], "status": "in_progress"}
+            item = {"type": "reasoning", "id": new_id("rs_"), "summary": [], "content": [], "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
         else:
-            item = {"type": "message", "id": _id("msg"), "role": "assistant", "status": "in_progress",
+            item = {"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
                     "content": [], "phase": "commentary" if kind == "preamble" else "final_answer"}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self.items.append(item)
@@ -239,8 +247,8 @@ class ResponsesOutput:
         if isinstance(e, ToolCallBegin):
             out = self._close()
             self.kind = "call"
-            item = {"type": "function_call", "id": _id("fc"), "call_id": f"call_{uuid.uuid4().hex[:24]}",
-                    "name": e.name, "arguments": "", "status": "in_progress"}
+            item = {"type": "function_call", "id": new_id("fc_"), "call_id": e.id, "name": e.name, "arguments": "",
+                    "status": "in_progress"}
             self.items.append(item)
             return out + [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item))]
         if isinstance(e, ToolCallDelta):
@@ -254,17 +262,10 @@ class ResponsesOutput:
                     self._ev("response.output_item.done", output_index=len(self.items) - 1, item=dict(item))]
         return []
 
-    def _status(self, r: ChatResponse) -> str:
-        return {"length": "incomplete", "cancelled": "cancelled"}.get(r.finish_reason, "completed")
-
     def finish(self, r: ChatResponse) -> list[dict[str, Any]]:
-        status = self._status(r)
-        out = self._close("completed" if status == "completed" else "incomplete")
-        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(status,
-                                                                                          "response.failed")
-        return out + [self._ev(kind, response=self.response(status, r))]
+        outcome = OUTCOMES[r.finish_reason]
+        return self._close(outcome.item_status) + [self._ev(outcome.event, response=self.response(r))]
 
     def result(self, r: ChatResponse) -> dict[str, Any]:
-        status = self._status(r)
-        self._close("completed" if status == "completed" else "incomplete")
-        return self.response(status, r)
+        self._close(OUTCOMES[r.finish_reason].item_status)
+        return self.response(r)

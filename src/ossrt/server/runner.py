@@ -1,0 +1,110 @@
+"""Turns running beside the event loop: each on its own thread (the model is blocking CPU work and serialises its
+forward passes, so concurrent turns interleave token by token), on a chat session from a pool whose KV caches
+keep the conversations they last ran."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Any, AsyncIterator, Callable, Iterable
+
+from ..chat import ChatResponse, ChatSession, ChatStream, Done, common_prefix
+from ..engine.engine import Engine
+from .turn import Turn
+
+_STARTED, _END = object(), object()
+
+
+class SessionPool:
+    """Chat sessions, each with its own KV cache; `take` hands out the free one that already holds the longest
+    prefix of the prompt, so a client's next turn reuses its cache."""
+
+    def __init__(self, sessions: Iterable[ChatSession]):
+        self.free = list(sessions)
+        self.lock = threading.Lock()
+
+    def take(self, prompt: list[int]) -> ChatSession:
+        with self.lock:
+            best = max(self.free, key=lambda s: common_prefix(s.tokens, prompt))
+            self.free.remove(best)
+            return best
+
+    def give(self, session: ChatSession) -> None:
+        with self.lock:
+            self.free.append(session)
+
+
+class TurnThread:
+    """One turn on its own thread: rendered once, then answered on the pooled session that suits its prompt.
+    `_STARTED` (the turn rendered and checked), its events, then `_END` reach the event loop through `queue`; an
+    exception raised before or during generation arrives there instead. `cancel()` is thread-safe and idempotent.
+    `on_end(self)` runs on the event loop once the session is back in the pool."""
+
+    def __init__(self, turn: Turn, engine: Engine, pool: SessionPool, on_end: Callable[["TurnThread"], None]):
+        self.turn, self.engine, self.pool, self.on_end = turn, engine, pool, on_end
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.response: ChatResponse | None = None
+        self.consumed = False  # the client got everything up to `_END`
+        self._stream: ChatStream | None = None
+        self._cancelled = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="ossrt-turn").start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def _put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        session = None
+        try:
+            request = self.turn.chat_request(self.engine)
+            session = self.pool.take(request.prompt)
+            self._stream = session.answer(request, stream=True)
+            if self._cancelled.is_set():
+                self._stream.cancel()
+            self._put(_STARTED)
+            for event in self._stream:
+                if isinstance(event, Done):
+                    self.response = event.response
+                self._put(event)
+        except BaseException as e:  # handed to the request's task, which answers or logs it
+            self._put(e)
+        finally:
+            if self._stream is not None:
+                self._stream.close()  # releases the session even when generation failed midway
+            if session is not None:
+                self.pool.give(session)
+            self._put(_END)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.on_end, self)
+
+    async def started(self) -> None:
+        """Return once the turn is rendered and checked; raise what failed instead (a bad conversation fails here,
+        before any response is sent). Cancelled while waiting, the turn is cancelled too."""
+        try:
+            first = await self.queue.get()
+        except BaseException:
+            self.cancel()
+            raise
+        if isinstance(first, BaseException):
+            raise first
+
+    async def payloads(self, fmt) -> AsyncIterator[dict[str, Any]]:
+        """The API objects for the client: `fmt.start()`, one batch per event, `fmt.finish(response)`."""
+        for p in fmt.start():
+            yield p
+        while (item := await self.queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            batch = fmt.finish(item.response) if isinstance(item, Done) else fmt.event(item)
+            if fmt.stopped:
+                self.cancel()
+            for p in batch:
+                yield p
+        self.consumed = True

@@ -1,0 +1,111 @@
+"""The chat turn a request asks for: its messages, `tools` and `tool_choice`, and how to sample the answer; both
+endpoints build one with `read_turn`, and it renders once, as a `ChatRequest`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..chat import ChatRequest, chat_request
+from ..engine.engine import Engine
+from .errors import ApiError
+from .fields import field_of, number_in_range
+
+# OpenAI's sampling defaults, and its ranges (top_p 0 would sample nothing).
+DEFAULT_TEMPERATURE, TEMPERATURE_RANGE = 1.0, (0.0, 2.0)
+DEFAULT_TOP_P, TOP_P_RANGE = 1.0, (0.0, 1.0)
+
+
+@dataclass
+class Turn:
+    """One chat turn as the server runs it: what `chat_request` renders, plus `stop` strings for the server and,
+    for error messages, the request field each message came from (`where`, when not "messages[i]")."""
+
+    messages: list[dict[str, Any]]
+    tools: list[Any] | None
+    reasoning_effort: str
+    temperature: float
+    top_p: float
+    max_tokens: int | None
+    seed: int | None
+    stop: list[str] = field(default_factory=list)
+    where: list[str] | None = None
+
+    def chat_request(self, engine: Engine) -> ChatRequest:
+        """The turn rendered in Harmony and checked (ChatFormatError, ContextLengthError, ParameterError)."""
+        return chat_request(engine, self.messages, tools=self.tools, reasoning_effort=self.reasoning_effort,
+                            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+                            seed=self.seed)
+
+
+def read_turn(body: Mapping[str, Any], messages: list[dict[str, Any]], *, flat: bool, reasoning_effort: str,
+              max_tokens: int | None, stop: list[str] | None = None, where: list[str] | None = None) -> Turn:
+    """The turn of `messages`: with the request's `tools` and `tool_choice` (`flat`: the Responses API's forms)
+    and the sampling fields both APIs share (temperature, top_p, seed)."""
+    tools = tools_field(body, flat=flat)
+    temperature = number_in_range(body, "temperature", DEFAULT_TEMPERATURE, *TEMPERATURE_RANGE)
+    top_p = number_in_range(body, "top_p", DEFAULT_TOP_P, *TOP_P_RANGE, lo_open=True)
+    seed = field_of(body, "seed", "integer")
+    tools, instruction = tool_choice(body, tools, flat=flat)
+    if instruction is not None:
+        messages = messages + [{"role": "developer", "content": instruction}]
+    return Turn(messages, tools, reasoning_effort, temperature, top_p, max_tokens, seed, stop or [], where)
+
+
+def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
+    """`tools`, with every field's JSON type checked (422) so the renderer and `tool_choice` read well-formed objects;
+    names and schemas are checked when rendering (400). Chat nests the function (`{"type": "function", "function":
+    {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too."""
+    tools = field_of(body, "tools", "array")
+    for j, t in enumerate(tools or []):
+        at = f"tools[{j}]"
+        if not isinstance(t, Mapping):
+            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+        kind = field_of(t, "type", "string", required=True, where=f"{at}.")
+        if kind != "function":
+            raise ApiError(400, f"'{at}': tools of type {kind!r:.40} are not supported; only 'function' tools",
+                           param=f"{at}.type", code="unsupported_value")
+        if flat and "function" not in t:
+            fn, where = t, f"{at}."
+        else:
+            fn, where = field_of(t, "function", "object", required=True, where=f"{at}."), f"{at}.function."
+        field_of(fn, "name", "string", required=True, where=where)
+        field_of(fn, "description", "string", where=where)
+        field_of(fn, "parameters", "object", where=where)
+        field_of(fn, "strict", "boolean", where=where)
+    return tools
+
+
+def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *,
+                flat: bool) -> tuple[list[Any] | None, str | None]:
+    """The tools to render and a developer instruction to add (or None) for `tool_choice`: "auto" (default), "none"
+    (the tools leave the prompt), "required", or a named function (`{"type": "function", "function": {"name":
+    ...}}`, `flat` in the Responses API: `{"type": "function", "name": ...}`). Decoding cannot be constrained here,
+    so the last two become the instruction, put at the end of the prompt where the model weighs it most; the model
+    may still answer without the call. `tools` has passed `tools_field`."""
+    choice = field_of(body, "tool_choice", "string|object", "auto")
+    if choice == "auto":
+        return tools, None
+    if choice == "none":
+        return None, None
+    named = None
+    if isinstance(choice, Mapping):
+        kind = field_of(choice, "type", "string", required=True, where="tool_choice.")
+        if kind != "function":
+            raise ApiError(400, f"'tool_choice' of type {kind!r:.40} is not supported; only 'function'",
+                           param="tool_choice.type", code="unsupported_value")
+        fn, where = (choice, "tool_choice.") if flat else (
+            field_of(choice, "function", "object", required=True, where="tool_choice."), "tool_choice.function.")
+        named = field_of(fn, "name", "string", required=True, where=where)
+    elif choice != "required":
+        raise ApiError(400, f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {choice!r:.80}",
+                       param="tool_choice", code="invalid_value")
+    names = [(t["function"] if "function" in t else t)["name"] for t in tools or []]
+    if not names:
+        raise ApiError(400, "'tool_choice' requires 'tools'", param="tool_choice", code="invalid_value")
+    if named is None:
+        return tools, "In this turn you must call one of the functions in the tools list; do not answer directly."
+    if named in names:
+        return tools, f"In this turn you must call the function `{named}`; do not answer directly."
+    raise ApiError(400, f"'tool_choice' names function {named!r}, which is not in 'tools'", param="tool_choice",
+                   code="invalid_value")
