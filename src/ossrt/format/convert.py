@@ -27,10 +27,12 @@ from typing import Any, Callable, Iterator
 import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFValueType, Keys, LlamaFileType
+from gguf.quants import quant_shape_to_byte_shape
 
 from . import mxfp4
 from .checkpoint import Checkpoint, Vocab, read_vocab
 from .config import ARCH
+from .modelfile import PLAIN_DTYPES
 from .safetensors import SourceTensor
 from ..errors import ConvertError
 
@@ -43,6 +45,8 @@ _CHUNK_VALUES = 1 << 22  # values per chunk of a dense tensor: 16 MB as float32
 # --- the plan: every output tensor with its producer --------------------------------------------------------------
 @dataclass
 class OutTensor:
+    """A tensor of the GGUF file and what produces its data."""
+
     name: str
     qtype: QT
     shape: tuple[int, ...]  # NumPy order, logical
@@ -51,28 +55,16 @@ class OutTensor:
     @property
     def np_dtype(self) -> type:
         """How GGUFWriter.add_tensor_info wants the data described: plain types by dtype, block types as uint8."""
-        return {QT.F32: np.float32, QT.F16: np.float16, QT.BF16: np.uint16}.get(self.qtype, np.uint8)
+        return PLAIN_DTYPES.get(self.qtype, np.uint8)
 
     @property
     def raw_shape(self) -> tuple[int, ...]:
         """The shape add_tensor_info expects: logical for plain types, rows of bytes for block types."""
-        if self.np_dtype is not np.uint8:
-            return self.shape
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        return self.shape[:-1] + (self.shape[-1] // block * size,)
+        return self.shape if self.qtype in PLAIN_DTYPES else quant_shape_to_byte_shape(self.shape, self.qtype)
 
     @property
     def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape[:-1]) * (self.shape[-1] // block) * size
-
-
-def _encode(x: np.ndarray, qtype: QT) -> np.ndarray:
-    if qtype == QT.F32:
-        return x
-    if qtype == QT.F16:
-        return x.astype(np.float16)
-    return gguf.quants.quantize(x, qtype)
+        return math.prod(quant_shape_to_byte_shape(self.shape, self.qtype))
 
 
 def _dense(src: SourceTensor, qtype: QT) -> Callable[[], Iterator[np.ndarray]]:
@@ -85,7 +77,7 @@ def _dense(src: SourceTensor, qtype: QT) -> Callable[[], Iterator[np.ndarray]]:
             if qtype == QT.BF16 and src.dtype == "BF16":
                 yield np.array(src.data[r:r + step])
             else:
-                yield _encode(src.f32(slice(r, r + step)), qtype)
+                yield gguf.quants.quantize(src.f32(slice(r, r + step)), qtype)
     return gen
 
 
@@ -298,7 +290,9 @@ class _PackedArray:
 
 
 class _Writer(gguf.GGUFWriter):
-    """gguf's writer, taking `_PackedArray` values as they are (little-endian, the writer's default)."""
+    """gguf's writer, taking `_PackedArray` values as they are (little-endian, the writer's default). The writer has
+    no public way to add packed data; `_pack_val` is where it packs every value. Should gguf rename it, the base
+    writer refuses a `_PackedArray` (not a sequence) loudly, and the sha256 tests of converted files fail."""
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:
         if isinstance(val, _PackedArray):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
+from gguf.quants import quant_shape_to_byte_shape
 
 from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig, describe_value
 from ..errors import ConfigError, ModelFileError
@@ -57,7 +58,8 @@ ALLOWED_TYPES = {
     "router": DENSE_TYPES,
     "experts": (GGMLQuantizationType.MXFP4,),
 }
-_PLAIN_DTYPES = {
+# How `Tensor.data` holds each plain (not block) type; block types are rows of bytes.
+PLAIN_DTYPES = {
     GGMLQuantizationType.F32: np.float32,
     GGMLQuantizationType.F16: np.float16,
     GGMLQuantizationType.BF16: np.uint16,  # bit patterns; bf16 -> f32 is a 16-bit left shift
@@ -267,15 +269,15 @@ class ModelFile:
                 qtype = GGMLQuantizationType(info.type_id)
             except ValueError:
                 raise ModelFileError(f"{self.path}: tensor {info.name!r} has unknown ggml type {info.type_id}") from None
-            block, type_size = GGML_QUANT_SIZES[qtype]
+            block = GGML_QUANT_SIZES[qtype][0]
             if not info.shape or info.shape[-1] % block:
                 raise ModelFileError(f"{self.path}: tensor {info.name!r} shape {info.shape} does not fit "
                                      f"{qtype.name} blocks of {block}")
             if info.offset % alignment:
                 raise ModelFileError(f"{self.path}: tensor {info.name!r} has offset {info.offset}, not a multiple of "
                                      f"the alignment {alignment}")
-            row_bytes = info.shape[-1] // block * type_size
-            nbytes = math.prod(info.shape[:-1]) * row_bytes
+            byte_shape = quant_shape_to_byte_shape(info.shape, qtype)
+            nbytes = math.prod(byte_shape)
             start = data_start + info.offset
             if start + nbytes > self.file_size:
                 raise ModelFileError(f"{self.path}: file is truncated or corrupt: tensor {info.name!r} "
@@ -284,10 +286,10 @@ class ModelFile:
             if nbytes:
                 extents.append((start, start + nbytes, info.name))
             raw = whole[start:start + nbytes]
-            if qtype in _PLAIN_DTYPES:
-                data = raw.view(_PLAIN_DTYPES[qtype]).reshape(info.shape)
+            if qtype in PLAIN_DTYPES:
+                data = raw.view(PLAIN_DTYPES[qtype]).reshape(info.shape)
             else:
-                data = raw.reshape(info.shape[:-1] + (row_bytes,))
+                data = raw.reshape(byte_shape)
             tensors[info.name] = Tensor(info.name, qtype, info.shape, data)
         extents.sort(key=lambda extent: extent[0])  # stable: tensors at one offset stay in file order
         for (start_a, end_a, a), (start_b, end_b, b) in zip(extents, extents[1:]):
