@@ -22,6 +22,7 @@ import tiktoken
 from gguf import Keys, TokenType
 
 from .errors import ModelFileError
+from .format.config import TOKENIZER_MODEL, TOKENIZER_PRE
 
 N_VOCAB = 201088
 
@@ -172,9 +173,9 @@ class Tokenizer:
     def from_model_file(cls, mf) -> "Tokenizer":
         """From an open `ossrt.format.modelfile.ModelFile`; checks that the vocabulary is the o200k kind."""
         model, pre = mf.get(Keys.Tokenizer.MODEL), mf.get(Keys.Tokenizer.PRE)
-        if model != "gpt2" or pre not in ("gpt-4o", None):
+        if model != TOKENIZER_MODEL or pre not in (TOKENIZER_PRE, None):
             raise ModelFileError(f"{mf.path}: {Keys.Tokenizer.MODEL}/pre = {model!r}/{pre!r}; gpt-oss uses "
-                                 f"'gpt2'/'gpt-4o' (o200k)")
+                                 f"{TOKENIZER_MODEL!r}/{TOKENIZER_PRE!r} (o200k)")
         tokens, types = mf.tokenizer_tokens, mf.tokenizer_token_types
         try:
             tokenizer = cls.from_gguf_vocab(tokens, types)

@@ -17,6 +17,8 @@ from ..errors import ConfigError
 
 ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.GPT_OSS]  # "gpt-oss"
 ROPE_SCALING_TYPE = "yarn"  # the only RoPE scaling gpt-oss uses
+# The vocabulary kind, as llama.cpp names it: byte-level BPE (`gpt2`) with o200k's pre-tokenizer (`gpt-4o`).
+TOKENIZER_MODEL, TOKENIZER_PRE = "gpt2", "gpt-4o"
 
 
 def _arch_key(template: str) -> str:

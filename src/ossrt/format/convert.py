@@ -31,7 +31,7 @@ from gguf.quants import quant_shape_to_byte_shape
 
 from . import mxfp4
 from .checkpoint import Checkpoint, Vocab, read_vocab
-from .config import ARCH
+from .config import ARCH, TOKENIZER_MODEL, TOKENIZER_PRE
 from .modelfile import PLAIN_DTYPES
 from .safetensors import SourceTensor
 from ..errors import ConvertError
@@ -326,8 +326,8 @@ def _write(out: Path, ckpt: Checkpoint, tensors: list[OutTensor], vocab: Vocab, 
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, (vtype, value) in ckpt.config.gguf_metadata().items():
             w.add_key_value(key, value, vtype)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-4o")
+        w.add_tokenizer_model(TOKENIZER_MODEL)
+        w.add_tokenizer_pre(TOKENIZER_PRE)
         for key, array in vocab_arrays.items():  # in the order add_token_list/types/merges write them
             w.add_key_value(key, array, GGUFValueType.ARRAY)
         w.add_bos_token_id(vocab.bos)
