@@ -16,7 +16,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 # Values per block (in both layouts) and bytes per GGUF block_mxfp4 (the scale byte e, then qs), as ggml defines them.
 BLOCK_VALUES, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.MXFP4]
 CODE_BYTES = BLOCK_VALUES // 2  # a block's 4-bit codes, two a byte: HF's blocks[..., 16], GGUF's qs[16]
-QK = BLOCK_VALUES  # TODO(issue 12): the old name, until engine/simd.py imports BLOCK_VALUES
 
 # E2M1 code -> value; bit 3 is the sign (OCP MX spec).
 FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
