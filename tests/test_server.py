@@ -4,7 +4,6 @@
 import json
 import socket
 import threading
-import time
 
 import pytest
 
@@ -13,7 +12,10 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
-from ossrt.server.app import create_app, uvicorn_config  # noqa: E402
+from ossrt.chat import FinishReason  # noqa: E402
+from ossrt.server.chat_completions import FINISH_REASONS, ChatCompletion  # noqa: E402
+from ossrt.server.responses import OUTCOMES, ResponsesOutput  # noqa: E402
+from server_support import live_server  # noqa: E402
 
 ID = "gpt-oss-test"
 KEY = "sekrit"
@@ -29,69 +31,46 @@ ASK = [{"role": "user", "content": "What's the weather in Berlin right now?"}]
 MAX_BODY = 16384
 
 
-def start(model, **kwargs) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(create_app(model, model_id=ID, aliases=["tiny"], **kwargs),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    start.servers.append((server, thread))
-    return f"http://127.0.0.1:{port}"
-
-
-start.servers = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def stop_servers():
-    yield
-    for server, thread in start.servers:
-        server.should_exit = True
-    for server, thread in start.servers:
-        thread.join(10)
-
-
-def serving(path, context_length=512, **kwargs) -> str:
-    return start(ossrt.load(path, context_length=context_length), **kwargs)
+def serving(path, context_length=512, **kwargs):
+    return live_server(ossrt.load(path, context_length=context_length), model_id=ID, aliases=["tiny"], **kwargs)
 
 
 @pytest.fixture(scope="module")
 def answer(scripted_gguf):
-    return serving(scripted_gguf(ANSWER), api_key=KEY, max_body=MAX_BODY)
+    with serving(scripted_gguf(ANSWER), api_key=KEY, max_body=MAX_BODY) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def tool(scripted_gguf):
-    return serving(scripted_gguf(TOOL_CALL), parallel=1)
+    with serving(scripted_gguf(TOOL_CALL), parallel=1) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def think(scripted_gguf):
-    return serving(scripted_gguf(THINK))
+    with serving(scripted_gguf(THINK)) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def endless(scripted_gguf):
-    return serving(scripted_gguf(ENDLESS, loop=True), context_length=4096, parallel=1, queue=1)
+    with serving(scripted_gguf(ENDLESS, loop=True), context_length=4096, parallel=1, queue=1) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def random_model(tiny_gguf):
-    return serving(tiny_gguf(), parallel=2)
+    with serving(tiny_gguf(), parallel=2) as live:
+        yield live
 
 
-def client(url, key=KEY):
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+def client(live, key=KEY):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def health(url):
-    return httpx.get(url + "/health", timeout=10).json()
+def health(live):
+    return httpx.get(live.url + "/health", timeout=10).json()
 
 
 # --- chat completions --------------------------------------------------------------------------------------------
@@ -248,10 +227,46 @@ def test_responses_function_call_round_trip(tool):
     args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert args == done[0].arguments == '{"city":"Berlin"}'
-    assert events[-1].response.output[-1].call_id.startswith("call_")
+    added = [e.item.call_id for e in events if e.type == "response.output_item.added"]
+    assert added == [events[-1].response.output[-1].call_id] and added[0].startswith("call_")
     with pytest.raises(openai.BadRequestError) as e:  # a result for a call that was never made
         c.responses.create(model=ID, input=[{"type": "function_call_output", "call_id": "nope", "output": "x"}])
     assert e.value.body["param"] == "input[0]"
+
+
+# --- what both endpoints take from a turn ------------------------------------------------------------------------
+def test_a_tool_calls_id_is_the_same_streamed_and_final(scripted_gguf):
+    """A streamed tool call goes out with the id of the final message's call (the one a client sends back with the
+    call's result), on both endpoints: the parser gives each call its id once."""
+    model = ossrt.load(scripted_gguf(TOOL_CALL), context_length=512)
+    events = list(model.chat(ASK, tools=[WEATHER], stream=True))
+    response = events[-1].response
+    [call_id] = [call["id"] for call in response.message["tool_calls"]]
+
+    chat = ChatCompletion(ID, stop=[])
+    chunks = [chunk for e in events[:-1] for chunk in chat.event(e)] + chat.finish(response)
+    streamed = [tc["id"] for chunk in chunks for tc in chunk["choices"][0]["delta"].get("tool_calls", ())
+                if "id" in tc]
+    final = chat.result(response)["choices"][0]["message"]["tool_calls"]
+    assert streamed == [call["id"] for call in final] == [call_id]
+
+    out = ResponsesOutput(ID, echo={})
+    stream = [p for e in events[:-1] for p in out.event(e)] + out.finish(response)
+    added = [p["item"]["call_id"] for p in stream
+             if p["type"] == "response.output_item.added" and p["item"]["type"] == "function_call"]
+    completed = [item["call_id"] for item in stream[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert stream[-1]["type"] == "response.completed"
+    assert added == completed == [call_id]
+
+
+def test_every_finish_reason_has_its_api_form():
+    assert FINISH_REASONS == {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+                              FinishReason.TOOL_CALLS: "tool_calls", FinishReason.CANCELLED: "stop"}
+    assert {reason: (o.status, o.event) for reason, o in OUTCOMES.items()} == {
+        FinishReason.STOP: ("completed", "response.completed"),
+        FinishReason.TOOL_CALLS: ("completed", "response.completed"),
+        FinishReason.LENGTH: ("incomplete", "response.incomplete"),
+        FinishReason.CANCELLED: ("cancelled", "response.failed")}
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
@@ -285,7 +300,7 @@ CHAT = "/v1/chat/completions"
     ("/v1/embeddings", {"model": ID, "input": "hi"}, 404, None, "not_found"),
 ])
 def test_bad_requests_get_openai_errors(answer, path, body, status, param, code):
-    r = httpx.post(answer + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    r = httpx.post(answer.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -294,22 +309,22 @@ def test_bad_requests_get_openai_errors(answer, path, body, status, param, code)
 
 def test_malformed_json_api_key_and_body_limit(answer):
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    r = httpx.post(answer + CHAT, content=b'{"model": "gpt-oss', headers=auth, timeout=30)
+    r = httpx.post(answer.url + CHAT, content=b'{"model": "gpt-oss', headers=auth, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(answer + CHAT, content=b"[1, 2]", headers=auth, timeout=30)
+    r = httpx.post(answer.url + CHAT, content=b"[1, 2]", headers=auth, timeout=30)
     assert r.status_code == 422
     with pytest.raises(openai.AuthenticationError):
         client(answer, key="wrong").chat.completions.create(model=ID, messages=ASK)
-    r = httpx.post(answer + CHAT, json={"model": ID, "messages": ASK}, timeout=30)
+    r = httpx.post(answer.url + CHAT, json={"model": ID, "messages": ASK}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     big = {"model": ID, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
-    r = httpx.post(answer + CHAT, json=big, headers=auth, timeout=30)
+    r = httpx.post(answer.url + CHAT, json=big, headers=auth, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     def chunked():  # no Content-Length: the limit holds while reading
         yield json.dumps(big).encode()
 
-    r = httpx.post(answer + CHAT, content=chunked(), headers=auth, timeout=30)
+    r = httpx.post(answer.url + CHAT, content=chunked(), headers=auth, timeout=30)
     assert r.status_code == 413
     assert health(answer)["status"] == "ok"  # still serving
 
@@ -340,17 +355,16 @@ def test_concurrent_seeded_streams_match_their_solo_answers(random_model):
     assert together == solo
 
 
-def wait_idle(url, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while (h := health(url))["running"] or h["waiting"]:
-        assert time.monotonic() < deadline, f"still busy: {h}"
-        time.sleep(0.05)
-    return h
+def wait_idle(live, timeout=15.0):
+    """/health once no turn runs or waits."""
+    server = live.server
+    assert server.wait_until(lambda: not server.running and not server.waiting, timeout), health(live)
+    return health(live)
 
 
 def test_client_disconnect_stops_generation(endless):
     before = wait_idle(endless)
-    with httpx.stream("POST", endless + CHAT, timeout=60, headers={"Authorization": "Bearer x"},
+    with httpx.stream("POST", endless.url + CHAT, timeout=60, headers={"Authorization": "Bearer x"},
                       json={"model": ID, "messages": ASK, "stream": True}) as r:
         lines = [line for _, line in zip(range(12), r.iter_lines())]
     assert any("one" in line for line in lines)
@@ -359,7 +373,7 @@ def test_client_disconnect_stops_generation(endless):
     assert after["completion_tokens"] - before["completion_tokens"] < 2000
     # The same for a non-streamed request whose client gives up.
     with pytest.raises(openai.APITimeoutError):
-        openai.OpenAI(base_url=endless + "/v1", api_key="x", max_retries=0, timeout=0.5).chat.completions.create(
+        openai.OpenAI(base_url=endless.url + "/v1", api_key="x", max_retries=0, timeout=0.5).chat.completions.create(
             model=ID, messages=ASK)
     final = wait_idle(endless)
     assert final["disconnected"] == before["disconnected"] + 2
@@ -375,10 +389,7 @@ def test_full_queue_answers_503(endless):
     waiter = threading.Thread(target=lambda: queued.setdefault("r", c.chat.completions.create(
         model=ID, messages=ASK, max_tokens=3)))
     waiter.start()
-    deadline = time.monotonic() + 10
-    while health(endless)["waiting"] != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert endless.server.wait_until(lambda: endless.server.waiting == 1, 10), health(endless)
     with pytest.raises(openai.InternalServerError) as e:  # 503
         c.chat.completions.create(model=ID, messages=ASK)
     assert e.value.status_code == 503 and e.value.body["code"] == "server_busy"
@@ -402,16 +413,9 @@ def test_serve_command(scripted_gguf, tmp_path):
         line = proc.stderr.readline()
         assert line.startswith(f"serving {path} as 'mine' at http://127.0.0.1:"), line
         url = line.split(" at ")[1].strip()
-        c = openai.OpenAI(base_url=url, api_key="x", max_retries=3, timeout=60)
-        deadline = time.monotonic() + 60
-        while True:  # the socket is bound before the model loads; uvicorn accepts once it is up
-            try:
-                models = c.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        assert [m.id for m in models] == ["mine"]
+        c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
+        # The socket listens before the model loads: a request made before uvicorn runs waits in its backlog.
+        assert [m.id for m in c.models.list()] == ["mine"]
         r = c.chat.completions.create(model="mine", messages=ASK)
         assert r.choices[0].message.content == "Hello there, friend!"
         with socket.socket() as taken:  # a port in use: one error line, exit 2

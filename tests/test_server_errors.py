@@ -15,9 +15,9 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
-from ossrt.server import chat_completions as server_chat  # noqa: E402
 from ossrt.errors import ModelOutputError  # noqa: E402
-from ossrt.server.app import create_app, uvicorn_config  # noqa: E402
+from ossrt.server import chat_completions as server_chat  # noqa: E402
+from server_support import live_server  # noqa: E402
 
 ID = "gpt-oss-test"
 KEY = "sekrit"
@@ -31,12 +31,21 @@ HEADER_TIMEOUT = 0.5
 
 
 class Records(logging.Handler):
+    """The log records of the server; `wait_for` blocks until one satisfies a test."""
+
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.added = threading.Condition()
 
     def emit(self, record):
-        self.records.append(record)
+        with self.added:
+            self.records.append(record)
+            self.added.notify_all()
+
+    def wait_for(self, predicate, timeout=30.0) -> bool:  # a bound for a failing test
+        with self.added:
+            return self.added.wait_for(predicate, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +53,13 @@ def live(scripted_gguf):
     """Two servers on one model: `url` (API key, default header timeout) and `slow_url` (no key, a header timeout of
     HEADER_TIMEOUT, for raw sockets only); `log` holds what the server and uvicorn log."""
     model = ossrt.load(scripted_gguf(ANSWER), context_length=512, threads=1)  # as `ossrt serve -t 1`
-    servers = []
-
-    def start(**kwargs) -> str:
-        header_timeout = kwargs.pop("header_timeout", 20.0)
-        app = create_app(model, model_id=ID, **kwargs)
-        server = uvicorn.Server(uvicorn_config(app, header_timeout=header_timeout, host="127.0.0.1", port=0,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        servers.append((server, thread, app))
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    url, slow_url = start(api_key=KEY), start(header_timeout=HEADER_TIMEOUT)
     log = Records()
-    yield type("Live", (), dict(url=url, slow_url=slow_url, log=log, app=servers[0][2]))
-    for name in LOGGERS:
-        logging.getLogger(name).removeHandler(log)
-    logging.getLogger("ossrt.server.app").setLevel(logging.NOTSET)
-    for server, _, _ in servers:
-        server.should_exit = True
-    for _, thread, _ in servers:
-        thread.join(10)
+    with live_server(model, model_id=ID, api_key=KEY) as main, \
+            live_server(model, model_id=ID, header_timeout=HEADER_TIMEOUT) as slow:
+        yield type("Live", (), dict(url=main.url, slow_url=slow.url, log=log, app=main.app))
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(log)
+        logging.getLogger("ossrt.server.app").setLevel(logging.NOTSET)
 
 
 LOGGERS = ("ossrt.server.app", "uvicorn.error")
@@ -108,12 +98,9 @@ def assert_no_traceback(log):
     assert [r.getMessage() for r in log.records if r.exc_info] == []
 
 
-def wait_for_line(log, text, timeout=30.0):
-    """The log line containing `text`, once the server wrote it (after the client saw the connection end)."""
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in lines(log)):
-        assert time.monotonic() < deadline, lines(log)
-        time.sleep(0.02)
+def wait_for_line(log, text):
+    """The log lines containing `text`, once the server wrote one (after the client saw the connection end)."""
+    assert log.wait_for(lambda: any(text in line for line in lines(log))), lines(log)
     return [line for line in lines(log) if text in line]
 
 
@@ -318,13 +305,14 @@ def test_requests_run_with_the_models_thread_count(live, monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: a single thread is also Numba's default")
     transformer = live.app.state.server.model.engine.transformer
-    forward, seen = transformer._forward, []
+    forward, seen = transformer.forward, []
 
     def counting(*args, **kwargs):
-        seen.append((threading.current_thread().name, numba.get_num_threads()))
-        return forward(*args, **kwargs)
+        logits = forward(*args, **kwargs)
+        seen.append((threading.current_thread().name, numba.get_num_threads()))  # what the pass set in this thread
+        return logits
 
-    monkeypatch.setattr(transformer, "_forward", counting)
+    monkeypatch.setattr(transformer, "forward", counting)
     assert post(live, CHAT, chat(max_tokens=2)).status_code == 200
     assert seen and set(seen) == {("ossrt-turn", 1)}
 
@@ -366,22 +354,11 @@ def test_a_corrupt_model_file_gets_a_500(tiny_gguf, tmp_path):
         offset = weight.__array_interface__["data"][0] - np.frombuffer(mf._buf, np.uint8).__array_interface__["data"][0]
         count = weight.size
     np.memmap(path, mode="r+", dtype=np.float32, offset=offset, shape=(count,))[:] = np.nan
-    server = uvicorn.Server(uvicorn_config(create_app(ossrt.load(path, context_length=256), model_id=ID),
-                                           host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive()
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    with live_server(ossrt.load(path, context_length=256), model_id=ID) as live:
         for path, body in ((CHAT, chat()), (RESPONSES, responses())):
-            r = httpx.post(url + path, json=body, timeout=60)
+            r = httpx.post(live.url + path, json=body, timeout=60)
             error = assert_error(r, 500, None, "model_error", type="server_error")
             assert "non-finite" in error["message"] and "not a problem with the request" in error["message"]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_bug_gets_one_traceback(live, log, monkeypatch):

@@ -114,12 +114,14 @@ class Server:
     async def read_json(self, request: Request) -> dict[str, Any]:
         self.check_key(request)
         body = await read_json_object(request, self.max_body)
-        model = field_of(body, "model", "string", required=True)
-        if _norm(model) not in self.names:
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {self.model_id!r}",
-                           param="model", code="model_not_found")
+        self.check_model(field_of(body, "model", "string", required=True))
         self.counts["requests"] += 1
         return body
+
+    def check_model(self, name: str) -> None:
+        if _norm(name) not in self.names:
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
 
     def check_key(self, request: Request) -> None:
         """`Authorization: Bearer KEY`: the scheme in any case (RFC 9110 makes it case-insensitive), then one or more
@@ -193,16 +195,14 @@ class Server:
 
     async def model_info(self, request: Request) -> Response:
         self.check_key(request)
-        name = request.path_params["name"]
-        if _norm(name) not in self.names:
-            raise ApiError(404, f"model {name!r} is not served here; this server serves {self.model_id!r}",
-                           param="model", code="model_not_found")
+        self.check_model(request.path_params["name"])
         return JSONResponse(self.model_object())
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self.read_json(request)
         turn, stream, include_usage = parse_chat_request(body, self.model.context_length)
-        return await self.respond(request, turn, ChatCompletion(self.model_id, turn, include_usage), stream, False)
+        fmt = ChatCompletion(self.model_id, turn.stop, include_usage)
+        return await self.respond(request, turn, fmt, stream, False)
 
     async def responses(self, request: Request) -> Response:
         body = await self.read_json(request)

@@ -85,12 +85,12 @@ class ChatCompletion:
     """Turns one generation's events into `chat.completion.chunk`s (`start`, `event`, `finish`) and its end
     into a `chat.completion` (`result`). `stopped` is set when a stop sequence appeared: generation should end."""
 
-    def __init__(self, model_id: str, turn: Turn, include_usage: bool = False):
+    def __init__(self, model_id: str, stop: list[str], include_usage: bool = False):
         self.model_id = model_id
         self.id = new_id("chatcmpl-")
         self.created = int(time.time())
         self.include_usage = include_usage
-        self.matcher = StopMatcher(turn.stop)
+        self.matcher = StopMatcher(stop)
         self.content: list[str] = []  # what went out as content, stop sequences applied
         self.calls: list[ToolCallBegin] = []  # the tool calls streamed so far
         self.complete: set[str] = set()  # the ids of those whose arguments ended
