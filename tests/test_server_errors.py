@@ -17,6 +17,7 @@ httpx = pytest.importorskip("httpx")
 import ossrt  # noqa: E402
 from ossrt.errors import ModelOutputError  # noqa: E402
 from ossrt.server import chat_completions as server_chat  # noqa: E402
+from ossrt.server import responses as server_responses  # noqa: E402
 from server_support import live_server  # noqa: E402
 
 ID = "gpt-oss-test"
@@ -318,9 +319,8 @@ def test_requests_run_with_the_models_thread_count(live, monkeypatch):
 
 
 # --- failures of the server, not of the request ------------------------------------------------------------------
-def stream_events(r):
-    return [json.loads(line[len("data: "):]) for line in r.iter_lines()
-            if line.startswith("data: ") and line != "data: [DONE]"]
+def stream_events(lines):
+    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
 
 
 def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
@@ -335,10 +335,26 @@ def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
     log.records.clear()
     with httpx.stream("POST", live.url + CHAT, json=chat(stream=True), headers=JSON, timeout=60) as r:
         assert r.status_code == 200  # the stream had started: the error comes as its last event
-        events = stream_events(r)
+        events = stream_events(r.iter_lines())
     assert events[-1]["error"]["code"] == "model_error" and "probably corrupt" in events[-1]["error"]["message"]
     assert lines(log) == [f"POST {CHAT} 500 in the stream: {error['message']}"]
     assert_no_traceback(log)
+
+
+def test_an_error_in_a_responses_stream_is_its_last_event(live, log, monkeypatch):
+    def fail(self, event):
+        raise ModelOutputError("the model produced NaN logits: the model file is probably corrupt")
+
+    monkeypatch.setattr(server_responses.ResponsesOutput, "event", fail)
+    with httpx.stream("POST", live.url + RESPONSES, json=responses(stream=True), headers=JSON, timeout=60) as r:
+        assert r.status_code == 200
+        body = list(r.iter_lines())
+    events = stream_events(body)
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "error"]
+    assert body[-3] == "event: error" and events[-1]["sequence_number"] == 2
+    assert (events[-1]["code"], events[-1]["param"]) == ("model_error", None)
+    assert "probably corrupt" in events[-1]["message"] and "not a problem with the request" in events[-1]["message"]
+    assert lines(log) == [f"POST {RESPONSES} 500 in the stream: {events[-1]['message']}"]
 
 
 def test_a_corrupt_model_file_gets_a_500(tiny_gguf, tmp_path):
@@ -372,7 +388,7 @@ def test_a_bug_gets_one_traceback(live, log, monkeypatch):
         ("ossrt.server.app", f"POST {CHAT} 500: {error['message']}", KeyError)]
     log.records.clear()
     with httpx.stream("POST", live.url + CHAT, json=chat(stream=True), headers=JSON, timeout=60) as r:
-        events = stream_events(r)
+        events = stream_events(r.iter_lines())
     assert events[-1]["error"]["code"] == "internal_error"
     assert [(r.name, r.exc_info[0]) for r in log.records] == [("ossrt.server.app", KeyError)]
     log.records.clear()

@@ -35,7 +35,7 @@ from .chat_completions import ChatCompletion, parse_chat_request
 from .errors import ApiError, api_error
 from .fields import field_of
 from .responses import ResponsesOutput, parse_responses_request
-from .runner import SessionPool, TurnThread
+from .runner import ApiOutput, SessionPool, TurnThread
 from .turn import Turn
 
 log = logging.getLogger("ossrt.server.app")
@@ -138,20 +138,20 @@ class Server:
         if not hmac.compare_digest(m.group(1).encode("latin-1"), self.api_key.encode()):  # the header's bytes
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
-    async def respond(self, request: Request, turn: Turn, fmt, stream: bool, named_events: bool) -> Response:
+    async def respond(self, request: Request, turn: Turn, output: ApiOutput, stream: bool) -> Response:
         run = await self.start(turn)
         if stream:
-            return StreamingResponse(self._sse(request, run, fmt, named_events), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, run, output), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self._watch_disconnect(request, run))
         try:
-            async for _ in run.payloads(fmt):
+            async for _ in run.payloads(output):
                 pass
         except OssrtError as e:
             raise api_error(e, turn.where) from None
         finally:
             watcher.cancel()
-        return JSONResponse(fmt.result(run.response))
+        return JSONResponse(output.result(run.response))
 
     async def _watch_disconnect(self, request: Request, run: TurnThread) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -159,21 +159,17 @@ class Server:
         run.cancel()
         self._disconnected()
 
-    async def _sse(self, request: Request, run: TurnThread, fmt, named_events: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, request: Request, run: TurnThread, output: ApiOutput) -> AsyncIterator[bytes]:
         try:
-            async for p in run.payloads(fmt):
-                yield _sse_event(p, p["type"] if named_events else None)
-            if not named_events:
+            async for p in run.payloads(output):
+                yield _sse_event(p, output.named_events)
+            if not output.named_events:
                 yield b"data: [DONE]\n\n"
         except Exception as e:  # the status line is sent: the error goes out as an event
             err = api_error(e) if isinstance(e, OssrtError) else _internal(request, e)
             if isinstance(e, OssrtError):
                 _log_failure(request, err, "in the stream")
-            if named_events:
-                yield _sse_event({"type": "error", "sequence_number": getattr(fmt, "seq", 0), "code": err.code,
-                                  "message": err.message, "param": err.param}, "error")
-            else:
-                yield _sse_event(err.body(), None)
+            yield _sse_event(output.error(err), output.named_events)
         finally:
             if not run.consumed:  # the client went away (or an error ended the stream): stop generating
                 run.cancel()
@@ -201,13 +197,12 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         body = await self.read_json(request)
         turn, stream, include_usage = parse_chat_request(body, self.model.context_length)
-        fmt = ChatCompletion(self.model_id, turn.stop, include_usage)
-        return await self.respond(request, turn, fmt, stream, False)
+        return await self.respond(request, turn, ChatCompletion(self.model_id, turn.stop, include_usage), stream)
 
     async def responses(self, request: Request) -> Response:
         body = await self.read_json(request)
         turn, stream, echo = parse_responses_request(body, self.model.context_length)
-        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo), stream, True)
+        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo), stream)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -221,9 +216,10 @@ def _norm(name: str) -> str:
     return name[len("openai/"):] if name.startswith("openai/") else name
 
 
-def _sse_event(payload: dict[str, Any], name: str | None) -> bytes:
+def _sse_event(payload: dict[str, Any], named: bool) -> bytes:
+    """One server-sent event; `named` ones say their type on an `event:` line."""
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
+    return ((f"event: {payload['type']}\n" if named else "") + f"data: {data}\n\n").encode()
 
 
 def _log_failure(request: Request, err: ApiError, when: str = "") -> None:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from ..chat import (ChatResponse, ContentDelta, FinishReason, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
                     ToolCallDelta)
 from .errors import ApiError
-from .fields import field_of, max_tokens_field, reasoning_effort_field
+from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_field
 from .ids import new_id
 from .stop import StopMatcher, stop_field
 from .turn import Turn, read_turn
@@ -50,24 +50,15 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
 def check_messages(messages: list[Any]) -> None:
     """The JSON types of every message field the renderer reads (422 naming the field); the values (roles, tool
     call ids, ...) are the renderer's to check (400)."""
-    for i, m in enumerate(messages):
-        at = f"messages[{i}]"
-        if not isinstance(m, Mapping):
-            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+    for at, m in objects_of(messages, "messages"):
         field_of(m, "role", "string", required=True, where=f"{at}.")
         for key in ("name", "tool_call_id", "reasoning", "reasoning_content"):
             field_of(m, key, "string", where=f"{at}.")
         content = field_of(m, "content", "string|array", where=f"{at}.")
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if not isinstance(part, Mapping):
-                raise ApiError(422, f"'{at}.content[{j}]' must be an object", param=f"{at}.content[{j}]",
-                               code="invalid_type")
-            if field_of(part, "type", "string", required=True, where=f"{at}.content[{j}].") == "text":
-                field_of(part, "text", "string", required=True, where=f"{at}.content[{j}].")
-        for j, call in enumerate(field_of(m, "tool_calls", "array", where=f"{at}.") or ()):
-            where = f"{at}.tool_calls[{j}]"
-            if not isinstance(call, Mapping):
-                raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+        for where, part in objects_of(content if isinstance(content, list) else [], f"{at}.content"):
+            if field_of(part, "type", "string", required=True, where=f"{where}.") == "text":
+                field_of(part, "text", "string", required=True, where=f"{where}.")
+        for where, call in objects_of(field_of(m, "tool_calls", "array", [], where=f"{at}."), f"{at}.tool_calls"):
             field_of(call, "id", "string", where=f"{where}.")
             field_of(call, "type", "string", where=f"{where}.")
             fn = field_of(call, "function", "object", required=True, where=f"{where}.")
@@ -84,6 +75,8 @@ def usage(r: ChatResponse) -> dict[str, Any]:
 class ChatCompletion:
     """Turns one generation's events into `chat.completion.chunk`s (`start`, `event`, `finish`) and its end
     into a `chat.completion` (`result`). `stopped` is set when a stop sequence appeared: generation should end."""
+
+    named_events = False  # "data:" lines only, then "data: [DONE]"
 
     def __init__(self, model_id: str, stop: list[str], include_usage: bool = False):
         self.model_id = model_id
@@ -159,3 +152,6 @@ class ChatCompletion:
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self.finish_reason(r)}],
                 "usage": usage(r)}
+
+    def error(self, err: ApiError) -> dict[str, Any]:
+        return err.body()

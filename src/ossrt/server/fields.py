@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ..harmony import REASONING_EFFORTS
 from .errors import ApiError
@@ -32,6 +32,16 @@ def field_of(body: Mapping[str, Any], key: str, kind: str, default: Any = None, 
             return float(value) if k == "number" else value
     raise ApiError(422, f"'{name}' must be {' or '.join(_article(k) for k in kind.split('|'))}, got "
                         f"{_json_type(value)} {value!r:.60}", param=name, code="invalid_type")
+
+
+def objects_of(items: list[Any], at: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The elements of the array field `at`, which must be objects, each with its name ("at[i]"); 422 naming the
+    first that is not."""
+    for i, item in enumerate(items):
+        name = f"{at}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ApiError(422, f"'{name}' must be an object", param=name, code="invalid_type")
+        yield name, item
 
 
 def _article(kind: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, NamedTuple
 from ..chat import (ChatResponse, ContentDelta, FinishReason, PreambleDelta, ReasoningDelta, ToolCall, ToolCallBegin,
                     ToolCallDelta)
 from .errors import ApiError
-from .fields import field_of, max_tokens_field, reasoning_effort_field
+from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_field
 from .ids import new_id
 from .turn import Turn, read_turn
 
@@ -67,10 +67,7 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
             where.append(pending_at)
         pending = None
 
-    for i, item in enumerate(value):
-        at = f"input[{i}]"
-        if not isinstance(item, Mapping):
-            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+    for at, item in objects_of(value, "input"):
         kind = field_of(item, "type", "string", "message", where=f"{at}.")
         if kind == "message":
             role = field_of(item, "role", "string", required=True, where=f"{at}.")
@@ -122,10 +119,7 @@ def _text(content: str | list, at: str) -> str:
     if isinstance(content, str):
         return content
     out = []
-    for j, p in enumerate(content):
-        where = f"{at}[{j}]"
-        if not isinstance(p, Mapping):
-            raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+    for where, p in objects_of(content, at):
         kind = field_of(p, "type", "string", required=True, where=f"{where}.")
         if kind not in _TEXT_PARTS:
             raise ApiError(400, f"'{where}': only text parts ({', '.join(_TEXT_PARTS)}) are supported, got "
@@ -137,10 +131,7 @@ def _text(content: str | list, at: str) -> str:
 def _reasoning_text(item: Mapping[str, Any], key: str, at: str) -> str:
     """The text of a reasoning item's `content` or `summary` parts (`{"type": ..., "text": ...}`), concatenated."""
     out = []
-    for j, p in enumerate(field_of(item, key, "array", [], where=f"{at}.")):
-        where = f"{at}.{key}[{j}]"
-        if not isinstance(p, Mapping):
-            raise ApiError(422, f"'{where}' must be an object", param=where, code="invalid_type")
+    for where, p in objects_of(field_of(item, key, "array", [], where=f"{at}."), f"{at}.{key}"):
         out.append(field_of(p, "text", "string", required=True, where=f"{where}."))
     return "".join(out)
 
@@ -167,6 +158,7 @@ class ResponsesOutput:
     Response object (`result`); the output items are built the same way for both."""
 
     stopped = False  # the Responses API has no stop sequences
+    named_events = True
 
     def __init__(self, model_id: str, echo: dict[str, Any]):
         self.model_id, self.echo = model_id, echo
@@ -269,3 +261,6 @@ class ResponsesOutput:
     def result(self, r: ChatResponse) -> dict[str, Any]:
         self._close(OUTCOMES[r.finish_reason].item_status)
         return self.response(r)
+
+    def error(self, err: ApiError) -> dict[str, Any]:
+        return self._ev("error", code=err.code, message=err.message, param=err.param)

@@ -7,13 +7,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol
 
 from ..chat import ChatResponse, ChatSession, ChatStream, Done, common_prefix
 from ..engine.engine import Engine
+from ..harmony import Event
+from .errors import ApiError
 from .turn import Turn
 
 _STARTED, _END = object(), object()
+
+
+class ApiOutput(Protocol):
+    """How an endpoint writes one turn: `start()`, `event(e)` for each chat event and `finish(response)` give the
+    objects of its stream (`error(err)` the last one when the turn failed); `result(response)` the whole reply.
+    `stopped` asks to end generation early (a stop sequence appeared); `named_events`: its stream's events carry
+    their type on an `event:` line."""
+
+    stopped: bool
+    named_events: bool
+
+    def start(self) -> list[dict[str, Any]]: ...
+
+    def event(self, e: Event) -> list[dict[str, Any]]: ...
+
+    def finish(self, r: ChatResponse) -> list[dict[str, Any]]: ...
+
+    def result(self, r: ChatResponse) -> dict[str, Any]: ...
+
+    def error(self, err: ApiError) -> dict[str, Any]: ...
 
 
 class SessionPool:
@@ -95,15 +117,15 @@ class TurnThread:
         if isinstance(first, BaseException):
             raise first
 
-    async def payloads(self, fmt) -> AsyncIterator[dict[str, Any]]:
-        """The API objects for the client: `fmt.start()`, one batch per event, `fmt.finish(response)`."""
-        for p in fmt.start():
+    async def payloads(self, output: ApiOutput) -> AsyncIterator[dict[str, Any]]:
+        """The API objects for the client: `output.start()`, one batch per event, `output.finish(response)`."""
+        for p in output.start():
             yield p
         while (item := await self.queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            batch = fmt.finish(item.response) if isinstance(item, Done) else fmt.event(item)
-            if fmt.stopped:
+            batch = output.finish(item.response) if isinstance(item, Done) else output.event(item)
+            if output.stopped:
                 self.cancel()
             for p in batch:
                 yield p

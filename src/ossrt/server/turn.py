@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from ..chat import ChatRequest, chat_request
 from ..engine.engine import Engine
 from .errors import ApiError
-from .fields import field_of, number_in_range
+from .fields import field_of, number_in_range, objects_of
 
 # OpenAI's sampling defaults, and its ranges (top_p 0 would sample nothing).
 DEFAULT_TEMPERATURE, TEMPERATURE_RANGE = 1.0, (0.0, 2.0)
@@ -57,10 +57,7 @@ def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
     names and schemas are checked when rendering (400). Chat nests the function (`{"type": "function", "function":
     {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too."""
     tools = field_of(body, "tools", "array")
-    for j, t in enumerate(tools or []):
-        at = f"tools[{j}]"
-        if not isinstance(t, Mapping):
-            raise ApiError(422, f"'{at}' must be an object", param=at, code="invalid_type")
+    for at, t in objects_of(tools or [], "tools"):
         kind = field_of(t, "type", "string", required=True, where=f"{at}.")
         if kind != "function":
             raise ApiError(400, f"'{at}': tools of type {kind!r:.40} are not supported; only 'function' tools",
