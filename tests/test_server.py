@@ -259,6 +259,24 @@ def test_a_tool_calls_id_is_the_same_streamed_and_final(scripted_gguf):
     assert added == completed == [call_id]
 
 
+def test_a_request_renders_its_prompt_once(answer, monkeypatch):
+    """A request's conversation is rendered once, on its turn's thread (the same ids pick the pooled session)."""
+    from ossrt.harmony import render
+
+    rendered, to_harmony_messages = [], render.to_harmony_messages
+
+    def counting(*args, **kwargs):
+        rendered.append(threading.current_thread().name)
+        return to_harmony_messages(*args, **kwargs)
+
+    monkeypatch.setattr(render, "to_harmony_messages", counting)
+    c = client(answer)
+    assert c.chat.completions.create(model=ID, messages=ASK, max_tokens=2).choices[0].finish_reason == "length"
+    assert rendered == ["ossrt-turn"]
+    assert c.responses.create(model=ID, input="Hi!", max_output_tokens=2).status == "incomplete"
+    assert rendered == ["ossrt-turn"] * 2
+
+
 def test_every_finish_reason_has_its_api_form():
     assert FINISH_REASONS == {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
                               FinishReason.TOOL_CALLS: "tool_calls", FinishReason.CANCELLED: "stop"}
