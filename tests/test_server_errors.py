@@ -323,11 +323,12 @@ def stream_events(lines):
     return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
 
 
-def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
-    def fail(self, event):
-        raise ModelOutputError("the model produced NaN logits: the model file is probably corrupt")
+def nan_logits(self, event):
+    raise ModelOutputError("the model produced NaN logits: the model file is probably corrupt")
 
-    monkeypatch.setattr(server_chat.ChatCompletion, "event", fail)
+
+def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
+    monkeypatch.setattr(server_chat.ChatCompletion, "event", nan_logits)
     error = assert_error(post(live, CHAT, chat()), 500, None, "model_error", type="server_error")
     assert "not a problem with the request" in error["message"] and "probably corrupt" in error["message"]
     assert lines(log) == [f"POST {CHAT} 500: {error['message']}"]
@@ -342,10 +343,7 @@ def test_model_output_error_is_a_500_that_says_so(live, log, monkeypatch):
 
 
 def test_an_error_in_a_responses_stream_is_its_last_event(live, log, monkeypatch):
-    def fail(self, event):
-        raise ModelOutputError("the model produced NaN logits: the model file is probably corrupt")
-
-    monkeypatch.setattr(server_responses.ResponsesOutput, "event", fail)
+    monkeypatch.setattr(server_responses.ResponsesOutput, "event", nan_logits)
     with httpx.stream("POST", live.url + RESPONSES, json=responses(stream=True), headers=JSON, timeout=60) as r:
         assert r.status_code == 200
         body = list(r.iter_lines())
