@@ -17,6 +17,7 @@ from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, KV_TYPES
 from .errors import ParameterError
 from .format.config import ModelConfig
 from .format.modelfile import ModelFile
+from .harmony import DEFAULT_REASONING_EFFORT
 from .resolve import resolve_model
 from .tokenizer import Tokenizer
 
@@ -86,9 +87,9 @@ class Model:
                           stop_tokens=frozenset(stops))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
-             reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
-             current_date: str | None = None) -> ChatResponse | ChatStream:
+             reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
+             stream: bool = False, current_date: str | None = None) -> ChatResponse | ChatStream:
         """Answer OpenAI-style chat `messages` (with function `tools`): render them in Harmony, generate, parse.
 
         Returns a `ChatResponse` (content, reasoning, tool_calls, finish_reason, usage, timing, and the assistant

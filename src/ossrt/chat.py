@@ -23,8 +23,9 @@ from .engine.generate import Generation, StopReason, check_max_tokens
 from .engine.kv_cache import KVCache, KVSnapshot
 from .engine.sampling import Sampler
 from .errors import ParameterError
-from .harmony import (REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta, ReasoningDelta,
-                      ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message, render_conversation)
+from .harmony import (DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta,
+                      ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message,
+                      render_conversation)
 
 __all__ = ["ChatRequest", "ChatResponse", "ChatSession", "ChatStream", "Done", "FinishReason", "Usage", "Timing",
            "ReasoningDelta", "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall",
@@ -99,8 +100,9 @@ class ChatRequest:
 
 
 def chat_request(engine: Engine, messages: Sequence[Mapping[str, Any]], *,
-                 tools: Sequence[Mapping[str, Any]] | None = None, reasoning_effort: str = "medium",
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0,
                  max_tokens: int | None = None, seed: int | None = None,
                  current_date: str | datetime.date | None = None) -> ChatRequest:
     """Check a turn's arguments (ParameterError naming the first bad one; the messages' and tools' contents get
@@ -162,9 +164,9 @@ class ChatSession:
         return cache.length, None
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
-             reasoning_effort: str = "medium", temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None, stream: bool = False,
-             current_date: str | None = None) -> "ChatResponse | ChatStream":
+             reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
+             stream: bool = False, current_date: str | None = None) -> "ChatResponse | ChatStream":
         """See `Model.chat`."""
         if not isinstance(stream, bool):
             raise ParameterError(f"stream must be True or False, got {stream!r:.80}")

@@ -11,7 +11,7 @@ import click
 
 from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, DEFAULT_MODEL, KV_TYPES
 from .errors import OssrtError, ParameterError
-from .harmony import REASONING_EFFORTS
+from .harmony import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS
 
 
 def expected_errors(fn):
@@ -80,7 +80,8 @@ def _model_options(fn):
     """The loading, sampling and chat flags `run` and `generate` share, spelled as in llama.cpp."""
     options = [
         click.option("--system", help="system instructions (rendered as the Harmony developer message)"),
-        click.option("--effort", type=_EFFORTS, default="medium", show_default=True, help="reasoning effort"),
+        click.option("--effort", type=_EFFORTS, default=DEFAULT_REASONING_EFFORT, show_default=True,
+                     help="reasoning effort"),
         click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None, help="[default: until done]"),
         click.option("--temp", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0 is greedy"),
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from .chat import ChatResponse, ChatStream, ContentDelta, Done, PreambleDelta, ReasoningDelta, ToolCall
 from .errors import OssrtError
-from .harmony import REASONING_EFFORTS
+from .harmony import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS
 
 HELP = f"""Commands:
   /help                    this list
@@ -41,8 +41,8 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 class Repl:
     def __init__(self, model, out: TextIO, *, err: TextIO | None = None, system: str | None = None,
-                 effort: str = "medium", show_reasoning: bool = True, verbose: bool = False, color: bool = False,
-                 **sampling: Any):
+                 effort: str = DEFAULT_REASONING_EFFORT, show_reasoning: bool = True, verbose: bool = False,
+                 color: bool = False, **sampling: Any):
         self.model = model
         self.out = out
         self.err = err if err is not None else sys.stderr

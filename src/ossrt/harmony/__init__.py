@@ -6,7 +6,7 @@
 - `constants`: roles, channels, reasoning efforts.
 """
 
-from .constants import CHANNELS, CONSTRAIN, REASONING_EFFORTS, ROLES
+from .constants import CHANNELS, CONSTRAIN, DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, ROLES
 from .parse import (
     ContentDelta,
     Event,
@@ -24,7 +24,7 @@ from .render import KNOWLEDGE_CUTOFF, MODEL_IDENTITY, HarmonyMessage, render_con
 from .schema import json_text, schema_to_typescript
 
 __all__ = [
-    "CHANNELS", "CONSTRAIN", "REASONING_EFFORTS", "ROLES",
+    "CHANNELS", "CONSTRAIN", "DEFAULT_REASONING_EFFORT", "REASONING_EFFORTS", "ROLES",
     "KNOWLEDGE_CUTOFF", "MODEL_IDENTITY", "HarmonyMessage", "render_conversation", "to_harmony_messages",
     "json_text", "schema_to_typescript",
     "ContentDelta", "Event", "HarmonyParser", "ParsedMessage", "PreambleDelta", "ReasoningDelta", "ToolCall",

@@ -3,5 +3,6 @@
 ROLES = ("system", "developer", "user", "assistant", "tool")
 CHANNELS = ("analysis", "commentary", "final")
 REASONING_EFFORTS = ("low", "medium", "high")
+DEFAULT_REASONING_EFFORT = "medium"  # what the model card and openai-harmony use when none is given
 # Written before a content type that constrains the message's text, as in "<|constrain|>json".
 CONSTRAIN = "<|constrain|>"

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 from ..errors import ChatFormatError
 from ..tokenizer import Tokenizer
-from .constants import CHANNELS, CONSTRAIN, REASONING_EFFORTS, ROLES
+from .constants import CHANNELS, CONSTRAIN, DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, ROLES
 from .schema import schema_to_typescript
 
 MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
@@ -47,8 +47,8 @@ class HarmonyMessage:
 
 
 def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
-                        tools: Sequence[Mapping[str, Any]] | None = None, reasoning_effort: str = "medium",
-                        current_date: str | _dt.date | None = None,
+                        tools: Sequence[Mapping[str, Any]] | None = None,
+                        reasoning_effort: str = DEFAULT_REASONING_EFFORT, current_date: str | _dt.date | None = None,
                         model_identity: str = MODEL_IDENTITY) -> list[int]:
     """Render OpenAI-style chat `messages` (and function `tools`) as a Harmony prompt ending in `<|start|>assistant`.
 
@@ -65,7 +65,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
 
 
 def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
-                        reasoning_effort: str = "medium", current_date: str | _dt.date | None = None,
+                        reasoning_effort: str = DEFAULT_REASONING_EFFORT, current_date: str | _dt.date | None = None,
                         model_identity: str = MODEL_IDENTITY) -> list[HarmonyMessage]:
     """The Harmony messages `render_conversation` renders, system message first, chain of thought dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from ..harmony import REASONING_EFFORTS
+from ..harmony import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS
 from .errors import ApiError
 
-DEFAULT_REASONING_EFFORT = "medium"
 # OpenAI's efforts below gpt-oss's lowest level.
 _LOWER_EFFORTS = {"minimal": REASONING_EFFORTS[0], "none": REASONING_EFFORTS[0]}
 
