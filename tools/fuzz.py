@@ -486,6 +486,7 @@ def small_checkpoint(out: Path) -> Path:
     """A tiny checkpoint with a 1,024-token vocabulary (the specials moved to ids 1000-1020): the converter's time
     goes mostly into the 201,088-token vocabulary, which its input checks do not need."""
     from ossrt.testing import synthetic
+    from ossrt.tokenizer import SPECIAL_TOKENS
 
     n_vocab = 1024
     d = synthetic.write_checkpoint(out, synthetic.hf_config("tiny", num_hidden_layers=2, vocab_size=n_vocab))
@@ -494,7 +495,7 @@ def small_checkpoint(out: Path) -> Path:
     tok["model"]["merges"] = tok["model"]["merges"][:100]
     tok["added_tokens"] = [{"id": 1000 + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                             "normalized": False, "special": True}
-                           for i, (_, text) in enumerate(sorted(synthetic.SPECIAL_TOKENS.items()))]
+                           for i, (_, text) in enumerate(sorted(SPECIAL_TOKENS.items()))]
     (d / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     cfg.update(eos_token_id=1002, pad_token_id=1001)
