@@ -39,11 +39,23 @@ def attention_reference(q, keys, values, start, window, sinks, scale):
     return out
 
 
+# (window, chunk, steps): a ring of window + chunk - 1 slots wrapping several times; a full layer (the window is
+# the context); and sizes past the kernel's tiles (16 queries, 64 keys), so blocks span query tiles, windows span
+# key tiles, and key tiles are cut at the ring's end.
+CASES = {
+    "ring": (7, 5, [5, 1, 1, 5, 3, 1, 5, 5, 1, 4, 5, 4]),
+    "full": (40, 5, [5, 1, 1, 5, 3, 1, 5, 5, 1, 4, 5, 4]),
+    "tiles": (70, 40, [40, 1, 33, 40, 7, 1, 40, 38, 40, 20, 40]),
+    "full-tiles": (300, 40, [40, 1, 33, 40, 7, 1, 40, 38, 40, 20, 40]),
+}
+
+
 @pytest.mark.parametrize("kv_type", KV_TYPES)
-@pytest.mark.parametrize("window, chunk, context", [(7, 5, 40), (40, 5, 40)], ids=["ring", "full"])
-def test_attention_over_the_cache_matches_the_reference(kv_type, window, chunk, context):
-    """Blocks of queries (prefill) and single queries (decode) stored then attended, as the model does; the ring
-    (window 7 plus a chunk of 5, less one: 11 slots) wraps around several times over 40 positions."""
+@pytest.mark.parametrize("case", CASES)
+def test_attention_over_the_cache_matches_the_reference(kv_type, case):
+    """Blocks of queries (prefill) and single queries (decode) stored, then attended over, as the model does."""
+    window, chunk, steps = CASES[case]
+    context = sum(steps)
     rng = np.random.default_rng(1)
     capacity = min(window + chunk - 1, context)
     kv = LayerKV(N_KV, capacity, D, kv_type, window)
@@ -52,8 +64,6 @@ def test_attention_over_the_cache_matches_the_reference(kv_type, window, chunk, 
     q = rng.standard_normal((context, N_HEAD, D)).astype(np.float32) * 0.5
     sinks = rng.standard_normal(N_HEAD).astype(np.float32)
     stored_keys, stored_values = as_stored(keys, kv_type), as_stored(values, kv_type)
-    steps = [5, 1, 1, 5, 3, 1, 5, 5, 1, 4, 5, 4]  # blocks that straddle the ring's end, and single positions
-    assert sum(steps) == context
     start = 0
     for T in steps:
         kv.store(start, keys[start:start + T], values[start:start + T])

@@ -1,9 +1,11 @@
 """Attention with sinks over the KV cache (spec §2.4): one Numba kernel for every storage type, for one query
 (decode) or a block of queries (prefill).
 
-The kernel is written once; the two operations that depend on how the cache stores a vector (a dot product with a
-key, adding a weighted value) are `overload`s that Numba resolves from the arrays' dtype when it compiles the kernel
-for that type: float32, f16 bit patterns (uint16), or q8_0 (int8 with a float32 scale per 32).
+The kernel works on float32 tiles of keys and values; how a tile is read from the cache is the one thing that
+depends on the storage type: `_load_tile`, an `overload` Numba resolves from the arrays' dtype when it compiles the
+kernel for that type (float32: a view of the cache; f16 bit patterns: converted; q8_0: int8 times each block's
+scale). A tile is decoded once for a tile of queries of one head, and the softmax runs over it online (a running
+maximum, the sums rescaled when it grows), so no step holds more than one tile of scores.
 """
 
 from __future__ import annotations
@@ -13,64 +15,36 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .kv_cache import LayerKV
-from .simd import F16_TO_F32, FASTMATH, Q8_0_BLOCK_SIZE, row_dot_f16
+from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split
+
+QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
+KEY_TILE = 64  # positions a tile holds: a key tile and a value tile stay in L1 with the tile's queries
 
 
-def _key_dot(keys, scales, g, slot, q):
-    """q · keys[g, slot], float32 (dispatched on the keys' dtype by the overload below)."""
+def _load_tile(src, scales, g, slot, n, scratch):
+    """src[g, slot:slot + n] (n contiguous slots) as float32 [n, d] (dispatched on src's dtype by the overload
+    below)."""
     raise NotImplementedError
 
 
-def _add_value(acc, p, values, scales, g, slot):
-    """acc += p · values[g, slot] (dispatched on the values' dtype by the overload below)."""
-    raise NotImplementedError
-
-
-# Inlined into the kernel, they take its fastmath flags, which let LLVM vectorize the sums.
-@overload(_key_dot, inline="always")
-def _key_dot_typed(keys, scales, g, slot, q):
-    if keys.dtype == types.float32:
-        def dot(keys, scales, g, slot, q):
-            s = np.float32(0.0)
-            for i in range(q.shape[0]):
-                s += q[i] * keys[g, slot, i]
-            return s
-    elif keys.dtype == types.uint16:
-        def dot(keys, scales, g, slot, q):
-            return row_dot_f16(keys[g, slot], q)
-    elif keys.dtype == types.int8:
-        def dot(keys, scales, g, slot, q):
-            s = np.float32(0.0)
-            for b in range(q.shape[0] // Q8_0_BLOCK_SIZE):
-                sb = np.float32(0.0)
-                for i in range(b * Q8_0_BLOCK_SIZE, (b + 1) * Q8_0_BLOCK_SIZE):
-                    sb += q[i] * np.float32(keys[g, slot, i])
-                s += sb * scales[g, slot, b]
-            return s
+@overload(_load_tile, inline="always")
+def _load_tile_typed(src, scales, g, slot, n, scratch):
+    if src.dtype == types.float32:
+        def load(src, scales, g, slot, n, scratch):
+            return src[g, slot:slot + n]
+    elif src.dtype == types.uint16:
+        def load(src, scales, g, slot, n, scratch):
+            for r in range(n):
+                dequant_row_f16(src[g, slot + r], scratch[r])
+            return scratch[:n]
+    elif src.dtype == types.int8:
+        def load(src, scales, g, slot, n, scratch):
+            for r in range(n):
+                dequant_row_q8_split(src[g, slot + r], scales[g, slot + r], scratch[r])
+            return scratch[:n]
     else:
         return None
-    return dot
-
-
-@overload(_add_value, inline="always")
-def _add_value_typed(acc, p, values, scales, g, slot):
-    if values.dtype == types.float32:
-        def add(acc, p, values, scales, g, slot):
-            for i in range(acc.shape[0]):
-                acc[i] += p * values[g, slot, i]
-    elif values.dtype == types.uint16:
-        def add(acc, p, values, scales, g, slot):
-            for i in range(acc.shape[0]):
-                acc[i] += p * F16_TO_F32[values[g, slot, i]]
-    elif values.dtype == types.int8:
-        def add(acc, p, values, scales, g, slot):
-            for b in range(acc.shape[0] // Q8_0_BLOCK_SIZE):
-                pb = p * scales[g, slot, b]
-                for i in range(b * Q8_0_BLOCK_SIZE, (b + 1) * Q8_0_BLOCK_SIZE):
-                    acc[i] += pb * np.float32(values[g, slot, i])
-    else:
-        return None
-    return add
+    return load
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -80,31 +54,53 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
     T, n_head, d = q.shape
     capacity = keys.shape[1]
     per_kv = n_head // keys.shape[0]
-    for th in prange(T * n_head):
-        t = th // n_head
-        h = th - t * n_head
+    n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
+    for item in prange(n_head * n_tiles):
+        h = item % n_head
         g = h // per_kv  # the query head's KV head
-        position = start + t
-        first = max(0, position - window + 1)
-        n = position + 1 - first
-        scores = np.empty(n, dtype=np.float32)
-        m = sinks[h]
-        slot = first % capacity
-        for j in range(n):
-            s = _key_dot(keys, key_scales, g, slot, q[t, h]) * scale
-            scores[j] = s
-            m = max(m, s)
-            slot = slot + 1 if slot + 1 < capacity else 0
-        denom = np.exp(sinks[h] - m)  # the sink widens the denominator and has no value
-        acc = np.zeros(d, dtype=np.float32)
-        slot = first % capacity
-        for j in range(n):
-            p = np.exp(scores[j] - m)
-            denom += p
-            _add_value(acc, p, values, value_scales, g, slot)
-            slot = slot + 1 if slot + 1 < capacity else 0
-        for i in range(d):
-            out[t, h, i] = acc[i] / denom
+        # Later queries see more keys: tiles taken from both ends in turn give each thread's share of the items
+        # (consecutive, in Numba's schedule) about the same work.
+        k = item // n_head
+        t0 = (k // 2 if k % 2 == 0 else n_tiles - 1 - k // 2) * QUERY_TILE
+        t1 = min(T, t0 + QUERY_TILE)
+        m = np.full(QUERY_TILE, sinks[h], dtype=np.float32)  # running maximum, from the sink's logit
+        denom = np.ones(QUERY_TILE, dtype=np.float32)  # Σ exp(logit - m), the sink's share included
+        acc = np.zeros((QUERY_TILE, d), dtype=np.float32)  # Σ exp(logit - m) · value: the sink has no value
+        key_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        value_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        scores = np.empty(KEY_TILE, dtype=np.float32)
+        p0 = max(0, start + t0 - window + 1)  # the first position the tile's first query sees
+        while p0 < start + t1:
+            slot = p0 % capacity
+            n = min(KEY_TILE, start + t1 - p0, capacity - slot)  # a tile never wraps around the ring
+            K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
+            V = _load_tile(values, value_scales, g, slot, n, value_scratch)
+            for t in range(t0, t1):
+                i = t - t0
+                j0 = max(p0, start + t - window + 1) - p0  # the query's positions within the tile
+                j1 = min(n, start + t + 1 - p0)
+                tile_max = m[i]
+                for j in range(j0, j1):
+                    a = np.float32(0.0)
+                    for x in range(d):
+                        a += q[t, h, x] * K[j, x]
+                    scores[j] = a * scale
+                    tile_max = max(tile_max, scores[j])
+                if tile_max > m[i]:
+                    rescale = np.exp(m[i] - tile_max)
+                    denom[i] *= rescale
+                    for x in range(d):
+                        acc[i, x] *= rescale
+                    m[i] = tile_max
+                for j in range(j0, j1):
+                    p = np.exp(scores[j] - m[i])
+                    denom[i] += p
+                    for x in range(d):
+                        acc[i, x] += p * V[j, x]
+            p0 += n
+        for t in range(t0, t1):
+            for x in range(d):
+                out[t, h, x] = acc[t - t0, x] / denom[t - t0]
 
 
 def attend(q: np.ndarray, kv: LayerKV, start: int, sinks: np.ndarray, scale: float) -> np.ndarray:

@@ -222,6 +222,37 @@ def row_dot_q8_0_scalar(row, x, n_blocks):
     return acc
 
 
+@intrinsic
+def _dequant_q8_split_simd(typingctx, values, scales, out):
+    """out[32b + i] = values[32b + i] · scales[b] over the whole row (int8 values, float32 scales)."""
+    sig = types.void(values, scales, out)
+
+    def codegen(context, builder, signature, args):
+        arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)]
+        vp = builder.bitcast(arrays[0].data, _I8.as_pointer())
+        sp, op = (builder.bitcast(a.data, _F32.as_pointer()) for a in arrays[1:])
+        v16i8 = ir.VectorType(_I8, 16)
+        n_blocks = builder.extract_value(arrays[1].shape, 0)
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            scale = _splat(builder, builder.load(builder.gep(sp, [b])), _V16F)
+            for half in (0, 16):
+                off = builder.add(builder.mul(b, _const(builder, b, Q8_0_BLOCK_SIZE)), _const(builder, b, half))
+                q = builder.sitofp(_load(builder, vp, off, v16i8, 1), _V16F)
+                builder.store(builder.fmul(q, scale, flags=_FAST),
+                              builder.bitcast(builder.gep(op, [off]), _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def dequant_row_q8_split_scalar(values, scales, out):
+    for b in range(scales.shape[0]):
+        for i in range(b * Q8_0_BLOCK_SIZE, (b + 1) * Q8_0_BLOCK_SIZE):
+            out[i] = np.float32(values[i]) * scales[b]
+
+
 @njit(cache=True, inline="always")
 def dequant_row_q8_0(row, out, n_blocks):
     for b in range(n_blocks):
@@ -267,12 +298,37 @@ _row_dot_bf16_chunks = _row_dot_16bit(bf16=True)
 _row_dot_f16_chunks = _row_dot_16bit(bf16=False)
 
 
+@intrinsic
+def _dequant_f16_chunks(typingctx, row, out, n_chunks):
+    """out[:16·n_chunks] = the f16 bit patterns row[:16·n_chunks] as float32."""
+    sig = types.void(row, out, n_chunks)
+
+    def codegen(context, builder, signature, args):
+        wp, op = _pointers(context, builder, signature, args)
+        v16i16 = ir.VectorType(_I16, 16)
+        with cgutils.for_range(builder, args[2]) as loop:
+            i = builder.mul(loop.index, _const(builder, loop.index, 16))
+            bits = builder.load(builder.bitcast(builder.gep(builder.bitcast(wp, _I16.as_pointer()), [i]),
+                                                v16i16.as_pointer()), align=2)
+            values = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 16)), _V16F)
+            builder.store(values, builder.bitcast(builder.gep(op, [i]), _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, inline="always", fastmath=FASTMATH)
 def row_dot_16bit_scalar(row, table, x, start):
     acc = np.float32(0.0)
     for i in range(start, x.shape[0]):
         acc += table[row[i]] * x[i]
     return acc
+
+
+@njit(cache=True, inline="always")
+def dequant_row_f16_scalar(row, out, start):
+    for i in range(start, out.shape[0]):
+        out[i] = F16_TO_F32[row[i]]
 
 
 if SIMD:
@@ -297,6 +353,17 @@ if SIMD:
     def row_dot_f16(row, x):
         n = x.shape[0] // 16
         return _row_dot_f16_chunks(row, x, n) + row_dot_16bit_scalar(row, F16_TO_F32, x, n * 16)
+
+    @njit(cache=True, inline="always")
+    def dequant_row_f16(row, out):
+        n = out.shape[0] // 16
+        _dequant_f16_chunks(row, out, n)
+        dequant_row_f16_scalar(row, out, n * 16)
+
+    @njit(cache=True, inline="always")
+    def dequant_row_q8_split(values, scales, out):
+        """A row of the KV cache's q8_0: int8 values, their float32 scales (one per 32) in a separate row."""
+        _dequant_q8_split_simd(values, scales, out)
 else:
     row_dot_mxfp4 = row_dot_mxfp4_scalar
     row_dot_q8_0 = row_dot_q8_0_scalar
@@ -309,3 +376,9 @@ else:
     @njit(cache=True, inline="always")
     def row_dot_f16(row, x):
         return row_dot_16bit_scalar(row, F16_TO_F32, x, 0)
+
+    @njit(cache=True, inline="always")
+    def dequant_row_f16(row, out):
+        dequant_row_f16_scalar(row, out, 0)
+
+    dequant_row_q8_split = dequant_row_q8_split_scalar
