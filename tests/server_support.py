@@ -10,7 +10,8 @@ from typing import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from ossrt.server.app import HEADER_TIMEOUT, Server, create_app, uvicorn_config
+from ossrt.server.app import Server, create_app
+from ossrt.server.serve import HEADER_TIMEOUT, uvicorn_config
 
 START_TIMEOUT = 60.0  # seconds: a bound for a failing test on a loaded machine, not a measurement
 

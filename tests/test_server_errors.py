@@ -60,10 +60,10 @@ def live(scripted_gguf):
         yield type("Live", (), dict(url=main.url, slow_url=slow.url, log=log, app=main.app))
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(log)
-        logging.getLogger("ossrt.server.app").setLevel(logging.NOTSET)
+        logging.getLogger("ossrt.server").setLevel(logging.NOTSET)
 
 
-LOGGERS = ("ossrt.server.app", "uvicorn.error")
+LOGGERS = ("ossrt.server", "uvicorn.error")  # every server module logs below "ossrt.server"
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def log(live):
     for name in LOGGERS:
         if live.log not in logging.getLogger(name).handlers:
             logging.getLogger(name).addHandler(live.log)
-    logging.getLogger("ossrt.server.app").setLevel(logging.INFO)
+    logging.getLogger("ossrt.server").setLevel(logging.INFO)
     live.log.records.clear()
     return live.log
 
@@ -91,8 +91,9 @@ def assert_error(r, status, param, code, type="invalid_request_error"):
     return error
 
 
-def lines(log, name="ossrt.server.app"):
-    return [r.getMessage() for r in log.records if r.name == name]
+def lines(log, prefix="ossrt.server"):
+    """What the server logged (not uvicorn)."""
+    return [r.getMessage() for r in log.records if r.name.startswith(prefix)]
 
 
 def assert_no_traceback(log):

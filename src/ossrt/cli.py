@@ -248,7 +248,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
           queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
-        from .server.app import listen, model_names, serve as run_server
+        from .server.serve import listen, model_names, serve as run_server
     except ImportError as e:
         raise OssrtError(f"ossrt serve needs the serve extra ({e.name} is missing): pip install 'ossrt[serve]'") \
             from None
