@@ -171,3 +171,24 @@ def test_scalar_fallbacks_match_the_reference():
         np.testing.assert_allclose(dots(w.data, x, kind), reference(w) @ x, rtol=1e-5, atol=1e-4)
     w = make_tensor(rng.standard_normal((9, 96)), T.MXFP4)
     np.testing.assert_array_equal(dequant(w.data, 96), reference(w))
+
+
+@pytest.mark.parametrize("simd_path", [True, False], ids=["simd", "scalar"])
+def test_kv_cache_row_decoders(simd_path):
+    """The row decoders attention uses on f16 and q8_0 caches (vector code with a scalar tail; plain loops off x86)
+    give the exact float32 values."""
+    from ossrt.engine import simd
+    from ossrt.engine.kv_cache import quantize_q8_0
+
+    f16 = simd.dequant_row_f16 if simd_path else (lambda row, out: simd.dequant_row_f16_scalar(row, out, 0))
+    q8 = simd.dequant_row_q8_split if simd_path else simd.dequant_row_q8_split_scalar
+    rng = np.random.default_rng(7)
+    for n in (8, 16, 40, 64):  # 40: two chunks of 16 and a tail of 8
+        x = rng.standard_normal(n).astype(np.float16)
+        out = np.empty(n, dtype=np.float32)
+        f16(x.view(np.uint16), out)
+        np.testing.assert_array_equal(out, x.astype(np.float32))
+    values, scales = quantize_q8_0(rng.standard_normal(96).astype(np.float32))
+    out = np.empty(96, dtype=np.float32)
+    q8(values, scales, out)
+    np.testing.assert_array_equal(out, (values.reshape(3, 32) * scales[:, None]).reshape(-1))

@@ -18,7 +18,7 @@ from .kv_cache import LayerKV
 from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split
 
 QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
-KEY_TILE = 64  # positions a tile holds: a key tile and a value tile stay in L1 with the tile's queries
+KEY_TILE = 64  # positions a tile holds: a key tile and a value tile (16 KiB each at d = 64) stay in cache
 
 
 def _load_tile(src, scales, g, slot, n, scratch):
@@ -60,8 +60,8 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
         g = h // per_kv  # the query head's KV head
         # Later queries see more keys: tiles taken from both ends in turn give each thread's share of the items
         # (consecutive, in Numba's schedule) about the same work.
-        k = item // n_head
-        t0 = (k // 2 if k % 2 == 0 else n_tiles - 1 - k // 2) * QUERY_TILE
+        order = item // n_head
+        t0 = (order // 2 if order % 2 == 0 else n_tiles - 1 - order // 2) * QUERY_TILE
         t1 = min(T, t0 + QUERY_TILE)
         m = np.full(QUERY_TILE, sinks[h], dtype=np.float32)  # running maximum, from the sink's logit
         denom = np.ones(QUERY_TILE, dtype=np.float32)  # Σ exp(logit - m), the sink's share included

@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..defaults import KV_TYPES
+from ..defaults import DEFAULT_KV_TYPE, KV_TYPES
 from ..format.config import ModelConfig
-from .simd import Q8_0_BLOCK_SIZE
+
+Q8_0_BLOCK_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]  # values per scale (from gguf's table, as in simd)
 
 STORED_DTYPE = {"f16": np.uint16, "q8_0": np.int8, "f32": np.float32}  # for each of KV_TYPES
 BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 1 + 4 / Q8_0_BLOCK_SIZE, "f32": 4.0}  # q8_0: a float32 scale per block
@@ -83,7 +85,7 @@ class LayerKV:
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, context_length: int, kv_type: str = "f16", chunk: int = CHUNK):
+    def __init__(self, config: ModelConfig, context_length: int, kv_type: str = DEFAULT_KV_TYPE, chunk: int = CHUNK):
         """`chunk`: the most positions one forward step may append (a smaller one makes small rings for tests)."""
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")

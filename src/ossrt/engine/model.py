@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
+from ..defaults import DEFAULT_KV_TYPE
 from ..errors import ContextLengthError, ParameterError
 from ..format.config import ModelConfig
 from ..format.modelfile import ModelFile
@@ -83,7 +84,7 @@ class Transformer:
         # One forward pass at a time: Numba's parallel kernels must not be entered from two threads at once.
         self._lock = threading.Lock()
 
-    def new_cache(self, context_length: int, kv_type: str = "f16") -> KVCache:
+    def new_cache(self, context_length: int, kv_type: str = DEFAULT_KV_TYPE) -> KVCache:
         return KVCache(self.config, context_length, kv_type)
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +119,7 @@ class Transformer:
             except BaseException:
                 cache.length = 0
                 raise
-            x = np.concatenate(hidden[-1:] if not all_logits else hidden)
+            x = np.concatenate(hidden) if all_logits else hidden[-1]
             return kernels.linear(self.output, rms_norm(x, self.output_norm, cfg.rms_norm_eps))  # spec §2.7
 
     def _step(self, tokens: np.ndarray, cache: KVCache, should_stop: Callable[[], bool] | None) -> np.ndarray:
