@@ -94,10 +94,10 @@ class Transformer:
 
     def forward(self, tokens, cache: KVCache, *, all_logits: bool = False,
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """Run `tokens` at the cache's next positions and append them to it. Returns float32 logits
-        [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position. `should_stop` is asked
-        between layers; if it says yes, `Cancelled` is raised. If anything fails midway the cache is emptied,
-        since a ring may already hold the new positions."""
+        """Run `tokens` at the cache's next positions and append them to it, in steps of at most `cache.chunk`.
+        Returns float32 logits [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position.
+        `should_stop` is asked between layers; if it says yes, `Cancelled` is raised. If anything fails midway the
+        cache is emptied, since its layers may already hold some of the new positions."""
         cfg = self.config
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1 or tokens.size == 0:
@@ -112,7 +112,7 @@ class Transformer:
             kernels.set_num_threads(self.threads)
             hidden = []  # the final residual stream of the positions whose logits are asked for
             try:
-                # Steps of at most `cache.chunk` positions: as many as a sliding-window ring holds beyond its window.
+                # A sliding-window ring holds its window and at most one chunk of new positions.
                 for i in range(0, len(tokens), cache.chunk):
                     x = self._step(tokens[i:i + cache.chunk], cache, should_stop)
                     hidden.append(x if all_logits else x[-1:])

@@ -1,8 +1,10 @@
-"""Row dot products over packed weights, written as LLVM vector code that Numba inlines into the kernels.
+"""Row dot products over packed weights, and row decoders, written as LLVM vector code that Numba inlines into the
+kernels; the packed formats' constants.
 
-Each function computes `Σ w[i]·x[i]` for one weight row stored as in the file and float32 `x`, accumulating in
-float32 vectors. MXFP4 decodes a block's 32 nibbles with two byte shuffles (`pshufb`: a 16-entry table lookup in
-one instruction), Q8_0 and BF16/F16 widen and convert in registers; LLVM picks the widest vectors the CPU has.
+Each `row_dot_*` computes `Σ w[i]·x[i]` for one weight row stored as in the file and float32 `x`, accumulating in
+float32 vectors; each `dequant_row_*` writes a row's float32 values (weights, or a KV cache's f16 / q8_0 rows).
+MXFP4 decodes a block's 32 nibbles with two byte shuffles (`pshufb`: a 16-entry table lookup in one instruction),
+Q8_0 and BF16/F16 widen and convert in registers; LLVM picks the widest vectors the CPU has.
 
 The shuffle is x86's (SSSE3, every x86-64 CPU since 2006); elsewhere the same functions are plain loops over a
 lookup table (`*_scalar`, which the tests also check). Numba's cache does not follow imports: after editing this
