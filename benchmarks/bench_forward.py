@@ -92,7 +92,8 @@ def main() -> None:
     wts = np.full((1, cfg.n_expert_used), 1 / cfg.n_expert_used, dtype=np.float32)
     moe = lambda: kernels.moe(layer["ffn_gate_exps.weight"], layer["ffn_up_exps.weight"],  # noqa: E731
                               layer["ffn_down_exps.weight"], layer["ffn_gate_exps.bias"].data,
-                              layer["ffn_up_exps.bias"].data, layer["ffn_down_exps.bias"].data, x[None], ids, wts)
+                              layer["ffn_up_exps.bias"].data, layer["ffn_down_exps.bias"].data, x[None], ids, wts,
+                              alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
     moe()
     t = timed(moe, 5)
     n = cfg.n_expert_used * 3 * cfg.n_ff_exp * cfg.n_embd

@@ -97,7 +97,7 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
     full = {}
     for kv_type in ("q8_0", "f16"):
         cache = tr.new_cache(model.config.n_ctx_train, kv_type)
-        for a in cache.keys + cache.values + [s for s in cache.key_scales + cache.value_scales if s is not None]:
+        for a in (a for layer in cache.layers for a in layer.arrays):
             a.fill(1)
         full[kv_type] = (cache.nbytes / 2**30, peak_rss_gib())
         del cache

@@ -30,12 +30,6 @@ def test_rope_parameters_spelling_accepted():
     assert ModelConfig.from_hf_config(cfg).rope_scaling_factor == 32.0
 
 
-def test_kv_cache_bytes_counts_window_for_sliding_layers():
-    c = ModelConfig.from_hf_config(HF_20B)
-    # 12 full layers x 8192 positions + 12 sliding layers x 128 positions, K and V, 8x64 f32 each
-    assert c.kv_cache_bytes(8192) == 2 * 512 * 4 * (12 * 8192 + 12 * 128)
-
-
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "llama"}, "model_type is 'llama'"),
     ({"hidden_size": None}, "missing field 'hidden_size'"),

@@ -1,7 +1,8 @@
 """`ossrt info`: figures computed from the file and ModelConfig."""
 
-from ossrt.info import report
+from ossrt.engine.kv_cache import cache_bytes
 from ossrt.format.modelfile import ModelFile
+from ossrt.info import report
 
 
 def test_report_figures(tiny_gguf):
@@ -16,7 +17,8 @@ def test_report_figures(tiny_gguf):
     assert "heads              4 query, 2 key/value, head dim 16" in text
     assert "tensor types       49 F32, 18 Q8_0, 12 MXFP4" in text
     assert f"{c.n_params / 1e6:.2f} M total, {c.n_params_active / 1e6:.2f} M active" in text
-    kv = c.kv_cache_bytes(2048)
-    assert kv == 2 * 32 * 4 * (2 * 2048 + 2 * 8)  # K and V, kv_dim 32, f32; full layers 2048, sliding 8
-    assert (f"KV cache (f16)              {kv / 2 / 2**20:.1f} MiB  (f32: {kv / 2**20:.1f} MiB, "
-            f"q8_0: {kv * 1.125 / 4 / 2**20:.1f} MiB)") in text
+    kv = {t: cache_bytes(c, 2048, t) for t in ("f16", "f32", "q8_0")}
+    # K and V, kv_dim 32, 2 bytes; full layers 2048 positions, sliding rings of window 8 + a step of 512 - 1
+    assert kv["f16"] == 2 * 32 * 2 * (2 * 2048 + 2 * (8 + 511))
+    assert (f"KV cache (f16)              {kv['f16'] / 2**20:.1f} MiB  (f32: {kv['f32'] / 2**20:.1f} MiB, "
+            f"q8_0: {kv['q8_0'] / 2**20:.1f} MiB)") in text

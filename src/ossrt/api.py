@@ -66,7 +66,7 @@ class Model:
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the logits at every position of a fresh sequence."""
         tokens = self.engine.check_tokens(token_ids)
-        return self.engine.prefill(tokens, self.engine.new_cache(len(tokens)), all_logits=True)
+        return self.engine.forward(tokens, self.engine.new_cache(len(tokens)), all_logits=True)
 
     def generate(self, token_ids: Iterable[int], *, max_tokens: int | None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,

@@ -1,1 +1,2 @@
-"""The compute engine: kernels, KV cache, the forward pass, its float64 reference, sampling, generation."""
+"""The compute engine: kernels, attention, KV cache, the forward pass, its float64 reference, sampling, generation,
+and `Engine`, the one interface above them."""

@@ -21,9 +21,6 @@ from .sampling import is_integer
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
-PREFILL_CHUNK = 512  # tokens per forward pass while prefilling: bounds the activations, keeps the kernels' tiles full
-
-
 class Engine:
     """Forward passes over caches of one context length and precision. Thread-safe: the backend serialises
     forward passes, and each sequence has its own cache."""
@@ -50,9 +47,10 @@ class Engine:
 
     def forward(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False,
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """Run `tokens` at the cache's next positions; float32 logits [len(tokens) or 1, vocab]. Non-finite logits
-        come from corrupt weights, never from a request: ModelOutputError, and the cache, whose keys and values may
-        hold the same NaNs, is emptied."""
+        """Run `tokens` (any number: the backend steps through a long prompt) at the cache's next positions; float32
+        logits [len(tokens), vocab] with `all_logits`, else [1, vocab] of the last token. `should_stop` is asked
+        between layers (`Cancelled`). Non-finite logits come from corrupt weights, never from a request:
+        ModelOutputError, and the cache, whose keys and values may hold the same NaNs, is emptied."""
         start = cache.length
         logits = self.transformer.forward(tokens, cache, all_logits=all_logits, should_stop=should_stop)
         finite = np.isfinite(logits)
@@ -62,13 +60,6 @@ class Engine:
             raise ModelOutputError(f"the model produced non-finite values (NaN or infinity) at position "
                                    f"{start + row}; the model file may be corrupt")
         return logits
-
-    def prefill(self, tokens: np.ndarray, cache: KVCache, *, all_logits: bool = False,
-                should_stop: Callable[[], bool] | None = None) -> np.ndarray:
-        """`forward` in chunks of PREFILL_CHUNK: the logits of every token, or [1, vocab] of the last one."""
-        chunks = [self.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=all_logits, should_stop=should_stop)
-                  for i in range(0, len(tokens), PREFILL_CHUNK)]
-        return np.concatenate(chunks) if all_logits else chunks[-1]
 
     def check_tokens(self, token_ids: Any, name: str = "token_ids") -> np.ndarray:
         """A prompt's ids as int64: ParameterError naming `name` if they are not ids of this vocabulary,

@@ -94,7 +94,7 @@ class Generation:
         t0 = time.perf_counter()
         if len(prompt):
             try:
-                logits = engine.prefill(prompt, cache, should_stop=should_stop)[-1]
+                logits = engine.forward(prompt, cache, should_stop=should_stop)[-1]
             except Cancelled:
                 self._stop(StopReason.CANCELLED)
                 return

@@ -203,13 +203,6 @@ class ModelConfig:
         unused = self.n_layer * (E - self.n_expert_used) * expert
         return self.n_params - unused - self.n_vocab * H
 
-    def kv_cache_bytes(self, context_length: int, bytes_per_value: int = 4) -> int:
-        """KV cache for one sequence: full layers hold `context_length` positions, sliding layers a window."""
-        per_pos = 2 * self.kv_dim * bytes_per_value
-        full = sum(1 for i in range(self.n_layer) if not self.is_sliding(i))
-        sliding = self.n_layer - full
-        return per_pos * (full * context_length + sliding * min(self.sliding_window, context_length))
-
     # --- sources -----------------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
