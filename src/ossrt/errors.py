@@ -36,3 +36,7 @@ class ModelNotFoundError(OssrtError):
 class ModelOutputError(OssrtError):
     """The model produced non-finite values (NaN or infinity): the model file is probably corrupt. Not the
     request's fault: the server answers it with a 500 that says so."""
+
+
+class DeviceError(OssrtError):
+    """A requested compute device cannot be used: CuPy or numba-cuda is not installed, or no CUDA device is found."""
