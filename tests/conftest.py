@@ -4,6 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The CUDA backend's kernels run under numba's CUDA simulator, with NumPy standing in for CuPy: set before anything
+# imports numba.cuda. A GPU machine that wants its device for the tests sets NUMBA_ENABLE_CUDASIM=0.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 
 @pytest.fixture(scope="session")
 def o200k_path(tmp_path_factory) -> Path:
