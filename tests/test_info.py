@@ -2,7 +2,7 @@
 
 from ossrt.engine.kv_cache import cache_bytes
 from ossrt.format.modelfile import ModelFile
-from ossrt.info import report
+from ossrt.info import cuda_workspace_bytes, report
 
 
 def test_report_figures(tiny_gguf):
@@ -22,3 +22,17 @@ def test_report_figures(tiny_gguf):
     assert kv["f16"] == 2 * 32 * 2 * (2 * 2048 + 2 * (8 + 511))
     assert (f"KV cache (f16)              {kv['f16'] / 2**20:.1f} MiB  (f32: {kv['f32'] / 2**20:.1f} MiB, "
             f"q8_0: {kv['q8_0'] / 2**20:.1f} MiB)") in text
+
+
+def test_vram_figures_for_a_cuda_device(tiny_gguf):
+    path = tiny_gguf()
+    text = report(path, context=2048, device="cuda")
+    with ModelFile.open(path) as m:
+        c = m.config
+        weights = sum(t.data.nbytes for t in m.tensors.values())
+    kv, work = cache_bytes(c, 2048, "f16"), cuda_workspace_bytes(c)
+    assert "\nRAM at context" not in text
+    assert f"VRAM at context 2048 (CUDA):\n  weights as stored           {weights / 2**20:.1f} MiB" in text
+    assert f"  total                       {(weights + kv + work) / 2**20:.1f} MiB" in text
+    # The workspace holds at least one expert's three matrices in f16 and a prefill chunk's activations.
+    assert work > 2 * 3 * c.n_ff_exp * c.n_embd + 512 * 4 * c.n_embd

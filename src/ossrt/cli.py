@@ -63,13 +63,15 @@ def convert(src: Path, out: Path | None, outtype: str, quiet: bool) -> None:
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--context", type=click.IntRange(min=1), default=None,
-              help="context length for the RAM figures [default: the model's]")
+              help="context length for the memory figures [default: the model's]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="report the RAM a CPU run needs, or the VRAM on a CUDA device")
 @expected_errors
-def info(file: Path, context: int | None) -> None:
-    """Describe a gpt-oss GGUF FILE: architecture, sizes, tensor types, parameters, RAM needed."""
+def info(file: Path, context: int | None, device: str) -> None:
+    """Describe a gpt-oss GGUF FILE: architecture, sizes, tensor types, parameters, RAM (or VRAM) needed."""
     from .info import report
 
-    click.echo(report(file, context))
+    click.echo(report(file, context, device))
 
 
 _EFFORTS = click.Choice(REASONING_EFFORTS)

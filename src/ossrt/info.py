@@ -1,12 +1,14 @@
-"""The report behind `ossrt info FILE`: architecture, sizes, tensor types, parameters and RAM needs."""
+"""The report behind `ossrt info FILE`: architecture, sizes, tensor types, parameters, and the RAM (or, on a CUDA
+device, VRAM) it needs."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
 
-from .engine.kv_cache import cache_bytes
+from .engine.kv_cache import CHUNK, cache_bytes
 from .errors import ParameterError
+from .format.config import ModelConfig
 from .format.modelfile import ModelFile
 
 
@@ -18,9 +20,11 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def report(path: str | os.PathLike, context: int | None = None) -> str:
-    """A plain-text report of the model file at `path`; RAM figures for `context` tokens (default: the
-    model's training context)."""
+def report(path: str | os.PathLike, context: int | None = None, device: str = "cpu") -> str:
+    """A plain-text report of the model file at `path`; RAM figures (or, with `device="cuda"`, VRAM figures) for
+    `context` tokens (default: the model's training context)."""
+    if device not in ("cpu", "cuda"):
+        raise ParameterError(f"device must be 'cpu' or 'cuda', got {device!r:.80}")
     with ModelFile.open(path) as m:
         c = m.config
         ctx = c.n_ctx_train if context is None else context
@@ -49,10 +53,34 @@ def report(path: str | os.PathLike, context: int | None = None) -> str:
             f"tensor types       {', '.join(f'{n} {k}' for k, n in sorted(types.items(), key=lambda kv: -kv[1]))}",
             f"file size          {_gb(m.file_size)} ({m.file_size} bytes)",
             f"parameters         {_params(c.n_params)} total, {_params(c.n_params_active)} active per token",
-            f"RAM at context {ctx}:",
-            f"  weights touched per token   {_gb(touched)}",
-            f"  whole file (memory-mapped)  {_gb(m.file_size)}",
-            f"  KV cache (f16)              {_gb(kv['f16'])}  (f32: {_gb(kv['f32'])}, q8_0: {_gb(kv['q8_0'])})",
-            f"  file + KV cache             {_gb(m.file_size + kv['f16'])}",
         ]
+        kv_line = f"  KV cache (f16)              {_gb(kv['f16'])}  (f32: {_gb(kv['f32'])}, q8_0: {_gb(kv['q8_0'])})"
+        if device == "cpu":
+            lines += [
+                f"RAM at context {ctx}:",
+                f"  weights touched per token   {_gb(touched)}",
+                f"  whole file (memory-mapped)  {_gb(m.file_size)}",
+                kv_line,
+                f"  file + KV cache             {_gb(m.file_size + kv['f16'])}",
+            ]
+        else:
+            weights = sum(t.data.nbytes for t in m.tensors.values())
+            work = cuda_workspace_bytes(c)
+            lines += [
+                f"VRAM at context {ctx} (CUDA):",
+                f"  weights as stored           {_gb(weights)}",
+                kv_line,
+                f"  workspace (estimate)        {_gb(work)}",
+                f"  total                       {_gb(weights + kv['f16'] + work)}",
+            ]
     return "\n".join(lines)
+
+
+def cuda_workspace_bytes(c: ModelConfig) -> int:
+    """What the CUDA backend allocates beside the weights and the cache, at most, while prefilling a chunk: the
+    chunk's float32 activations (the residual stream, q/k/v, attention output, router, the experts' hidden
+    values), one expert's gate, up and down matrices dequantized to f16 for cuBLAS, one row of logits, and CuPy's
+    pool rounding. An estimate: what `ossrt.load(device="cuda")` reserves on a real device may differ by tens of MB."""
+    per_token = 4 * (3 * c.n_embd + 2 * c.q_dim + 2 * c.kv_dim + c.n_expert + 2 * c.n_expert_used * c.n_ff_exp)
+    expert_f16 = 2 * 3 * c.n_ff_exp * c.n_embd
+    return CHUNK * per_token + expert_f16 + 4 * c.n_vocab + (64 << 20)
