@@ -1,29 +1,81 @@
-"""The gpt-oss forward pass over the packed weights of a model file, with a KV cache (spec §2).
+"""The gpt-oss forward pass (spec §2) over a model file's tensors and a KV cache, on a backend's `Ops`.
 
-Weights are used where they lie in the memory-mapped file: `kernels` does the weight math (Numba kernels that decode
-the file's blocks as they go) and `attention` the attention over the cache. Activations and accumulation are
-float32. The small ops here are plain array expressions, so the same code can run on another array module later.
+The model is written once, here; a backend supplies the operations on its arrays: `engine.cpu.CpuOps` (NumPy, Numba
+kernels over the memory-mapped weights) or `engine.cuda.CudaOps` (device arrays, numba.cuda kernels). Activations
+and accumulation are float32; logits come back to the host as NumPy.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from . import kernels
 from ..defaults import DEFAULT_KV_TYPE
 from ..errors import ContextLengthError, ParameterError
 from ..format.config import ModelConfig
 from ..format.modelfile import ModelFile
-from .attention import attend
-from .kv_cache import KVCache, LayerKV
 
 
 class Cancelled(Exception):
     """A forward pass was stopped by its `should_stop` callback."""
+
+
+class Ops(Protocol):
+    """What the forward pass needs of a backend. Arrays are the backend's (`xp`'s); `w` is a weight tensor as
+    `upload` returned it (`.name`, `.type`, NumPy-order `.shape`, the raw stored `.data`)."""
+
+    xp: Any  # the array module
+    threads: int | None  # CPU threads for the kernels (None where that does not apply)
+
+    def bind_thread(self) -> None:
+        """Apply per-thread settings in the thread about to run a forward pass."""
+
+    def upload(self, tensor: Any) -> Any:
+        """A model file's tensor where the backend computes with it, as stored."""
+
+    def new_cache(self, config: ModelConfig, context_length: int, kv_type: str, chunk: int = ...) -> Any:
+        """An empty KV cache (engine.kv_cache.KVCache's semantics) whose layers `store` and `attend` take."""
+
+    def step(self, blocks: Callable, tokens: np.ndarray, start: int, cache: Any,
+             should_stop: Callable[[], bool] | None) -> Any:
+        """`blocks(tokens, positions, cache, should_stop)` for host `tokens` at positions start, start + 1, ...,
+        given as backend arrays (a backend may replay a recorded step instead)."""
+
+    def embed(self, w: Any, tokens: Any) -> Any:
+        """float32 [T, n_embd]: the embedding rows of `tokens`."""
+
+    def linear(self, w: Any, x: Any, bias: Any = None) -> Any:
+        """float32 [T, out] = x @ W.T (+ bias)."""
+
+    def rms_norm(self, x: Any, gain: Any, eps: float) -> Any:
+        """Spec §2.1: the gain used as stored (no +1)."""
+
+    def rope_tables(self, positions: Any, inv_freq: Any, concentration: float) -> Any:
+        """The rotation of `positions` for `rope` (spec §2.3: angles in float64, cos and sin times the
+        concentration)."""
+
+    def rope(self, v: Any, tables: Any) -> Any:
+        """Half-split rotation (spec §2.3) of v [T, heads, d]."""
+
+    def router(self, logits: Any, k: int) -> tuple[Any, Any]:
+        """Spec §2.5: per row the ids of the k largest logits and the softmax over just those."""
+
+    def moe(self, gate: Any, up: Any, down: Any, gate_b: Any, up_b: Any, down_b: Any, x: Any, ids: Any,
+            weights: Any, alpha: float, limit: float) -> Any:
+        """Spec §2.6: Σ over each row's experts of weight · clamped SwiGLU MLP, float32 [T, n_embd]."""
+
+    def store(self, kv: Any, positions: Any, k: Any, v: Any) -> None:
+        """Write keys/values [T, n_head_kv, d] of `positions` into a cache layer."""
+
+    def attend(self, q: Any, kv: Any, positions: Any, sinks: Any, scale: float) -> Any:
+        """Spec §2.4: attention with sinks of q [T, n_head, d] at `positions` over the cache layer, which holds
+        these positions and the window before them. float32 [T, n_head, d]."""
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """x as a NumPy array."""
 
 
 def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
@@ -39,66 +91,43 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     return inv_freq, 0.1 * math.log(factor) + 1.0
 
 
-def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
-    """Spec §2.1: the gain used as stored (no +1)."""
-    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
-
-
-def apply_rope(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Half-split rotation (spec §2.3) of v [T, heads, d] by cos/sin [T, d/2]."""
-    half = v.shape[-1] // 2
-    a, b = v[..., :half], v[..., half:]
-    c, s = cos[:, None], sin[:, None]
-    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
-
-
-def softmax_top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Router (spec §2.5): the k largest logits per row and the softmax over just those."""
-    ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    sel = np.take_along_axis(logits, ids, axis=1)
-    w = np.exp(sel - sel.max(axis=1, keepdims=True))
-    return ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def linear(w: dict, name: str, x: np.ndarray) -> np.ndarray:
-    """x @ W.T + b for the layer's `name.weight` and `name.bias`."""
-    return kernels.linear(w[name + ".weight"], x) + w[name + ".bias"].data
-
-
 class Transformer:
     """gpt-oss over a `ModelFile`: `forward(tokens, cache)` runs the next positions of the cache's sequence."""
 
-    def __init__(self, model_file: ModelFile, threads: int | None = None):
-        """`threads`: Numba threads for the kernels (None: all cores), applied in whichever thread runs a forward
-        pass, since Numba's setting is per thread (a server's request threads, an app's worker threads)."""
-        self.threads = kernels.set_num_threads(threads)
+    def __init__(self, model_file: ModelFile, ops: Ops | int | None = None):
+        """`ops`: the backend; an int or None is the thread count of a `CpuOps` (None: all cores)."""
+        if ops is None or isinstance(ops, (int, np.integer)):
+            from .cpu import CpuOps  # the default backend; a CUDA process need not load the CPU kernels
+
+            ops = CpuOps(ops)
+        self.ops = ops
         self.config = cfg = model_file.config
-        t = model_file.tensors
+        t = {name: ops.upload(tensor) for name, tensor in model_file.tensors.items()}
         self.token_embd = t["token_embd.weight"]
         self.output_norm = t["output_norm.weight"].data
         self.output = t["output.weight"]
         self.layers = [{name[len(f"blk.{i}."):]: tensor for name, tensor in t.items() if name.startswith(f"blk.{i}.")}
                        for i in range(cfg.n_layer)]
-        self.inv_freq, self.concentration = yarn_frequencies(cfg)
+        inv_freq, self.concentration = yarn_frequencies(cfg)
+        self.inv_freq = ops.xp.asarray(inv_freq)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        # One forward pass at a time: Numba's parallel kernels must not be entered from two threads at once.
+        # One forward pass at a time: a backend's kernels and buffers are not for two passes at once.
         self._lock = threading.Lock()
 
-    def new_cache(self, context_length: int, kv_type: str = DEFAULT_KV_TYPE) -> KVCache:
-        return KVCache(self.config, context_length, kv_type)
+    @property
+    def threads(self) -> int | None:
+        return self.ops.threads
 
-    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        angles = positions[:, None].astype(np.float64) * self.inv_freq[None, :]
-        return ((np.cos(angles) * self.concentration).astype(np.float32),
-                (np.sin(angles) * self.concentration).astype(np.float32))
+    def new_cache(self, context_length: int, kv_type: str = DEFAULT_KV_TYPE) -> Any:
+        return self.ops.new_cache(self.config, context_length, kv_type)
 
-    def forward(self, tokens, cache: KVCache, *, all_logits: bool = False,
+    def forward(self, tokens, cache, *, all_logits: bool = False,
                 should_stop: Callable[[], bool] | None = None) -> np.ndarray:
         """Run `tokens` at the cache's next positions and append them to it, in steps of at most `cache.chunk`.
         Returns float32 logits [len(tokens), vocab] if `all_logits`, else [1, vocab] for the last position.
         `should_stop` is asked between layers; if it says yes, `Cancelled` is raised. If anything fails midway the
         cache is emptied, since its layers may already hold some of the new positions."""
-        cfg = self.config
+        cfg, ops = self.config, self.ops
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 1 or tokens.size == 0:
             raise ParameterError(f"tokens must be a non-empty 1-D sequence of ids, got shape {tokens.shape}")
@@ -109,54 +138,60 @@ class Transformer:
             raise ContextLengthError(f"{cache.length} + {len(tokens)} tokens pass the context length "
                                      f"{cache.context_length}")
         with self._lock:
-            kernels.set_num_threads(self.threads)
-            hidden = []  # the final residual stream of the positions whose logits are asked for
+            ops.bind_thread()
+            logits = []
             try:
                 # A sliding-window ring holds its window and at most one chunk of new positions.
                 for i in range(0, len(tokens), cache.chunk):
-                    x = self._step(tokens[i:i + cache.chunk], cache, should_stop)
-                    hidden.append(x if all_logits else x[-1:])
+                    piece = tokens[i:i + cache.chunk]
+                    x = ops.step(self._blocks, piece, cache.length, cache, should_stop)
+                    cache.length += len(piece)
+                    if all_logits or i + cache.chunk >= len(tokens):
+                        x = x if all_logits else x[-1:]
+                        logits.append(ops.to_host(ops.linear(self.output, ops.rms_norm(x, self.output_norm,
+                                                                                         cfg.rms_norm_eps))))
             except BaseException:
                 cache.length = 0
                 raise
-            x = np.concatenate(hidden) if all_logits else hidden[-1]
-            return kernels.linear(self.output, rms_norm(x, self.output_norm, cfg.rms_norm_eps))  # spec §2.7
+            return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
-    def _step(self, tokens: np.ndarray, cache: KVCache, should_stop: Callable[[], bool] | None) -> np.ndarray:
-        """The residual stream [T, n_embd] after the last block, for `tokens` appended to the cache."""
-        eps = self.config.rms_norm_eps
-        start = cache.length
-        rope = self.rope_tables(start + np.arange(len(tokens)))
-        x = kernels.dequantize(self.token_embd, rows=tokens)
+    def _blocks(self, tokens, positions, cache, should_stop: Callable[[], bool] | None):
+        """The residual stream [T, n_embd] after the last block, for `tokens` at `positions`, which are stored in
+        the cache's layers on the way."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        rope = ops.rope_tables(positions, self.inv_freq, self.concentration)
+        x = ops.embed(self.token_embd, tokens)
         for w, kv in zip(self.layers, cache.layers):
             if should_stop is not None and should_stop():
                 raise Cancelled
-            x = x + self._attention(w, rms_norm(x, w["attn_norm.weight"].data, eps), rope, kv, start)
-            x = x + self._moe(w, rms_norm(x, w["post_attention_norm.weight"].data, eps))
-        cache.length = start + len(tokens)
+            x = x + self._attention(w, ops.rms_norm(x, w["attn_norm.weight"].data, eps), rope, kv, positions)
+            x = x + self._moe(w, ops.rms_norm(x, w["post_attention_norm.weight"].data, eps))
         return x
 
-    def _attention(self, w: dict, h: np.ndarray, rope: tuple[np.ndarray, np.ndarray], kv: LayerKV,
-                   start: int) -> np.ndarray:
+    def _linear(self, w: dict, name: str, x):
+        """x @ W.T + b for the layer's `name.weight` and `name.bias`."""
+        return self.ops.linear(w[name + ".weight"], x, w[name + ".bias"].data)
+
+    def _attention(self, w: dict, h, rope, kv, positions):
         """Spec §2.2-2.4: q/k/v projections, RoPE on q and k, attention with sinks over the cache, output
         projection."""
-        cfg = self.config
+        cfg, ops = self.config, self.ops
         T = h.shape[0]
-        q = linear(w, "attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
-        k = linear(w, "attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = linear(w, "attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = self._linear(w, "attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
+        k = self._linear(w, "attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = self._linear(w, "attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        q, k = ops.rope(q, rope), ops.rope(k, rope)
         # Stored first, then attended over: the new positions see their own keys as the cache holds them, the same
         # values later queries will see.
-        kv.store(start, k, v)
-        out = attend(q, kv, start, w["attn_sinks.weight"].data, self.scale)
-        return linear(w, "attn_output", out.reshape(T, cfg.n_head * cfg.head_dim))
+        ops.store(kv, positions, k, v)
+        out = ops.attend(q, kv, positions, w["attn_sinks.weight"].data, self.scale)
+        return self._linear(w, "attn_output", out.reshape(T, cfg.n_head * cfg.head_dim))
 
-    def _moe(self, w: dict, h: np.ndarray) -> np.ndarray:
+    def _moe(self, w: dict, h):
         """Spec §2.5-2.6: the router's top-k experts weighted by a softmax over their logits, each a clamped
         SwiGLU MLP."""
         cfg = self.config
-        experts, weights = softmax_top_k(linear(w, "ffn_gate_inp", h), cfg.n_expert_used)
-        return kernels.moe(w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"],
-                           w["ffn_gate_exps.bias"].data, w["ffn_up_exps.bias"].data, w["ffn_down_exps.bias"].data,
-                           h, experts, weights, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        experts, weights = self.ops.router(self._linear(w, "ffn_gate_inp", h), cfg.n_expert_used)
+        return self.ops.moe(w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"],
+                            w["ffn_gate_exps.bias"].data, w["ffn_up_exps.bias"].data, w["ffn_down_exps.bias"].data,
+                            h, experts, weights, cfg.swiglu_alpha, cfg.swiglu_limit)

@@ -1,0 +1,86 @@
+"""The CPU backend of the forward pass: `CpuOps`, the operations `engine.model.Transformer` calls, on NumPy arrays.
+
+Weights stay in the memory-mapped file: `kernels` does the weight math (Numba kernels that decode the file's
+blocks as they go), `attention` the attention over a `kv_cache.KVCache`. The small ops are NumPy expressions in
+float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import kernels
+from .attention import attend
+from .kv_cache import CHUNK, KVCache, LayerKV
+from ..format.config import ModelConfig
+
+
+class CpuOps:
+    """Operations on NumPy arrays with Numba kernels running on `threads` cores (None: all)."""
+
+    xp = np
+
+    def __init__(self, threads: int | None = None):
+        self.threads = kernels.set_num_threads(threads)
+
+    def bind_thread(self) -> None:
+        """Numba's thread count is per thread: applied in whichever thread runs a forward pass (a server's request
+        threads, an app's worker threads)."""
+        kernels.set_num_threads(self.threads)
+
+    def upload(self, tensor):
+        """Weights are used where they lie in the memory map."""
+        return tensor
+
+    def new_cache(self, config: ModelConfig, context_length: int, kv_type: str, chunk: int = CHUNK) -> KVCache:
+        return KVCache(config, context_length, kv_type, chunk)
+
+    def step(self, blocks: Callable, tokens: np.ndarray, start: int, cache: KVCache,
+             should_stop: Callable[[], bool] | None) -> np.ndarray:
+        """`blocks(tokens, positions, cache, should_stop)` for tokens at positions start, start + 1, ..."""
+        return blocks(tokens, np.arange(start, start + len(tokens)), cache, should_stop)
+
+    def embed(self, w, tokens: np.ndarray) -> np.ndarray:
+        return kernels.dequantize(w, rows=tokens)
+
+    def linear(self, w, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        y = kernels.linear(w, x)
+        return y if bias is None else y + bias
+
+    def rms_norm(self, x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+        return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
+
+    def rope_tables(self, positions: np.ndarray, inv_freq: np.ndarray,
+                    concentration: float) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [T, d/2] of the positions' angles (float64, then float32), times the concentration."""
+        angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
+        return ((np.cos(angles) * concentration).astype(np.float32),
+                (np.sin(angles) * concentration).astype(np.float32))
+
+    def rope(self, v: np.ndarray, tables: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        half = v.shape[-1] // 2
+        a, b = v[..., :half], v[..., half:]
+        c, s = tables[0][:, None], tables[1][:, None]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+    def router(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        sel = np.take_along_axis(logits, ids, axis=1)
+        w = np.exp(sel - sel.max(axis=1, keepdims=True))
+        return ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def moe(self, gate, up, down, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, x: np.ndarray,
+            ids: np.ndarray, weights: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+        return kernels.moe(gate, up, down, gate_b, up_b, down_b, x, ids, weights, alpha=alpha, limit=limit)
+
+    def store(self, kv: LayerKV, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        kv.store(int(positions[0]), k, v)
+
+    def attend(self, q: np.ndarray, kv: LayerKV, positions: np.ndarray, sinks: np.ndarray,
+               scale: float) -> np.ndarray:
+        return attend(q, kv, int(positions[0]), sinks, scale)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
