@@ -181,7 +181,7 @@ def write_model(path: Path, cfg, outtype: str, seed: int = 0) -> None:
 
     tensors = plan(cfg, outtype)
     w = gguf.GGUFWriter(None, ARCH)
-    w.add_name(f"synthetic {path.stem}")
+    w.add_name("gpt-oss synthetic (benchmarks/gpu_check.py)")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, (vtype, value) in cfg.gguf_metadata().items():
