@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -265,6 +266,14 @@ def vram_used() -> tuple[int, int]:
     return cupy.get_default_memory_pool().total_bytes(), total - free
 
 
+def vram_estimate(cfg, weight_bytes: int) -> int:
+    """What `ossrt info --device cuda` predicts at CONTEXT: weights as stored, an f16 KV cache, the workspace."""
+    from ossrt.engine.kv_cache import cache_bytes
+    from ossrt.info import cuda_workspace_bytes
+
+    return weight_bytes + cache_bytes(cfg, CONTEXT, "f16") + cuda_workspace_bytes(cfg)
+
+
 # --- part 1: tiny models, GPU against CPU ------------------------------------------------------------------------------
 @dataclass
 class Agreement:
@@ -303,7 +312,7 @@ def run_sequence(model, prompt: np.ndarray, block: np.ndarray, decode_ids: list[
     return np.concatenate(logits), fed
 
 
-def check_tiny(tiny: Tiny, workdir: Path) -> list[Row]:
+def check_tiny(tiny: Tiny, workdir: Path, rows: list[Row]) -> None:
     """Part 1: for each (weights, KV type) pair, the GPU's logits against the CPU's on the same file."""
     import ossrt
 
@@ -312,7 +321,6 @@ def check_tiny(tiny: Tiny, workdir: Path) -> list[Row]:
     prompt = rng.integers(0, cfg.n_vocab, tiny.prompt)
     block = rng.integers(0, cfg.n_vocab, tiny.block)
     context = tiny.prompt + tiny.decode + tiny.block
-    rows = []
     for outtype in dict.fromkeys(w for w, _ in tiny.checks):
         path = workdir / f"tiny-{outtype}.gguf"
         write_model(path, cfg, outtype)
@@ -326,13 +334,13 @@ def check_tiny(tiny: Tiny, workdir: Path) -> list[Row]:
                 with ossrt.load(path, device="cuda", context_length=context, kv_type=kv_type) as gpu_model:
                     got, _ = run_sequence(gpu_model, prompt, block, ids, tiny.decode)
             except Exception as e:  # noqa: BLE001 - a broken backend is a row of the table, not the end of it
-                rows.append(Row("tiny", what, f"{type(e).__name__}: {e}", result="ERROR"))
+                traceback.print_exc()
+                rows.append(Row("tiny", what, _error(e), result="ERROR"))
                 continue
             a = agreement(expected, got)
             rows.append(Row("tiny", what, f"max |diff| {a.max_diff:.2e}, argmax {a.argmax_equal}/{a.positions}",
                             f"<= {TOLERANCE:g}", "ok" if a.ok(TOLERANCE) else "FAIL"))
         path.unlink()
-    return rows
 
 
 # --- parts 2 and 3: full-size speed ------------------------------------------------------------------------------------
@@ -364,7 +372,7 @@ def prefill_speed(model, tokens: np.ndarray) -> float:
     return len(tokens) / (time.perf_counter() - t0)
 
 
-def bench_full(size: str, workdir: Path, timings: dict) -> list[Row]:
+def bench_full(size: str, workdir: Path, rows: list[Row], timings: dict) -> None:
     """Parts 2 and 3: write the synthetic `size` model, measure it on the GPU (and for the 20b on the CPU, for
     scale). `timings` gets the write and load seconds (the parent scales them to plan the 120b)."""
     import ossrt
@@ -373,12 +381,12 @@ def bench_full(size: str, workdir: Path, timings: dict) -> list[Row]:
     nbytes = file_bytes(cfg, "q8_0")
     where = place_for(nbytes, workdir)
     if where is None:
-        return [Row(size, "synthetic q8_0 file", f"needs {nbytes / 1e9:.1f} GB: neither {SHM} nor {workdir} has room",
-                    result="skipped")]
+        rows.append(Row(size, "synthetic q8_0 file", f"needs {nbytes / 1e9:.1f} GB: neither {SHM} nor {workdir} "
+                        "has room (see --workdir)", result="skipped"))
+        return
     path = where / f"ossrt-gpu-check-{size}.gguf"
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, cfg.n_vocab, PROMPT)
-    rows = []
     try:
         t0 = time.perf_counter()
         write_model(path, cfg, "q8_0")
@@ -405,8 +413,9 @@ def bench_full(size: str, workdir: Path, timings: dict) -> list[Row]:
             goal, result = "", ""
             if size == "20b":
                 goal, result = f"<= {VRAM_GOAL_20B / 2**30:.0f} GiB", "met" if peak <= VRAM_GOAL_20B else "below"
-            rows.append(Row(size, f"VRAM peak at context {CONTEXT}: CuPy pool; whole device",
-                            f"{pool / 2**30:.2f} GiB; {peak / 2**30:.2f} GiB", goal, result))
+            rows.append(Row(size, f"VRAM peak at context {CONTEXT}: CuPy pool; device; `ossrt info` estimate",
+                            f"{pool / 2**30:.2f}; {peak / 2**30:.2f}; {vram_estimate(cfg, nbytes) / 2**30:.2f} GiB",
+                            goal, result))
         if size == "20b":
             with ossrt.load(path, device="cpu", context_length=PROMPT + CPU_DECODE + 1) as model:
                 rate, _ = decode_speed(model, prompt, CPU_DECODE)
@@ -414,24 +423,30 @@ def bench_full(size: str, workdir: Path, timings: dict) -> list[Row]:
                                 f"{rate:.1f} tok/s"))
     finally:
         path.unlink(missing_ok=True)
-    return rows
 
 
 # --- running the parts and the table -----------------------------------------------------------------------------------
 def run_part(part: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run a part in this process (the child's side): {"rows", "timings", "device"}."""
-    result: dict = {"rows": [], "timings": {}}
+    """Run a part in this process (the child's side): {"rows", "timings", "device", "device_bytes"}. The rows made
+    before a failure stay, and the failure becomes an ERROR row (its traceback goes to stderr)."""
+    rows: list[Row] = []
+    result: dict = {"timings": {}}
     try:
-        description, memory = device_description(args.simulate)
-        result["device"], result["device_bytes"] = description, memory
+        result["device"], result["device_bytes"] = device_description(args.simulate)
         if part == "tiny":
-            result["rows"] = check_tiny(SIMULATED if args.simulate else FULL, workdir)
+            check_tiny(SIMULATED if args.simulate else FULL, workdir, rows)
         else:
-            result["rows"] = bench_full(part, workdir, result["timings"])
+            bench_full(part, workdir, rows, result["timings"])
     except Exception as e:  # noqa: BLE001 - reported in the table by the parent
-        result["rows"].append(Row(part, "part stopped", f"{type(e).__name__}: {e}", result="ERROR"))
-    result["rows"] = [dataclasses.asdict(r) for r in result["rows"]]
+        traceback.print_exc()
+        rows.append(Row(part, "part stopped", _error(e), result="ERROR"))
+    result["rows"] = [dataclasses.asdict(r) for r in rows]
     return result
+
+
+def _error(e: Exception) -> str:
+    """An exception as a table cell: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
 
 
 def run_child(part: str, args: argparse.Namespace) -> dict:
@@ -478,10 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=["tiny", "20b", "120b"], help=argparse.SUPPRESS)  # a child's part
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)  # where a child writes its result
     args = ap.parse_args(argv)
-    if args.simulate:
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba.cuda; children inherit it
-
     if args.part:
+        # Before anything imports numba.cuda. Set both ways, so a value left in the environment (the tests set it)
+        # cannot put a GPU run on the simulator.
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1" if args.simulate else "0"
         args.result.write_text(json.dumps(run_part(args.part, args, args.workdir)))
         return 0
 
