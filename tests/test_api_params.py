@@ -132,6 +132,8 @@ LOAD = [
     (dict(kv_type=None), "kv_type must be one of f16, q8_0, f32, got None"),
     (dict(kv_type=["f16"]), "kv_type must be one of f16, q8_0, f32, got ['f16']"),
     (dict(kv_type="q4_0"), "kv_type must be one of f16, q8_0, f32, got 'q4_0'"),
+    (dict(device="gpu"), "device must be one of auto, cpu, cuda, got 'gpu'"),
+    (dict(device=None), "device must be one of auto, cpu, cuda, got None"),
 ]
 
 
@@ -141,6 +143,11 @@ def test_load_parameters(tiny_gguf, kwargs, message):
     with pytest.raises(ParameterError) as e:
         ossrt.load(kwargs.pop("path"), **kwargs)
     assert str(e.value).startswith(message)
+
+
+def test_auto_device_is_the_cpu_without_a_gpu(tiny_gguf):
+    with ossrt.load(tiny_gguf(), context_length=32) as m, ossrt.load(tiny_gguf(), device="cpu") as cpu:
+        assert m.device == cpu.device == "cpu" and m.threads == cpu.threads >= 1
 
 
 def test_load_takes_paths_and_numpy_integers(tiny_gguf):

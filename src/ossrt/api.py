@@ -9,11 +9,12 @@ import numba
 import numpy as np
 
 from .chat import ChatResponse, ChatSession, ChatStream
+from .engine.cpu import CpuOps
 from .engine.engine import Engine, as_token_ids
 from .engine.generate import Generation, check_max_tokens
 from .engine.model import Transformer
 from .engine.sampling import Sampler, is_integer
-from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, KV_TYPES
+from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_DEVICE, DEFAULT_KV_TYPE, DEVICES, KV_TYPES
 from .errors import ParameterError
 from .format.config import ModelConfig
 from .format.modelfile import ModelFile
@@ -27,8 +28,8 @@ class Model:
     KV cache, so concurrent calls interleave without touching each other's state."""
 
     def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None,
-                 kv_type: str = DEFAULT_KV_TYPE):
-        check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
+                 kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE):
+        check_load_params(context_length=context_length, threads=threads, kv_type=kv_type, device=device)
         cfg = model_file.config
         if context_length is None:
             context_length = min(DEFAULT_CONTEXT_LENGTH, cfg.n_ctx_train)
@@ -39,7 +40,9 @@ class Model:
             raise ParameterError(f"kv_type q8_0 needs a head dimension that is a multiple of 32, this model's is "
                                  f"{cfg.head_dim}")
         self.model_file = model_file
-        self.engine = Engine(Transformer(model_file, threads), lambda: Tokenizer.from_model_file(model_file),
+        self.device = "cuda" if device == "cuda" or device == "auto" and _cuda_available() else "cpu"
+        ops = CpuOps(threads) if self.device == "cpu" else _cuda_ops()
+        self.engine = Engine(Transformer(model_file, ops), lambda: Tokenizer.from_model_file(model_file),
                              context_length=int(context_length), kv_type=kv_type)
         self._session = ChatSession(self.engine)
 
@@ -56,8 +59,9 @@ class Model:
         return self.engine.kv_type
 
     @property
-    def threads(self) -> int:
-        return self.engine.transformer.threads
+    def threads(self) -> int | None:
+        """The CPU threads the kernels use (None on a CUDA device)."""
+        return getattr(self.engine.transformer.ops, "threads", None)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -116,21 +120,23 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
-         kv_type: str = DEFAULT_KV_TYPE) -> Model:
+         kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE) -> Model:
     """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
     cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact). The thread count
-    applies to every forward pass, in whichever thread runs it. Bad arguments raise ParameterError naming the
-    first one, before the file is opened (the context length's upper bound, the model's, once it is)."""
+    applies to every forward pass on the CPU, in whichever thread runs it. `device` is "cpu", "cuda" (an NVIDIA GPU
+    through CuPy: the `cuda12`/`cuda13` extras; DeviceError says what is missing) or "auto" (CUDA when CuPy finds a
+    device, else the CPU). Bad arguments raise ParameterError naming the first one, before the file is opened (the
+    context length's upper bound, the model's, once it is)."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise ParameterError(f"path must be a str or a path-like object naming a model, got {path!r:.80}")
-    check_load_params(context_length=context_length, threads=threads, kv_type=kv_type)
+    check_load_params(context_length=context_length, threads=threads, kv_type=kv_type, device=device)
     return Model(ModelFile.open(resolve_model(path)), context_length=context_length, threads=threads,
-                 kv_type=kv_type)
+                 kv_type=kv_type, device=device)
 
 
-def check_load_params(*, context_length: int | None, threads: int | None, kv_type: str) -> None:
+def check_load_params(*, context_length: int | None, threads: int | None, kv_type: str, device: str) -> None:
     """ParameterError naming the first of `load`'s options with a wrong type or value (the context length's upper
     bound, the model's training context, is checked once the file is open)."""
     if context_length is not None and (not is_integer(context_length) or context_length < 1):
@@ -141,3 +147,17 @@ def check_load_params(*, context_length: int | None, threads: int | None, kv_typ
                              f"got {threads!r:.80}")
     if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
         raise ParameterError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r:.80}")
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r:.80}")
+
+
+def _cuda_available() -> bool:
+    from .engine import cuda  # imports neither CuPy nor numba.cuda until asked
+
+    return cuda.available()
+
+
+def _cuda_ops():
+    from .engine.cuda import CudaOps
+
+    return CudaOps()

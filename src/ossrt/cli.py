@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_KV_TYPE, DEFAULT_MODEL, KV_TYPES
+from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_DEVICE, DEFAULT_KV_TYPE, DEFAULT_MODEL, DEVICES, KV_TYPES
 from .errors import OssrtError, ParameterError
 from .harmony import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS
 
@@ -76,6 +76,8 @@ def info(file: Path, context: int | None, device: str) -> None:
 
 _EFFORTS = click.Choice(REASONING_EFFORTS)
 _KV_TYPES = click.Choice(KV_TYPES)
+_DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
+                       help="cuda: an NVIDIA GPU (the cuda12/cuda13 extras); auto: CUDA when CuPy finds a device")
 
 
 def _model_options(fn):
@@ -94,6 +96,7 @@ def _model_options(fn):
         click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]"),
         click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True,
                      help="KV cache precision"),
+        _DEVICE,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -110,7 +113,7 @@ def _model_options(fn):
 @click.option("--raw", is_flag=True, help="no chat format: continue PROMPT as plain text")
 @expected_errors
 def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
-             top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str,
+             top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str,
              show_reasoning: bool, as_json: bool, raw: bool) -> None:
     """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
     import dataclasses
@@ -121,7 +124,7 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
 
     if prompt == "-":
         prompt = _read_stdin()
-    m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type)
+    m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
     if raw:
         ids = m.tokenizer.encode(prompt)
         if not ids:
@@ -173,13 +176,13 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
 @click.option("--verbose", is_flag=True, help="tokens and tokens/s after each answer")
 @expected_errors
 def run(model: str | None, system: str | None, effort: str, max_tokens: int | None, temp: float, top_p: float,
-        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, hide_reasoning: bool,
+        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, hide_reasoning: bool,
         verbose: bool) -> None:
     """Chat with MODEL [default: gpt-oss-20b]. Piped input is answered once; /help lists the commands."""
     import ossrt
     from ossrt.repl import Repl
 
-    m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type)
+    m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
     repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
                 verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
                 max_tokens=max_tokens)
@@ -245,9 +248,10 @@ def _save_history(readline, history: Path) -> None:
               help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
 @click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
+@_DEVICE
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
-          queue: int, ctx: int | None, threads: int | None, kv_type: str) -> None:
+          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
         from .server.serve import listen, model_names, serve as run_server
@@ -261,7 +265,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     path = resolve_model(spec)
     model_id, aliases = model_names(spec, path)
     sock = listen(host, port)  # before loading: a taken port fails at once
-    m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type)
+    m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     shown = f"[{host}]" if ":" in host else host
