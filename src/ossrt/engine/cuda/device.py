@@ -1,0 +1,183 @@
+"""Where the CUDA backend's arrays live and how its kernels are launched: the one place that knows whether a real GPU
+or numba's CUDA simulator runs them.
+
+On a GPU, device arrays are CuPy arrays (numba.cuda kernels take them through `__cuda_array_interface__`). Under the
+simulator (`NUMBA_ENABLE_CUDASIM=1`, set by the tests before numba.cuda is imported) NumPy stands in for CuPy and
+every CUDA thread is a Python thread, so launches are tiny there. CuPy is imported only when it is first needed on a
+GPU, so importing this module never needs CUDA.
+
+Three device primitives differ between the two: the warp shuffle (the simulator has none), the bit cast from int32
+to float32 (libdevice, which the simulator lacks) and a small lookup table copied to shared memory (the simulator's
+shared arrays are not safe to create from several threads at once). Everything else runs the same code in both.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from numba import cuda, float32
+from numba.cuda.core import config as _cuda_config
+
+SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
+
+WARP = 32
+FULL_MASK = 0xFFFFFFFF  # every lane of the warp takes part in a shuffle
+GPU_THREADS = 128  # threads per block on a GPU: 4 warps, small enough for several resident blocks per SM
+GPU_BLOCKS_PER_SM = 16  # 16 blocks x 128 threads = 2048, the resident-thread limit of an SM since Volta
+SIM_THREADS = 32  # one warp: the simulator runs a Python thread per CUDA thread (~1 ms each)
+MAX_SIM_THREADS = 1024  # the largest block the simulated shuffle exchange can serve
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A launch configuration. `group` lanes (a power of two up to a warp) work on one item - a weight row, a
+    (query, head) pair - and combine their partial results with shuffles; `threads // group` items run per block,
+    and every kernel strides over its items, so any positive sizes give the same result."""
+
+    blocks: int
+    threads: int
+    group: int
+
+    def __post_init__(self):
+        if self.blocks < 1 or self.threads < 1 or self.threads % WARP or self.threads > MAX_SIM_THREADS:
+            raise ValueError(f"a launch needs blocks >= 1 and whole warps of threads (at most {MAX_SIM_THREADS}), "
+                             f"got {self.blocks} x {self.threads}")
+        if self.group not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"a lane group is a power of two up to {WARP}, got {self.group}")
+
+    @property
+    def items_per_block(self) -> int:
+        return self.threads // self.group
+
+
+@cache
+def _sm_count() -> int:
+    return _array_module().cuda.Device().attributes["MultiProcessorCount"]
+
+
+def launch(items: int, group: int = 1) -> Launch:
+    """The launch for `items` work items of `group` lanes each. GPU: blocks of 128 threads, as many as needed up to
+    what the device holds resident at once (the kernels' stride loops do the rest). Simulator: one warp, one lane
+    per item, so no shuffles and no barriers are simulated (tests choose other launches explicitly)."""
+    if SIMULATOR:
+        return Launch(1, SIM_THREADS, 1)
+    per_block = GPU_THREADS // group
+    blocks = min(max(1, -(-items // per_block)), _sm_count() * GPU_BLOCKS_PER_SM)
+    return Launch(blocks, GPU_THREADS, group)
+
+
+# --- arrays ---------------------------------------------------------------------------------------------------------
+@cache
+def _array_module():
+    if SIMULATOR:
+        return np
+    import cupy
+
+    return cupy
+
+
+def __getattr__(name: str):
+    """`xp`, the array module of device arrays: CuPy on a GPU, NumPy under the simulator (imported on first use)."""
+    if name == "xp":
+        return _array_module()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def to_device(a, dtype=None):
+    """A host (or device) array as a contiguous device array."""
+    return _array_module().ascontiguousarray(_array_module().asarray(a, dtype=dtype))
+
+
+def to_host(a) -> np.ndarray:
+    """A device array as a NumPy array (a copy on a GPU)."""
+    return np.asarray(a) if SIMULATOR else _array_module().asnumpy(a)
+
+
+def zeros(shape, dtype=np.float32):
+    return _array_module().zeros(shape, dtype=dtype)
+
+
+def empty(shape, dtype=np.float32):
+    return _array_module().empty(shape, dtype=dtype)
+
+
+def is_device_array(a) -> bool:
+    """Whether `a` is an array of the device's kind (under the simulator every NumPy array is)."""
+    return isinstance(a, np.ndarray) if SIMULATOR else hasattr(a, "__cuda_array_interface__")
+
+
+@cache
+def zero_index():
+    """A device int32 [1] holding 0: the default `start_ref` of kernels whose start position may come from device
+    memory (the decode step of a CUDA graph reads its position there)."""
+    return zeros(1, np.int32)
+
+
+@contextmanager
+def fast_barriers():
+    """Under the simulator, a short GIL switch interval: a simulated barrier waits on Python threads that each need
+    the GIL, ~18 ms per barrier at the default 5 ms interval, ~1 ms at 0.1 ms. A no-op on a GPU."""
+    if not SIMULATOR:
+        yield
+        return
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+# --- device primitives ----------------------------------------------------------------------------------------------
+TABLE_SIZE = 16  # entries of a `block_table` (the E2M1 values)
+
+if SIMULATOR:
+    _first_use = threading.Lock()  # the simulator creates a shared array on its first use, unguarded
+
+    @cuda.jit(device=True)
+    def shfl_xor(value, lane_mask):
+        """The float32 of lane `lane ^ lane_mask`, exchanged through shared memory between two barriers: the block
+        (not just the warp) must call it together, which the kernels' block-uniform loops guarantee."""
+        with _first_use:
+            lanes = cuda.shared.array(MAX_SIM_THREADS, float32)
+        lane = cuda.threadIdx.x
+        lanes[lane] = value
+        cuda.syncthreads()
+        other = lanes[lane ^ lane_mask]
+        cuda.syncthreads()
+        return other
+
+    @cuda.jit(device=True)
+    def bits_to_float(bits):
+        """The float32 whose bit pattern is the int32 `bits`."""
+        return np.int32(bits).view(np.float32)
+
+    @cuda.jit(device=True)
+    def block_table(values):
+        return values
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_xor(value, lane_mask):
+        return cuda.shfl_xor_sync(FULL_MASK, value, lane_mask)
+
+    @cuda.jit(device=True, inline=True)
+    def bits_to_float(bits):
+        return libdevice.int_as_float(bits)
+
+    @cuda.jit(device=True)
+    def block_table(values):
+        """The float32 table `values` (a global constant array of TABLE_SIZE) copied to shared memory by the block's
+        first threads: lanes index it with different entries at once, which constant memory would serialize and
+        shared memory serves in one pass. Every thread of the block must call it (a barrier)."""
+        table = cuda.shared.array(TABLE_SIZE, float32)
+        if cuda.threadIdx.x < TABLE_SIZE:
+            table[cuda.threadIdx.x] = values[cuda.threadIdx.x]
+        cuda.syncthreads()
+        return table
