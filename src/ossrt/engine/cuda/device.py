@@ -6,9 +6,8 @@ simulator (`NUMBA_ENABLE_CUDASIM=1`, set by the tests before numba.cuda is impor
 every CUDA thread is a Python thread, so launches are tiny there. CuPy is imported only when it is first needed on a
 GPU, so importing this module never needs CUDA.
 
-Three device primitives differ between the two: the warp shuffle (the simulator has none), the bit cast from int32
-to float32 (libdevice, which the simulator lacks) and a small lookup table copied to shared memory (the simulator's
-shared arrays are not safe to create from several threads at once). Everything else runs the same code in both.
+Two device primitives differ between the two: the warp shuffle (the simulator has none) and the bit cast from int32
+to float32 (libdevice, which the simulator lacks). Everything else runs the same code in both.
 """
 
 from __future__ import annotations
@@ -134,8 +133,6 @@ def fast_barriers():
 
 
 # --- device primitives ----------------------------------------------------------------------------------------------
-TABLE_SIZE = 16  # entries of a `block_table` (the E2M1 values)
-
 if SIMULATOR:
     _first_use = threading.Lock()  # the simulator creates a shared array on its first use, unguarded
 
@@ -156,10 +153,6 @@ if SIMULATOR:
     def bits_to_float(bits):
         """The float32 whose bit pattern is the int32 `bits`."""
         return np.int32(bits).view(np.float32)
-
-    @cuda.jit(device=True)
-    def block_table(values):
-        return values
 else:
     from numba.cuda import libdevice
 
@@ -170,14 +163,3 @@ else:
     @cuda.jit(device=True, inline=True)
     def bits_to_float(bits):
         return libdevice.int_as_float(bits)
-
-    @cuda.jit(device=True)
-    def block_table(values):
-        """The float32 table `values` (a global constant array of TABLE_SIZE) copied to shared memory by the block's
-        first threads: lanes index it with different entries at once, which constant memory would serialize and
-        shared memory serves in one pass. Every thread of the block must call it (a barrier)."""
-        table = cuda.shared.array(TABLE_SIZE, float32)
-        if cuda.threadIdx.x < TABLE_SIZE:
-            table[cuda.threadIdx.x] = values[cuda.threadIdx.x]
-        cuda.syncthreads()
-        return table

@@ -34,7 +34,7 @@ from numba import cuda, float32, float64, int32
 
 from ...format import mxfp4
 from . import device
-from .device import Launch, bits_to_float, block_table, shfl_xor
+from .device import Launch, bits_to_float, shfl_xor
 
 MXFP4_BLOCK_SIZE, MXFP4_BLOCK_BYTES = mxfp4.BLOCK_VALUES, mxfp4.BLOCK_BYTES  # 32 values: e8m0 scale + 16 bytes
 Q8_0_BLOCK_SIZE, Q8_0_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLType.Q8_0]  # 32 values: f16 scale + 32 int8
@@ -42,7 +42,6 @@ Q8_0_HALVES = Q8_0_BLOCK_BYTES // 2  # a Q8_0 block in 16-bit words: its scale i
 MXFP4_LANE_BYTES = 4  # code bytes a lane takes from an MXFP4 block (8 values): 4 lanes cover its 16 bytes
 Q8_0_LANE_VALUES = 8  # int8 values a lane takes from a Q8_0 block: 4 lanes cover its 32
 MAX_ACC = 64  # head dimensions one lane of attention accumulates (head_dim <= MAX_ACC * group)
-_KVALUES = mxfp4.KVALUES.astype(np.float32)  # E2M1 doubled, paired with the halved scale 2^(e-128) (spec §3.3)
 DENSE_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 WEIGHT_TYPES = DENSE_TYPES + (GGMLType.Q8_0, GGMLType.MXFP4)
 NAN = float32(np.nan)
@@ -92,7 +91,7 @@ def _swiglu(g, u, alpha, limit):
 
 
 # One weight value, element i of row r, per stored type. `halves` is Q8_0's data seen as float16 (the scales),
-# `table` the E2M1 values in shared memory (MXFP4); the other types ignore them.
+# `table` the E2M1 values (MXFP4, `_e2m1_table`); the other types ignore them.
 @cuda.jit(device=True)
 def _value_mxfp4(w, halves, table, r, i):
     block = (i // MXFP4_BLOCK_SIZE) * MXFP4_BLOCK_BYTES
@@ -182,10 +181,9 @@ def _cache_value(cache, scales, g, slot, i):
 # --- weights: dequantization, matrix-vector products ----------------------------------------------------------------
 def _make_dequantize(value):
     @cuda.jit
-    def dequantize_rows(w, halves, rows, row_offset, out):
+    def dequantize_rows(w, halves, table, rows, row_offset, out):
         """out[o] = row rows[o] of w (row_offset + o if rows is empty), one value per thread so the stores are
         coalesced; NaN for a row index outside w."""
-        table = block_table(_KVALUES)
         n = out.shape[1]
         n_rows = w.shape[0]
         for idx in range(cuda.grid(1), out.shape[0] * n, cuda.gridsize(1)):
@@ -199,9 +197,8 @@ def _make_dequantize(value):
 
 def _make_matvec(dot):
     @cuda.jit
-    def matvec(w, halves, x, bias, accumulate, out, group):
+    def matvec(w, halves, table, x, bias, accumulate, out, group):
         """out[r] = (out[r] if accumulate) + w[r]·x (+ bias[r] if bias is not empty): a group of lanes per row."""
-        table = block_table(_KVALUES)
         lane, slot, per_block = _lanes(group)
         n_rows = out.shape[0]
         for base in range(cuda.blockIdx.x * per_block, n_rows, cuda.gridDim.x * per_block):
@@ -283,6 +280,14 @@ def _index_array(name: str, a, bound: int):
 
 
 @cache
+def _e2m1_table():
+    """MXFP4's E2M1 values, doubled to pair with the halved scale 2^(e-128) (ggml's kvalues, spec §3.3), as a device
+    array: a warp's lookups fall in one 64-byte line, one L1 transaction (a constant-memory table would serialize
+    lanes that read different entries)."""
+    return device.to_device(mxfp4.KVALUES, np.float32)
+
+
+@cache
 def _empty(dtype=np.float32, shape=(0,)):
     """An empty device array: the 'none' of an optional array argument (bias, rows, scales)."""
     return device.zeros(shape, dtype)
@@ -305,7 +310,7 @@ def dequantize(w, *, rows=None, first_row: int = 0, n_rows: int | None = None, d
         rows = _empty(np.int64)
     out = _check_out(out, (n_out, w.shape[-1]), (np.dtype(dtype),))
     cfg = launch or device.launch(out.size)
-    _DEQUANTIZE[w.type][cfg.blocks, cfg.threads](data, halves, rows, first_row, out)
+    _DEQUANTIZE[w.type][cfg.blocks, cfg.threads](data, halves, _e2m1_table(), rows, first_row, out)
     return out
 
 
@@ -330,15 +335,14 @@ def matvec(w, x, *, bias=None, out=None, accumulate: bool = False, launch: Launc
         raise ValueError("accumulate needs out")
     out = _check_out(out, (n_out,))
     cfg = launch or device.launch(n_out, device.WARP)
-    _MATVEC[w.type][cfg.blocks, cfg.threads](data, halves, x, bias, accumulate, out, cfg.group)
+    _MATVEC[w.type][cfg.blocks, cfg.threads](data, halves, _e2m1_table(), x, bias, accumulate, out, cfg.group)
     return out
 
 
 # --- mixture of experts, one token ----------------------------------------------------------------------------------
 @cuda.jit
-def _moe_gate_up(gate, up, gate_b, up_b, x, ids, alpha, limit, act, group):
+def _moe_gate_up(gate, up, table, gate_b, up_b, x, ids, alpha, limit, act, group):
     """act[a, r] = swiglu(gate[e]·x + gate_b[e], up[e]·x + up_b[e]) at row r, e = ids[a]: a group per (a, r)."""
-    table = block_table(_KVALUES)
     lane, slot, per_block = _lanes(group)
     k, n_ff = act.shape
     n_expert = gate.shape[0]
@@ -358,10 +362,9 @@ def _moe_gate_up(gate, up, gate_b, up_b, x, ids, alpha, limit, act, group):
 
 
 @cuda.jit
-def _moe_down(down, down_b, act, ids, weights, accumulate, out, group):
+def _moe_down(down, table, down_b, act, ids, weights, accumulate, out, group):
     """out[r] = (out[r] if accumulate) + Σ_a weights[a] · (down[ids[a]][r]·act[a] + down_b[ids[a], r]): the k
     experts' rows of one output summed in registers, one reduction per row."""
-    table = block_table(_KVALUES)
     lane, slot, per_block = _lanes(group)
     n_embd = out.shape[0]
     k = act.shape[0]
@@ -413,10 +416,11 @@ def moe_decode(gate, up, down, gate_b, up_b, down_b, x, ids, weights, *, alpha: 
     out = _check_out(out, (H,))
     scratch = _check_out(scratch, (k, I))
     cfg = launch or device.launch(k * I, device.WARP)
-    _moe_gate_up[cfg.blocks, cfg.threads](gate_d, up_d, gate_b, up_b, x, ids, float32(alpha), float32(limit),
-                                          scratch, cfg.group)
+    _moe_gate_up[cfg.blocks, cfg.threads](gate_d, up_d, _e2m1_table(), gate_b, up_b, x, ids, float32(alpha),
+                                          float32(limit), scratch, cfg.group)
     cfg = launch or device.launch(H, device.WARP)
-    _moe_down[cfg.blocks, cfg.threads](down_d, down_b, scratch, ids, weights, accumulate, out, cfg.group)
+    _moe_down[cfg.blocks, cfg.threads](down_d, _e2m1_table(), down_b, scratch, ids, weights, accumulate, out,
+                                       cfg.group)
     return out
 
 
