@@ -52,18 +52,17 @@ class CpuOps:
     def rms_norm(self, x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
         return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
 
-    def rope_tables(self, positions: np.ndarray, inv_freq: np.ndarray,
-                    concentration: float) -> tuple[np.ndarray, np.ndarray]:
+    def rotation(self, positions: np.ndarray, inv_freq: np.ndarray,
+                 concentration: float) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin [T, d/2] of the positions' angles (float64, then float32), times the concentration."""
         angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
         return ((np.cos(angles) * concentration).astype(np.float32),
                 (np.sin(angles) * concentration).astype(np.float32))
 
-    def rope(self, v: np.ndarray, tables: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        half = v.shape[-1] // 2
-        a, b = v[..., :half], v[..., half:]
-        c, s = tables[0][:, None], tables[1][:, None]
-        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    def rope(self, q: np.ndarray, k: np.ndarray,
+             rotation: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = rotation[0][:, None], rotation[1][:, None]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def router(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
@@ -84,3 +83,10 @@ class CpuOps:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+
+def _rotate(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Half-split rotation of v [T, heads, d] by cos/sin [T, 1, d/2]."""
+    half = v.shape[-1] // 2
+    a, b = v[..., :half], v[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)

@@ -53,12 +53,13 @@ class Ops(Protocol):
     def rms_norm(self, x: Any, gain: Any, eps: float) -> Any:
         """Spec §2.1: the gain used as stored (no +1)."""
 
-    def rope_tables(self, positions: Any, inv_freq: Any, concentration: float) -> Any:
-        """The rotation of `positions` for `rope` (spec §2.3: angles in float64, cos and sin times the
+    def rotation(self, positions: Any, inv_freq: Any, concentration: float) -> Any:
+        """What `rope` needs to rotate vectors at `positions` (spec §2.3: angles in float64, cos and sin times the
         concentration)."""
 
-    def rope(self, v: Any, tables: Any) -> Any:
-        """Half-split rotation (spec §2.3) of v [T, heads, d]."""
+    def rope(self, q: Any, k: Any, rotation: Any) -> tuple[Any, Any]:
+        """Half-split rotation (spec §2.3) of q [T, n_head, d] and k [T, n_head_kv, d] (a backend may rotate them
+        in place)."""
 
     def router(self, logits: Any, k: int) -> tuple[Any, Any]:
         """Spec §2.5: per row the ids of the k largest logits and the softmax over just those."""
@@ -159,12 +160,12 @@ class Transformer:
         """The residual stream [T, n_embd] after the last block, for `tokens` at `positions`, which are stored in
         the cache's layers on the way."""
         ops, eps = self.ops, self.config.rms_norm_eps
-        rope = ops.rope_tables(positions, self.inv_freq, self.concentration)
+        rotation = ops.rotation(positions, self.inv_freq, self.concentration)
         x = ops.embed(self.token_embd, tokens)
         for w, kv in zip(self.layers, cache.layers):
             if should_stop is not None and should_stop():
                 raise Cancelled
-            x = x + self._attention(w, ops.rms_norm(x, w["attn_norm.weight"].data, eps), rope, kv, positions)
+            x = x + self._attention(w, ops.rms_norm(x, w["attn_norm.weight"].data, eps), rotation, kv, positions)
             x = x + self._moe(w, ops.rms_norm(x, w["post_attention_norm.weight"].data, eps))
         return x
 
@@ -172,7 +173,7 @@ class Transformer:
         """x @ W.T + b for the layer's `name.weight` and `name.bias`."""
         return self.ops.linear(w[name + ".weight"], x, w[name + ".bias"].data)
 
-    def _attention(self, w: dict, h, rope, kv, positions):
+    def _attention(self, w: dict, h, rotation, kv, positions):
         """Spec §2.2-2.4: q/k/v projections, RoPE on q and k, attention with sinks over the cache, output
         projection."""
         cfg, ops = self.config, self.ops
@@ -180,7 +181,7 @@ class Transformer:
         q = self._linear(w, "attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
         k = self._linear(w, "attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
         v = self._linear(w, "attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        q, k = ops.rope(q, rope), ops.rope(k, rope)
+        q, k = ops.rope(q, k, rotation)
         # Stored first, then attended over: the new positions see their own keys as the cache holds them, the same
         # values later queries will see.
         ops.store(kv, positions, k, v)
