@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before anything imports numba.cuda
 
+import contextlib
 import json
 import sys
 import types
@@ -18,6 +19,7 @@ from ossrt.engine import cuda
 from ossrt.engine.cpu import CpuOps
 from ossrt.engine.cuda import CudaOps
 from ossrt.engine.cuda import device as cuda_device
+from ossrt.engine.cuda.graph import DecodeStep
 from ossrt.engine.engine import Engine
 from ossrt.engine.generate import Generation
 from ossrt.engine.model import Cancelled, Transformer
@@ -211,3 +213,76 @@ def test_without_numba_cuda_the_backend_is_missing(monkeypatch):
 def test_the_simulator_is_not_a_device():
     """`available()` drives device="auto": the simulator (tests) never counts as a GPU."""
     assert cuda_device.SIMULATOR and cuda.available() is False
+
+
+# --- the decode step's recording, with CuPy's graph API faked (a GPU is needed to replay a real graph) ---------------
+class FakeStream:
+    def __init__(self):
+        self.capturing, self.launches = False, 0
+
+    def begin_capture(self):
+        assert not self.capturing
+        self.capturing = True
+
+    def end_capture(self):
+        assert self.capturing
+        self.capturing = False
+        return types.SimpleNamespace(launch=self.launch)
+
+    def launch(self, stream):
+        assert stream is self
+        self.launches += 1
+
+
+def fake_graph_cupy(stream: FakeStream):
+    pools = []
+
+    class MemoryPool:
+        def __init__(self):
+            pools.append(self)
+
+        def malloc(self, nbytes):
+            raise AssertionError("not called: the fake step allocates nothing")
+
+    @contextlib.contextmanager
+    def using_allocator(malloc):
+        assert malloc.__self__ is pools[-1]
+        yield
+
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(
+        get_current_stream=lambda: stream, MemoryPool=MemoryPool, using_allocator=using_allocator))
+
+
+def test_decode_step_runs_eagerly_then_records_then_replays(monkeypatch):
+    """The first step of a cache runs eagerly (kernels compile, cached arrays are made outside the graph's pool),
+    the second is captured and launched, later ones are only launched, from the inputs written to the buffers."""
+    stream, calls = FakeStream(), []
+
+    def blocks(tokens, positions, cache, should_stop):
+        calls.append((int(tokens[0]), int(positions[0]), stream.capturing))
+        return f"output of call {len(calls)}"
+
+    step = DecodeStep(blocks, cache=None)
+    monkeypatch.setattr(cuda_device, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_device, "xp", fake_graph_cupy(stream), raising=False)
+    assert step(5, 0) == "output of call 1" and calls == [(5, 0, False)] and stream.launches == 0
+    assert step(6, 1) == "output of call 2" and calls[1:] == [(6, 1, True)] and stream.launches == 1
+    assert step(7, 2) == "output of call 2" and len(calls) == 2 and stream.launches == 2
+    assert (step.tokens.tolist(), step.positions.tolist()) == ([7], [2])
+
+
+def test_a_step_that_fails_while_recorded_ends_the_capture(monkeypatch):
+    stream = FakeStream()
+
+    def blocks(tokens, positions, cache, should_stop):
+        if stream.capturing:
+            raise ValueError("a kernel's check failed")
+        return "eager"
+
+    step = DecodeStep(blocks, cache=None)
+    monkeypatch.setattr(cuda_device, "SIMULATOR", False)
+    monkeypatch.setattr(cuda_device, "xp", fake_graph_cupy(stream), raising=False)
+    assert step(1, 0) == "eager"
+    with pytest.raises(ValueError, match="check failed"):
+        step(2, 1)
+    assert not stream.capturing and stream.launches == 0

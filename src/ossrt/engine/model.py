@@ -148,9 +148,7 @@ class Transformer:
                     x = ops.step(self._blocks, piece, cache.length, cache, should_stop)
                     cache.length += len(piece)
                     if all_logits or i + cache.chunk >= len(tokens):
-                        x = x if all_logits else x[-1:]
-                        logits.append(ops.to_host(ops.linear(self.output, ops.rms_norm(x, self.output_norm,
-                                                                                         cfg.rms_norm_eps))))
+                        logits.append(self._logits(x if all_logits else x[-1:]))
             except BaseException:
                 cache.length = 0
                 raise
@@ -168,6 +166,11 @@ class Transformer:
             x = x + self._attention(w, ops.rms_norm(x, w["attn_norm.weight"].data, eps), rotation, kv, positions)
             x = x + self._moe(w, ops.rms_norm(x, w["post_attention_norm.weight"].data, eps))
         return x
+
+    def _logits(self, x) -> np.ndarray:
+        """Spec §2.7: the unembedding of the final norm of x [T, n_embd], as NumPy."""
+        ops = self.ops
+        return ops.to_host(ops.linear(self.output, ops.rms_norm(x, self.output_norm, self.config.rms_norm_eps)))
 
     def _linear(self, w: dict, name: str, x):
         """x @ W.T + b for the layer's `name.weight` and `name.bias`."""

@@ -31,7 +31,7 @@ class DecodeStep:
         self._cache = cache
         self.tokens = device.zeros(1, np.int32)
         self.positions = device.zeros(1, np.int32)
-        self._eager_runs = 0
+        self._warmed_up = False  # the first step has run eagerly
         self._graph = None
         self._output = None
         self._pool = None
@@ -39,8 +39,8 @@ class DecodeStep:
     def __call__(self, token: int, position: int):
         self.tokens[0] = token
         self.positions[0] = position
-        if device.SIMULATOR or self._eager_runs == 0:
-            self._eager_runs += 1
+        if device.SIMULATOR or not self._warmed_up:
+            self._warmed_up = True
             return self._blocks(self.tokens, self.positions, self._cache, None)
         cupy = device.xp
         stream = cupy.cuda.get_current_stream()
