@@ -29,7 +29,7 @@ FULL_MASK = 0xFFFFFFFF  # every lane of the warp takes part in a shuffle
 GPU_THREADS = 128  # threads per block on a GPU: 4 warps, small enough for several resident blocks per SM
 GPU_BLOCKS_PER_SM = 16  # 16 blocks x 128 threads = 2048, the resident-thread limit of an SM since Volta
 SIM_THREADS = 32  # one warp: the simulator runs a Python thread per CUDA thread (~1 ms each)
-MAX_SIM_THREADS = 1024  # the largest block the simulated shuffle exchange can serve
+MAX_THREADS = 1024  # CUDA's largest block, and the size of the simulated shuffle exchange
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class Launch:
     group: int
 
     def __post_init__(self):
-        if self.blocks < 1 or self.threads < 1 or self.threads % WARP or self.threads > MAX_SIM_THREADS:
-            raise ValueError(f"a launch needs blocks >= 1 and whole warps of threads (at most {MAX_SIM_THREADS}), "
+        if self.blocks < 1 or self.threads < 1 or self.threads % WARP or self.threads > MAX_THREADS:
+            raise ValueError(f"a launch needs blocks >= 1 and whole warps of threads (at most {MAX_THREADS}), "
                              f"got {self.blocks} x {self.threads}")
         if self.group not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"a lane group is a power of two up to {WARP}, got {self.group}")
@@ -141,7 +141,7 @@ if SIMULATOR:
         """The float32 of lane `lane ^ lane_mask`, exchanged through shared memory between two barriers: the block
         (not just the warp) must call it together, which the kernels' block-uniform loops guarantee."""
         with _first_use:
-            lanes = cuda.shared.array(MAX_SIM_THREADS, float32)
+            lanes = cuda.shared.array(MAX_THREADS, float32)
         lane = cuda.threadIdx.x
         lanes[lane] = value
         cuda.syncthreads()

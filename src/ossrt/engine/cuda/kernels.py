@@ -569,23 +569,6 @@ def router(logits, k: int, *, ids=None, weights=None, launch: Launch | None = No
 
 
 # --- KV cache -------------------------------------------------------------------------------------------------------
-@cuda.jit
-def _store_float(k, v, start, start_ref, keys, values):
-    """keys/values[g, p % capacity] = k/v[t, g] for p = start + start_ref[0] + t, converted to the cache's float
-    type (float16: round to nearest even, as NumPy's astype)."""
-    T, n_kv, d = k.shape
-    capacity = keys.shape[1]
-    first = start + start_ref[0]
-    for idx in range(cuda.grid(1), T * n_kv * d, cuda.gridsize(1)):
-        t = idx // (n_kv * d)
-        g = (idx // d) % n_kv
-        i = idx % d
-        if first + t >= 0:
-            slot = (first + t) % capacity
-            keys[g, slot, i] = k[t, g, i]
-            values[g, slot, i] = v[t, g, i]
-
-
 @cuda.jit(device=True)
 def _quantize_q8_0(src, t, g, b, dst, scales, slot):
     """One block of 32 values to int8 and a float32 scale, llama.cpp's rule as kv_cache.quantize_q8_0: scale
@@ -603,20 +586,27 @@ def _quantize_q8_0(src, t, g, b, dst, scales, slot):
 
 
 @cuda.jit
-def _store_q8_0(k, v, start, start_ref, keys, values, key_scales, value_scales):
-    """As _store_float into a q8_0 cache: a thread per block of 32 values."""
+def _store(k, v, start, start_ref, keys, values, key_scales, value_scales):
+    """keys/values[g, p % capacity] = k/v[t, g] for p = start + start_ref[0] + t, in the cache's type: a thread per
+    value for float32/float16 (float16 rounds to nearest even, as NumPy's astype), per block of 32 values for q8_0
+    (the scales' last axis is empty for the float types)."""
     T, n_kv, d = k.shape
     capacity = keys.shape[1]
-    n_blocks = d // Q8_0_BLOCK_SIZE
+    quantized = key_scales.shape[2] > 0
+    units = d // Q8_0_BLOCK_SIZE if quantized else d
     first = start + start_ref[0]
-    for idx in range(cuda.grid(1), T * n_kv * n_blocks, cuda.gridsize(1)):
-        t = idx // (n_kv * n_blocks)
-        g = (idx // n_blocks) % n_kv
-        b = idx % n_blocks
+    for idx in range(cuda.grid(1), T * n_kv * units, cuda.gridsize(1)):
+        t = idx // (n_kv * units)
+        g = (idx // units) % n_kv
+        u = idx % units
         if first + t >= 0:
             slot = (first + t) % capacity
-            _quantize_q8_0(k, t, g, b, keys, key_scales, slot)
-            _quantize_q8_0(v, t, g, b, values, value_scales, slot)
+            if quantized:
+                _quantize_q8_0(k, t, g, u, keys, key_scales, slot)
+                _quantize_q8_0(v, t, g, u, values, value_scales, slot)
+            else:
+                keys[g, slot, u] = k[t, g, u]
+                values[g, slot, u] = v[t, g, u]
 
 
 _CACHE_DTYPES = (np.float32, np.float16, np.int8)
@@ -657,12 +647,8 @@ def kv_store(keys, values, key_scales, value_scales, k, v, start, *, launch: Lau
     if v.shape[0] != T or T > capacity:
         raise ValueError(f"kv_store: {T} positions (v: {v.shape[0]}) must fit the {capacity} slots")
     first, start_ref = _start(start)
-    if keys.dtype == np.int8:
-        cfg = launch or device.launch(T * n_kv * (d // Q8_0_BLOCK_SIZE))
-        _store_q8_0[cfg.blocks, cfg.threads](k, v, first, start_ref, keys, values, key_scales, value_scales)
-    else:
-        cfg = launch or device.launch(T * n_kv * d)
-        _store_float[cfg.blocks, cfg.threads](k, v, first, start_ref, keys, values)
+    cfg = launch or device.launch(T * n_kv * (d // Q8_0_BLOCK_SIZE if keys.dtype == np.int8 else d))
+    _store[cfg.blocks, cfg.threads](k, v, first, start_ref, keys, values, key_scales, value_scales)
 
 
 # --- attention ------------------------------------------------------------------------------------------------------
