@@ -46,7 +46,6 @@ GROUPS = ONE_LANE[:1] + SHUFFLES
 def launch_id(launch: Launch) -> str:
     return f"{launch.blocks}x{launch.threads}/{launch.group}"
 WEIGHT_TYPES = [GGMLType.MXFP4, GGMLType.Q8_0, GGMLType.BF16, GGMLType.F16, GGMLType.F32]
-F32_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,6 +13,14 @@ lanes at once (coalesced) and one block of 4 warps holds 4 rows; every kernel st
 only needs to fill the device. The loops that contain shuffles are uniform over the block (invalid items compute
 zeros and skip their stores), which a full-mask shuffle needs and the simulator's emulation of it relies on.
 
+GPU launch shapes (device.launch): matvec, MoE, RMSNorm and attention a warp per item in blocks of 4 warps (the
+structure of llama.cpp's mul_mat_vec kernels); dequantization, SwiGLU, RoPE, KV stores a thread per value (or per
+q8_0 block / per (token, frequency)), so stores are coalesced; the router a thread per token. Not done yet, and the
+next steps if the measured GPU numbers ask for them: activations quantized to int8 for dp4a dot products (llama.cpp's
+mmvq; here x stays float32, so results match the CPU path), split-K attention for long decode contexts
+(flash-decoding), shared-memory K/V tiles for prefill attention (now each warp reads its rows, the warps of one KV
+group hitting L1 together).
+
 Every wrapper checks shapes and types in Python, so no kernel reads out of bounds; indices read from device memory
 (tokens, expert ids, the start position of a CUDA-graph step) cannot be checked without a sync, so kernels bound
 them and write NaN for an invalid one, which the engine's finite-logits check reports.
