@@ -20,8 +20,6 @@ from ..format.config import ModelConfig
 class CpuOps:
     """Operations on NumPy arrays with Numba kernels running on `threads` cores (None: all)."""
 
-    xp = np
-
     def __init__(self, threads: int | None = None):
         self.threads = kernels.set_num_threads(threads)
 
@@ -29,6 +27,9 @@ class CpuOps:
         """Numba's thread count is per thread: applied in whichever thread runs a forward pass (a server's request
         threads, an app's worker threads)."""
         kernels.set_num_threads(self.threads)
+
+    def array(self, a: np.ndarray) -> np.ndarray:
+        return a
 
     def upload(self, tensor):
         """Weights are used where they lie in the memory map."""

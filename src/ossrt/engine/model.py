@@ -27,11 +27,13 @@ class Ops(Protocol):
     """What the forward pass needs of a backend. Arrays are the backend's (`xp`'s); `w` is a weight tensor as
     `upload` returned it (`.name`, `.type`, NumPy-order `.shape`, the raw stored `.data`)."""
 
-    xp: Any  # the array module
     threads: int | None  # CPU threads for the kernels (None where that does not apply)
 
     def bind_thread(self) -> None:
         """Apply per-thread settings in the thread about to run a forward pass."""
+
+    def array(self, a: np.ndarray) -> Any:
+        """A host array where the backend computes."""
 
     def upload(self, tensor: Any) -> Any:
         """A model file's tensor where the backend computes with it, as stored."""
@@ -95,12 +97,7 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 class Transformer:
     """gpt-oss over a `ModelFile`: `forward(tokens, cache)` runs the next positions of the cache's sequence."""
 
-    def __init__(self, model_file: ModelFile, ops: Ops | int | None = None):
-        """`ops`: the backend; an int or None is the thread count of a `CpuOps` (None: all cores)."""
-        if ops is None or isinstance(ops, (int, np.integer)):
-            from .cpu import CpuOps  # the default backend; a CUDA process need not load the CPU kernels
-
-            ops = CpuOps(ops)
+    def __init__(self, model_file: ModelFile, ops: Ops):
         self.ops = ops
         self.config = cfg = model_file.config
         t = {name: ops.upload(tensor) for name, tensor in model_file.tensors.items()}
@@ -110,7 +107,7 @@ class Transformer:
         self.layers = [{name[len(f"blk.{i}."):]: tensor for name, tensor in t.items() if name.startswith(f"blk.{i}.")}
                        for i in range(cfg.n_layer)]
         inv_freq, self.concentration = yarn_frequencies(cfg)
-        self.inv_freq = ops.xp.asarray(inv_freq)
+        self.inv_freq = ops.array(inv_freq)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         # One forward pass at a time: a backend's kernels and buffers are not for two passes at once.
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ sums are float32, as on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -53,14 +54,24 @@ class CudaOps:
         cuda.select_device(self.device)
         self._stream.use()
 
+    def _on_device(self):
+        """CuPy allocates on the calling thread's current device: this one, for what is made outside a forward pass
+        (weights, caches)."""
+        return contextlib.nullcontext() if SIMULATOR else self.xp.cuda.Device(self.device)
+
+    def array(self, a: np.ndarray):
+        """A copy on the device (under the simulator a copy in RAM, writable as device memory is)."""
+        with self._on_device():
+            return self.xp.array(a)
+
     def upload(self, tensor: Tensor) -> Tensor:
-        """The tensor with its data copied to the device, as stored (under the simulator a copy in RAM, writable as
-        device memory is)."""
-        return dataclasses.replace(tensor, data=self.xp.array(tensor.data))
+        """The tensor with its data copied to the device as stored."""
+        return dataclasses.replace(tensor, data=self.array(tensor.data))
 
     def new_cache(self, config: ModelConfig, context_length: int, kv_type: str,
                   chunk: int = CHUNK) -> DeviceKVCache:
-        return DeviceKVCache(config, context_length, kv_type, chunk)
+        with self._on_device():
+            return DeviceKVCache(config, context_length, kv_type, chunk)
 
     def step(self, blocks: Callable, tokens: np.ndarray, start: int, cache: DeviceKVCache,
              should_stop: Callable[[], bool] | None):
