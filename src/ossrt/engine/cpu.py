@@ -7,7 +7,8 @@ float32.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -23,10 +24,12 @@ class CpuOps:
     def __init__(self, threads: int | None = None):
         self.threads = kernels.set_num_threads(threads)
 
-    def bind_thread(self) -> None:
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
         """Numba's thread count is per thread: applied in whichever thread runs a forward pass (a server's request
         threads, an app's worker threads)."""
         kernels.set_num_threads(self.threads)
+        yield
 
     def array(self, a: np.ndarray) -> np.ndarray:
         return a

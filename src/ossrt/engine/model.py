@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import numpy as np
 
@@ -29,8 +29,8 @@ class Ops(Protocol):
 
     threads: int | None  # CPU threads for the kernels (None where that does not apply)
 
-    def bind_thread(self) -> None:
-        """Apply per-thread settings in the thread about to run a forward pass."""
+    def context(self) -> ContextManager:
+        """The calling thread's settings for work on the backend, made while inside (they are per thread)."""
 
     def array(self, a: np.ndarray) -> Any:
         """A host array where the backend computes."""
@@ -135,8 +135,7 @@ class Transformer:
         if cache.length + len(tokens) > cache.context_length:
             raise ContextLengthError(f"{cache.length} + {len(tokens)} tokens pass the context length "
                                      f"{cache.context_length}")
-        with self._lock:
-            ops.bind_thread()
+        with self._lock, ops.context():
             logits = []
             try:
                 # A sliding-window ring holds its window and at most one chunk of new positions.

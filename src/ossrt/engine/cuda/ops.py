@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -42,26 +42,25 @@ class CudaOps:
         self.device = device
         if not SIMULATOR:
             with self.xp.cuda.Device(device):
-                self._stream = self.xp.cuda.Stream(non_blocking=True)  # capturable: not the legacy default stream
+                self._stream = self.xp.cuda.Stream(non_blocking=True)
 
-    def bind_thread(self) -> None:
-        """CuPy's and numba's current device and CuPy's current stream are per thread."""
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """CuPy's current device and stream are the backend's inside (they are per thread, and restored after), and
+        numba's current device: what runs here is ordered on the one stream, which a CUDA graph can record (the
+        legacy default stream cannot be captured)."""
         if SIMULATOR:
+            yield
             return
         from numba import cuda
 
-        self.xp.cuda.Device(self.device).use()
-        cuda.select_device(self.device)
-        self._stream.use()
-
-    def _on_device(self):
-        """CuPy allocates on the calling thread's current device: this one, for what is made outside a forward pass
-        (weights, caches)."""
-        return contextlib.nullcontext() if SIMULATOR else self.xp.cuda.Device(self.device)
+        with self.xp.cuda.Device(self.device), self._stream:
+            cuda.select_device(self.device)
+            yield
 
     def array(self, a: np.ndarray):
         """A copy on the device (under the simulator a copy in RAM, writable as device memory is)."""
-        with self._on_device():
+        with self.context():
             return self.xp.array(a)
 
     def upload(self, tensor: Tensor) -> Tensor:
@@ -70,8 +69,7 @@ class CudaOps:
 
     def new_cache(self, config: ModelConfig, context_length: int, kv_type: str,
                   chunk: int = CHUNK) -> DeviceKVCache:
-        with self._on_device():
-            return DeviceKVCache(config, context_length, kv_type, chunk)
+        return DeviceKVCache(config, context_length, kv_type, self.context, chunk)
 
     def step(self, blocks: Callable, tokens: np.ndarray, start: int, cache: DeviceKVCache,
              should_stop: Callable[[], bool] | None):
@@ -123,7 +121,7 @@ class CudaOps:
             return kernels.moe_decode(gate, up, down, gate_b, up_b, down_b, x[0], ids[0], weights[0], alpha=alpha,
                                       limit=limit)[None]
         T, k = ids.shape
-        n_expert, n_ff, n_embd = gate.shape
+        _, n_ff, n_embd = gate.shape
         chosen = to_host(ids).reshape(-1)  # assignment a: token a // k; grouping them syncs with the device once
         out = self.xp.zeros((T, n_embd), dtype=np.float32)
         for e in np.unique(chosen):
