@@ -24,8 +24,9 @@ class Cancelled(Exception):
 
 
 class Ops(Protocol):
-    """What the forward pass needs of a backend. Arrays are the backend's (`xp`'s); `w` is a weight tensor as
-    `upload` returned it (`.name`, `.type`, NumPy-order `.shape`, the raw stored `.data`)."""
+    """What the forward pass needs of a backend. Arrays are the backend's (NumPy on the CPU, device arrays on CUDA);
+    `w` is a weight tensor as `upload` returned it (`.name`, `.type`, NumPy-order `.shape`, the raw stored `.data`);
+    `positions` are consecutive."""
 
     threads: int | None  # CPU threads for the kernels (None where that does not apply)
 
