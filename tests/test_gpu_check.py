@@ -3,6 +3,7 @@ end to end under numba's CUDA simulator (the GPU machine runs the same code on t
 
 import importlib.util
 import math
+import os
 import re
 import subprocess
 import sys
@@ -199,6 +200,56 @@ def test_exit_status_follows_the_correctness_rows(monkeypatch, capsys):
     rows["20b"] = [gpu_check.Row("20b", "GPU decode", "90.0 tok/s", ">= 150 tok/s", "below")]
     assert gpu_check.main([]) == 0
     assert re.search(r"120b .* the card has 0 GB .* skipped", capsys.readouterr().out)
+
+
+def test_120b_runs_on_a_big_card_within_the_budget(monkeypatch, capsys):
+    parts = []
+
+    def run_child(part, args):
+        parts.append(part)
+        timings = {"write": 10.0, "load": 5.0} if part == "20b" else {}
+        return {"rows": [], "device": "a big card", "device_bytes": 141e9, "timings": timings}
+
+    monkeypatch.setattr(gpu_check, "run_child", run_child)
+    assert gpu_check.main([]) == 0 and parts == ["tiny", "20b", "120b"]
+    parts.clear()
+    assert gpu_check.main(["--budget", "100"]) == 0 and parts == ["tiny", "20b"]  # the 120b needs ~109 s
+    assert re.search(r"120b .* the 120b needs ~109 s .* budget 100 s .* skipped", capsys.readouterr().out)
+
+
+def test_speed_part_logic_on_a_tiny_model(tmp_path, monkeypatch):
+    """bench_full's bookkeeping (file, rows, goals, VRAM, clean-up) with a tiny model and the CPU standing in for
+    the GPU: the GPU machine runs it once, so a slip in it must show here. The CUDA path itself is the tiny
+    part's."""
+    tiny_cfg = gpu_check.tiny_config(gpu_check.SIMULATED)
+    monkeypatch.setattr(gpu_check, "model_config", lambda size: tiny_cfg)
+    monkeypatch.setattr(gpu_check, "vram_used", lambda: (3 << 30, 5 << 30))
+    monkeypatch.setattr(gpu_check, "SHM", tmp_path / "no-shm")
+    for name, value in [("PROMPT", 12), ("DECODE", 3), ("PREFILL", 20), ("CPU_DECODE", 2), ("CONTEXT", 64)]:
+        monkeypatch.setattr(gpu_check, name, value)
+    loads = []
+    real_load = ossrt.load
+
+    def load(path, *, device, **kwargs):
+        loads.append((Path(path).parent, device))
+        return real_load(path, device="cpu", **kwargs)
+
+    monkeypatch.setattr(ossrt, "load", load)
+    rows, timings = [], {}
+    gpu_check.bench_full("20b", tmp_path, rows, timings)
+    assert loads == [(tmp_path, "cuda"), (tmp_path, "cpu")] and list(tmp_path.iterdir()) == []  # file deleted
+    assert set(timings) == {"write", "load"}
+    table = {r.what: r for r in rows}
+    assert [r.part for r in rows] == ["20b"] * 6
+    decode = table["GPU decode after a 12-token prompt (median of 3 steps; all steps)"]
+    prefill = table["GPU prefill, 20 tokens"]
+    assert decode.goal == ">= 150 tok/s" and prefill.goal == ">= 5000 tok/s"
+    for row, target in [(decode, 150), (prefill, 5000)]:
+        assert row.result == ("met" if float(row.measured.split()[0].rstrip(";")) >= target else "below")
+    vram = next(r for r in rows if r.what.startswith("VRAM peak"))
+    estimate = gpu_check.vram_estimate(tiny_cfg, gpu_check.file_bytes(tiny_cfg, "q8_0"))
+    assert vram.measured == f"3.00; 5.00; {estimate / 2**30:.2f} GiB" and vram.result == "met"
+    assert re.fullmatch(r"[0-9.]+ tok/s", table[f"CPU decode for scale, 2 tokens, {os.cpu_count()} cores"].measured)
 
 
 # --- end to end, under the simulator -----------------------------------------------------------------------------------
