@@ -211,11 +211,15 @@ def place_for(nbytes: int, workdir: Path) -> Path | None:
     """Where a file of `nbytes` goes: /dev/shm (RAM: fast, spares the disk) when it and the RAM left over hold it
     with room to spare, else `workdir` when its disk does; None when neither can."""
     spare = 2**30
-    if SHM.is_dir() and shutil.disk_usage(SHM).free > nbytes + spare and _available_ram() > nbytes + 16 * 2**30:
+    if _free(SHM) > nbytes + spare and _available_ram() > nbytes + 16 * 2**30:
         return SHM
-    if shutil.disk_usage(workdir).free > nbytes + spare:
+    if _free(workdir) > nbytes + spare:
         return workdir
     return None
+
+
+def _free(directory: Path) -> int:
+    return shutil.disk_usage(directory).free if directory.is_dir() else 0
 
 
 def _available_ram() -> int:
@@ -337,7 +341,6 @@ def check_tiny(tiny: Tiny, workdir: Path, rows: list[Row]) -> None:
                 with ossrt.load(path, device="cuda", context_length=context, kv_type=kv_type) as gpu_model:
                     got, _ = run_sequence(gpu_model, prompt, block, ids, tiny.decode)
             except Exception as e:  # noqa: BLE001 - a broken backend is a row of the table, not the end of it
-                traceback.print_exc()
                 rows.append(Row("tiny", what, _error(e), result="ERROR"))
                 continue
             a = agreement(expected, got)
@@ -385,8 +388,10 @@ def bench_full(size: str, workdir: Path, rows: list[Row], timings: dict) -> None
     nbytes = file_bytes(cfg, "q8_0")
     where = place_for(nbytes, workdir)
     if where is None:
-        rows.append(Row(size, "synthetic q8_0 file", f"needs {nbytes / 1e9:.1f} GB: neither {SHM} nor {workdir} "
-                        "has room (see --workdir)", result="skipped"))
+        room = (f"{SHM} has {_free(SHM) / 1e9:.1f} GB free ({_available_ram() / 1e9:.0f} GB RAM available), "
+                f"{workdir} {_free(workdir) / 1e9:.1f} GB")
+        rows.append(Row(size, "synthetic q8_0 file", f"needs {nbytes / 1e9:.1f} GB: {room}",
+                        "a larger /dev/shm or --workdir", "skipped"))
         return
     path = where / f"ossrt-gpu-check-{size}.gguf"
     rng = np.random.default_rng(1)
@@ -442,17 +447,18 @@ def run_part(part: str, args: argparse.Namespace, workdir: Path) -> dict:
         else:
             bench_full(part, workdir, rows, result["timings"])
     except Exception as e:  # noqa: BLE001 - reported in the table by the parent
-        from ossrt.errors import OssrtError
-
-        if not isinstance(e, OssrtError):  # an expected failure (no device, ...) says all in its message
-            traceback.print_exc()
         rows.append(Row(part, "part stopped", _error(e), result="ERROR"))
     result["rows"] = [dataclasses.asdict(r) for r in rows]
     return result
 
 
 def _error(e: Exception) -> str:
-    """An exception as a table cell: its type and the first line of its message."""
+    """An exception as a table cell: its type and the first line of its message. Its traceback goes to stderr,
+    unless it is an expected failure (OssrtError: no device, non-finite output, ...), whose message says all."""
+    from ossrt.errors import OssrtError
+
+    if not isinstance(e, OssrtError):
+        traceback.print_exc()
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
 
 
