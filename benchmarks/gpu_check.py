@@ -253,12 +253,14 @@ def device_description(simulate: bool) -> tuple[str, float]:
     cuda.check()  # DeviceError naming what is missing: CuPy, numba-cuda, a driver, the device
     import cupy
 
+    # Whichever CuPy wheel the machine has: the check uses only what both provide.
     cupy_dist = next((d for d in ("cupy-cuda13x", "cupy-cuda12x", "cupy") if version(d)), "cupy")
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    total = cupy.cuda.Device(0).mem_info[1]
+    device = cupy.cuda.Device(0)
+    name = cupy.cuda.runtime.getDeviceProperties(0).get("name", b"?")
+    name = name.decode() if isinstance(name, bytes) else name
+    total = device.mem_info[1]
     runtime, driver = cupy.cuda.runtime.runtimeGetVersion(), cupy.cuda.runtime.driverGetVersion()
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return (f"{name}, {total / 2**30:.1f} GiB, compute {props['major']}.{props['minor']}, CUDA runtime "
+    return (f"{name}, {total / 2**30:.1f} GiB, compute capability {device.compute_capability}, CUDA runtime "
             f"{runtime // 1000}.{runtime % 1000 // 10}, driver {driver // 1000}.{driver % 1000 // 10}; "
             f"{cupy_dist} {cupy.__version__}, {numba_cuda}; {os.cpu_count()} cores"), float(total)
 

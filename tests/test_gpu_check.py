@@ -202,6 +202,26 @@ def test_exit_status_follows_the_correctness_rows(monkeypatch, capsys):
     assert re.search(r"120b .* the card has 0 GB .* skipped", capsys.readouterr().out)
 
 
+def test_device_line_and_vram_with_a_stand_in_cupy(monkeypatch):
+    """The CuPy calls the GPU run makes (not importable here), against a stand-in with CuPy's API."""
+    from types import SimpleNamespace
+
+    import ossrt.engine.cuda
+
+    device = SimpleNamespace(mem_info=(40 * 2**30, 141 * 2**30), compute_capability="90")
+    runtime = SimpleNamespace(getDeviceProperties=lambda i: {"name": b"NVIDIA H200"},
+                              runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: 13010)
+    pool = SimpleNamespace(total_bytes=lambda: 90 * 2**30)
+    cupy = SimpleNamespace(__version__="14.2.0", get_default_memory_pool=lambda: pool,
+                           cuda=SimpleNamespace(Device=lambda i=0: device, runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(ossrt.engine.cuda, "check", lambda: None)
+    line, total = gpu_check.device_description(simulate=False)
+    assert total == 141 * 2**30
+    assert line.startswith("NVIDIA H200, 141.0 GiB, compute capability 90, CUDA runtime 13.0, driver 13.1; cupy")
+    assert gpu_check.vram_used() == (90 * 2**30, 101 * 2**30)
+
+
 def test_120b_runs_on_a_big_card_within_the_budget(monkeypatch, capsys):
     parts = []
 
