@@ -23,6 +23,10 @@ from numba import cuda, float32
 from numba.cuda.core import config as _cuda_config
 
 SIMULATOR = bool(_cuda_config.ENABLE_CUDASIM)
+# Kernels run on CuPy's current stream (`stream()`), in order with CuPy's own work, so numba need not synchronize
+# that stream before each launch (its default for `__cuda_array_interface__` arrays); inside a CUDA graph capture
+# such a synchronization would be an error.
+_cuda_config.CUDA_ARRAY_INTERFACE_SYNC = 0
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF  # every lane of the warp takes part in a shuffle
@@ -85,6 +89,19 @@ def __getattr__(name: str):
     if name == "xp":
         return _array_module()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def stream():
+    """The stream kernels launch on: CuPy's current one (the backend's stream, which a decode step's graph capture
+    records), as a numba stream; 0 (the default) under the simulator."""
+    if SIMULATOR:
+        return 0
+    return _numba_stream(_array_module().cuda.get_current_stream().ptr)
+
+
+@cache
+def _numba_stream(ptr: int):
+    return cuda.external_stream(ptr)
 
 
 def to_device(a, dtype=None):

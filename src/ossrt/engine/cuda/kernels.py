@@ -318,7 +318,7 @@ def dequantize(w, *, rows=None, first_row: int = 0, n_rows: int | None = None, d
         rows = _empty(np.int64)
     out = _check_out(out, (n_out, w.shape[-1]), (np.dtype(dtype),))
     cfg = launch or device.launch(out.size)
-    _DEQUANTIZE[w.type][cfg.blocks, cfg.threads](data, halves, _e2m1_table(), rows, first_row, out)
+    _DEQUANTIZE[w.type][cfg.blocks, cfg.threads, device.stream()](data, halves, _e2m1_table(), rows, first_row, out)
     return out
 
 
@@ -343,7 +343,7 @@ def matvec(w, x, *, bias=None, out=None, accumulate: bool = False, launch: Launc
         raise ValueError("accumulate needs out")
     out = _check_out(out, (n_out,))
     cfg = launch or device.launch(n_out, device.WARP)
-    _MATVEC[w.type][cfg.blocks, cfg.threads](data, halves, _e2m1_table(), x, bias, accumulate, out, cfg.group)
+    _MATVEC[w.type][cfg.blocks, cfg.threads, device.stream()](data, halves, _e2m1_table(), x, bias, accumulate, out, cfg.group)
     return out
 
 
@@ -424,10 +424,10 @@ def moe_decode(gate, up, down, gate_b, up_b, down_b, x, ids, weights, *, alpha: 
     out = _check_out(out, (H,))
     scratch = _check_out(scratch, (k, I))
     cfg = launch or device.launch(k * I, device.WARP)
-    _moe_gate_up[cfg.blocks, cfg.threads](gate_d, up_d, _e2m1_table(), gate_b, up_b, x, ids, float32(alpha),
+    _moe_gate_up[cfg.blocks, cfg.threads, device.stream()](gate_d, up_d, _e2m1_table(), gate_b, up_b, x, ids, float32(alpha),
                                           float32(limit), scratch, cfg.group)
     cfg = launch or device.launch(H, device.WARP)
-    _moe_down[cfg.blocks, cfg.threads](down_d, _e2m1_table(), down_b, scratch, ids, weights, accumulate, out,
+    _moe_down[cfg.blocks, cfg.threads, device.stream()](down_d, _e2m1_table(), down_b, scratch, ids, weights, accumulate, out,
                                        cfg.group)
     return out
 
@@ -450,7 +450,7 @@ def swiglu(gate, up, gate_b, up_b, *, alpha: float, limit: float, out=None, laun
     _check_vector("up bias", up_b, gate.shape[1])
     out = _check_out(out, gate.shape)
     cfg = launch or device.launch(gate.size)
-    _swiglu_rows[cfg.blocks, cfg.threads](gate, up, gate_b, up_b, float32(alpha), float32(limit), out)
+    _swiglu_rows[cfg.blocks, cfg.threads, device.stream()](gate, up, gate_b, up_b, float32(alpha), float32(limit), out)
     return out
 
 
@@ -479,7 +479,7 @@ def rms_norm(x, gain, eps: float, *, out=None, launch: Launch | None = None):
     _check_vector("gain", gain, x.shape[1])
     out = _check_out(out, x.shape)
     cfg = launch or device.launch(x.shape[0], device.WARP)
-    _rms_norm[cfg.blocks, cfg.threads](x, gain, float32(eps), out, cfg.group)
+    _rms_norm[cfg.blocks, cfg.threads, device.stream()](x, gain, float32(eps), out, cfg.group)
     return out
 
 
@@ -530,7 +530,7 @@ def rope(q, k, inv_freq, concentration: float, start, *, launch: Launch | None =
         raise ValueError(f"rope needs an even head dimension, got {d}")
     first, start_ref = _start(start)
     cfg = launch or device.launch(T * (d // 2))
-    _rope[cfg.blocks, cfg.threads](q, k, inv_freq, float64(concentration), first, start_ref)
+    _rope[cfg.blocks, cfg.threads, device.stream()](q, k, inv_freq, float64(concentration), first, start_ref)
 
 
 @cuda.jit
@@ -572,7 +572,7 @@ def router(logits, k: int, *, ids=None, weights=None, launch: Launch | None = No
     ids = _check_out(ids, (T, k), (np.int32,))
     weights = _check_out(weights, (T, k))
     cfg = launch or device.launch(T)
-    _router[cfg.blocks, cfg.threads](logits, ids, weights)
+    _router[cfg.blocks, cfg.threads, device.stream()](logits, ids, weights)
     return ids, weights
 
 
@@ -656,7 +656,7 @@ def kv_store(keys, values, key_scales, value_scales, k, v, start, *, launch: Lau
         raise ValueError(f"kv_store: {T} positions (v: {v.shape[0]}) must fit the {capacity} slots")
     first, start_ref = _start(start)
     cfg = launch or device.launch(T * n_kv * (d // Q8_0_BLOCK_SIZE if keys.dtype == np.int8 else d))
-    _store[cfg.blocks, cfg.threads](k, v, first, start_ref, keys, values, key_scales, value_scales)
+    _store[cfg.blocks, cfg.threads, device.stream()](k, v, first, start_ref, keys, values, key_scales, value_scales)
 
 
 # --- attention ------------------------------------------------------------------------------------------------------
@@ -738,6 +738,6 @@ def attend(q, keys, values, key_scales, value_scales, start, window: int, sinks,
     if -(-d // cfg.group) > MAX_ACC:
         raise ValueError(f"attend: head dimension {d} needs lane groups of at least {-(-d // MAX_ACC)}")
     out = _check_out(out, q.shape)
-    _attend[cfg.blocks, cfg.threads](q, keys, key_scales, values, value_scales, first, start_ref, window, sinks,
+    _attend[cfg.blocks, cfg.threads, device.stream()](q, keys, key_scales, values, value_scales, first, start_ref, window, sinks,
                                      float32(scale), out, cfg.group)
     return out
