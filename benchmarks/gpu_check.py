@@ -18,8 +18,8 @@ part's VRAM is its own):
    cache. Logits must agree within TOLERANCE (both paths compute in float32); the table shows the largest
    difference and how many argmaxes agree.
 2. 20b: the full-size file is written directly as GGUF (synthetic weights with the statistics of
-   ossrt.testing.synthetic, q8_0 matrices, MXFP4 experts: ~12 GB in ~10 s where the checkpoint + convert route
-   takes minutes), in /dev/shm when it has room, else in --workdir. On the GPU (context 8192): decode after a
+   ossrt.testing.synthetic, q8_0 matrices, MXFP4 experts: 12.1 GB in 21 s on a 2-core machine, where the
+   checkpoint + convert route takes two minutes), in /dev/shm when it has room, else in --workdir. On the GPU (context 8192): decode after a
    128-token prompt, prefill of 2048 tokens, the VRAM it used; on the CPU, all cores: decode for scale.
 3. 120b (~63 GB), on a card with at least 80 GB and when the time left allows it: decode after a 128-token
    prompt, VRAM. A 64 GB disk cannot hold it, so it needs /dev/shm (or --workdir) with room for it.
