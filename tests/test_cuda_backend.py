@@ -57,6 +57,12 @@ def micro_checkpoint(out):
     return d
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_running():
+    with cuda_device.switch_interval(cuda_device.FREE_RUNNING_SWITCH_INTERVAL):
+        yield
+
+
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     """outtype -> (ModelFile, CPU Transformer, CUDA Transformer) of the micro model with that matrix type."""

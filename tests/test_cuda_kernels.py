@@ -50,7 +50,7 @@ WEIGHT_TYPES = [GGMLType.MXFP4, GGMLType.Q8_0, GGMLType.BF16, GGMLType.F16, GGML
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_barriers():
-    with device.fast_barriers():
+    with device.switch_interval(device.BARRIER_SWITCH_INTERVAL):
         yield
 
 

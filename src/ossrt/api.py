@@ -61,7 +61,7 @@ class Model:
     @property
     def threads(self) -> int | None:
         """The CPU threads the kernels use (None on a CUDA device)."""
-        return getattr(self.engine.transformer.ops, "threads", None)
+        return self.engine.transformer.threads
 
     @property
     def tokenizer(self) -> Tokenizer:

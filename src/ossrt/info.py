@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .engine import cuda
 from .engine.kv_cache import CHUNK, cache_bytes
 from .errors import ParameterError
-from .format.config import ModelConfig
 from .format.modelfile import ModelFile
 
 
@@ -65,7 +65,7 @@ def report(path: str | os.PathLike, context: int | None = None, device: str = "c
             ]
         else:
             weights = sum(t.data.nbytes for t in m.tensors.values())
-            work = cuda_workspace_bytes(c)
+            work = cuda.workspace_bytes(c, CHUNK)
             lines += [
                 f"VRAM at context {ctx} (CUDA):",
                 f"  weights as stored           {_gb(weights)}",
@@ -75,12 +75,3 @@ def report(path: str | os.PathLike, context: int | None = None, device: str = "c
             ]
     return "\n".join(lines)
 
-
-def cuda_workspace_bytes(c: ModelConfig) -> int:
-    """What the CUDA backend allocates beside the weights and the cache, at most, while prefilling a chunk: the
-    chunk's float32 activations (the residual stream, q/k/v, attention output, router, the experts' hidden
-    values), one expert's gate, up and down matrices dequantized to f16 for cuBLAS, one row of logits, and CuPy's
-    pool rounding. An estimate: what `ossrt.load(device="cuda")` reserves on a real device may differ by tens of MB."""
-    per_token = 4 * (3 * c.n_embd + 2 * c.q_dim + 2 * c.kv_dim + c.n_expert + 2 * c.n_expert_used * c.n_ff_exp)
-    expert_f16 = 2 * 3 * c.n_ff_exp * c.n_embd
-    return CHUNK * per_token + expert_f16 + 4 * c.n_vocab + (64 << 20)

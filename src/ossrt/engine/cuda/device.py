@@ -134,15 +134,23 @@ def zero_index():
     return zeros(1, np.int32)
 
 
+# The simulator runs each CUDA thread of a block as a Python thread, polled by a busy main thread, so its speed rests on
+# how often the GIL changes hands: shuffles (two barriers each) want it handed round fast, every thread reaching the
+# barrier in turn; barrier-free launches (every default launch: one lane per item) want each thread to run its items
+# in one go, and slow down up to 50x on a two-core machine when switched every 0.1 ms or even every 5 ms.
+BARRIER_SWITCH_INTERVAL = 1e-4
+FREE_RUNNING_SWITCH_INTERVAL = 0.05
+
+
 @contextmanager
-def fast_barriers():
-    """Under the simulator, a short GIL switch interval: a simulated barrier waits on Python threads that each need
-    the GIL, ~18 ms per barrier at the default 5 ms interval, ~1 ms at 0.1 ms. A no-op on a GPU."""
+def switch_interval(seconds: float):
+    """Under the simulator, the GIL switch interval `seconds` (BARRIER_SWITCH_INTERVAL or
+    FREE_RUNNING_SWITCH_INTERVAL) for the duration. A no-op on a GPU."""
     if not SIMULATOR:
         yield
         return
     previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
+    sys.setswitchinterval(seconds)
     try:
         yield
     finally:

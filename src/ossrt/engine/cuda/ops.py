@@ -21,13 +21,11 @@ from ...format.config import ModelConfig
 from ...format.modelfile import Tensor
 from ..kv_cache import CHUNK, LayerKV
 from ..model import Cancelled
-from . import check, kernels
+from . import LINEAR_TILE_BYTES, check, kernels
 from . import device as dev
 from .device import SIMULATOR, to_device, to_host
 from .graph import DecodeStep
 from .kv_cache import DeviceKVCache
-
-LINEAR_TILE_BYTES = 64 << 20  # float32 weights a prefill product dequantizes at a time (the unembedding is 2.3 GB)
 
 
 class CudaOps:
