@@ -124,11 +124,18 @@ def test_max_tokens_gives_length(answer):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
 
 
-def test_reasoning_goes_to_reasoning_content(think):
+def reasoning_token_count(tokenizer) -> int:
+    """THINK's analysis content and its <|end|>, as usage counts them."""
+    return len(tokenizer.encode("Let me think.")) + 1
+
+
+def test_reasoning_goes_to_reasoning_content(think, o200k_tokenizer):
     c = client(think)
     r = c.chat.completions.create(model=ID, messages=ASK, max_tokens=8, temperature=0, reasoning_effort="high")
     m = r.choices[0].message
     assert m.reasoning_content == m.reasoning == "Let me think."
+    assert r.usage.completion_tokens_details.reasoning_tokens == reasoning_token_count(o200k_tokenizer)
+    assert r.usage.completion_tokens == 8
     assert "think" not in (m.content or "")
     chunks = list(c.chat.completions.create(model=ID, messages=ASK, max_tokens=8, temperature=0, stream=True))
     deltas = [ch.choices[0].delta for ch in chunks]
@@ -209,6 +216,30 @@ def test_responses_reasoning(think):
     events = list(client(think).responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0,
                                                  stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "Let me think."
+
+
+def test_responses_reasoning_summary_and_count(think, o200k_tokenizer):
+    """gpt-oss has no summarizer: a requested summary is the reasoning itself, for clients that show only summaries."""
+    c = client(think)
+    r = c.responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0,
+                           reasoning={"effort": "low", "summary": "auto"})
+    item = r.output[0]
+    assert item.type == "reasoning" and [(p.type, p.text) for p in item.summary] == [("summary_text", "Let me think.")]
+    assert item.content[0].text == "Let me think." and r.reasoning.summary == "auto"
+    assert r.usage.output_tokens_details.reasoning_tokens == reasoning_token_count(o200k_tokenizer)
+    plain = c.responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0)
+    assert plain.output[0].summary == [] and plain.reasoning.summary is None
+
+    events = list(c.responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0, stream=True,
+                                     reasoning={"summary": "detailed"}))
+    kinds = [e.type for e in events if "reasoning_summary" in e.type]
+    assert kinds[0] == "response.reasoning_summary_part.added" and kinds[-2:] == [
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta") == "Let me think."
+    done = next(e for e in events if e.type == "response.output_item.done" and e.item.type == "reasoning")
+    assert done.item.summary[0].text == "Let me think."
+    with pytest.raises(openai.BadRequestError, match="reasoning.summary"):
+        c.responses.create(model=ID, input="Hi!", reasoning={"summary": "brief"})
 
 
 def test_responses_function_call_round_trip(tool):

@@ -45,6 +45,7 @@ class FinishReason(str, enum.Enum):
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated tokens, the final stop token included
+    reasoning_tokens: int = 0  # of those, the analysis channel's content and end tokens
     cached_tokens: int = 0  # prompt tokens reused from the session's cache, not prefilled again
 
     @property
@@ -239,6 +240,7 @@ class ChatStream:
         cache = session.cache
         parser = HarmonyParser(tok)
         generated: list[int] = []
+        reasoning_tokens = 0
 
         def prefilled(logits: np.ndarray) -> None:
             session.snapshot, session.snapshot_logits = cache.snapshot(), logits
@@ -250,6 +252,7 @@ class ChatStream:
         try:
             for token in ids:
                 generated.append(token)
+                reasoning_tokens += _in_analysis(parser)
                 yield from parser.feed(token)
             if stats.stop_token is not None:
                 yield from parser.feed(stats.stop_token)
@@ -265,11 +268,17 @@ class ChatStream:
                         decode_tokens_per_second=stats.decode_tokens_per_second,
                         total_seconds=time.perf_counter() - t_start)
         usage = Usage(prompt_tokens=len(prompt), cached_tokens=cached,
-                      completion_tokens=len(generated) + (stats.stop_token is not None))
+                      completion_tokens=len(generated) + (stats.stop_token is not None),
+                      reasoning_tokens=reasoning_tokens)
         self.response = ChatResponse(content=message.get("content"), reasoning=message.get("reasoning"),
                                      tool_calls=calls, finish_reason=finish, usage=usage, timing=timing,
                                      message=message, problems=list(parser.problems))
         yield Done(self.response)
+
+
+def _in_analysis(parser: HarmonyParser) -> bool:
+    """Whether the next token fed to `parser` belongs to an analysis message's content (its end token included)."""
+    return parser.state == "content" and parser.current is not None and parser.current.channel == "analysis"
 
 
 def finish_reason(stop: StopReason, *, calls_waiting: bool) -> FinishReason:

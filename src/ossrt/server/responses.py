@@ -19,6 +19,8 @@ from .turn import Turn, read_turn
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
+# gpt-oss has no summarizer: any requested summary is the reasoning text itself, for clients that show only summaries.
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
 
 
 def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, dict[str, Any]]:
@@ -37,12 +39,16 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
     value = field_of(body, "input", "string|array", required=True)
     messages, where = input_messages(value, instructions)
     reasoning = field_of(body, "reasoning", "object", {})
+    summary = field_of(reasoning, "summary", "string", where="reasoning.")
+    if summary not in (None, *REASONING_SUMMARIES):
+        raise ApiError(400, f"'reasoning.summary' must be {', '.join(REASONING_SUMMARIES)} or null, got {summary!r}",
+                       param="reasoning.summary", code="invalid_value")
     turn = read_turn(body, messages, flat=True,
                      reasoning_effort=reasoning_effort_field(reasoning, "effort", where="reasoning."),
                      max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length), where=where)
     echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
             "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
-            "reasoning": {"effort": turn.reasoning_effort, "summary": None},
+            "reasoning": {"effort": turn.reasoning_effort, "summary": summary},
             "metadata": field_of(body, "metadata", "object", {})}
     return turn, field_of(body, "stream", "boolean", False), echo
 
@@ -167,6 +173,7 @@ class ResponsesOutput:
         self.items: list[dict[str, Any]] = []
         self.seq = 0
         self.kind: str | None = None  # of the open item: "reasoning", "preamble", "final", "call"
+        self.summary = echo.get("reasoning", {}).get("summary") is not None  # reasoning also as a summary_text
         self.text: list[str] = []  # the open item's text so far
 
     def _ev(self, type: str, **fields: Any) -> dict[str, Any]:
@@ -185,7 +192,7 @@ class ResponsesOutput:
             out["status"], out["incomplete_details"] = outcome.status, outcome.incomplete_details
             out["usage"] = {"input_tokens": u.prompt_tokens,
                             "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
-                            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                             "total_tokens": u.total_tokens}
         return out
 
@@ -207,22 +214,33 @@ class ResponsesOutput:
                     "content": [], "phase": "commentary" if kind == "preamble" else "final_answer"}
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self.items.append(item)
-        return out + [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item)),
-                      self._ev("response.content_part.added", **self._place(), content_index=0, part=part)]
+        out += [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item))]
+        if kind == "reasoning" and self.summary:
+            out.append(self._ev("response.reasoning_summary_part.added", **self._place(), summary_index=0,
+                                part={"type": "summary_text", "text": ""}))
+        return out + [self._ev("response.content_part.added", **self._place(), content_index=0, part=part)]
 
     def _close(self, status: str = "completed") -> list[dict[str, Any]]:
         kind, self.kind = self.kind, None
         if kind is None or kind == "call":
             return []
         item, text = self.items[-1], "".join(self.text)
+        summary_done = []
         if kind == "reasoning":
             part = {"type": "reasoning_text", "text": text}
             done = self._ev("response.reasoning_text.done", **self._place(), content_index=0, text=text)
+            if self.summary:
+                item["summary"] = [{"type": "summary_text", "text": text}]
+                summary_done = [
+                    self._ev("response.reasoning_summary_text.done", **self._place(), summary_index=0, text=text),
+                    self._ev("response.reasoning_summary_part.done", **self._place(), summary_index=0,
+                             part=dict(item["summary"][0]))]
         else:
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
             done = self._ev("response.output_text.done", **self._place(), content_index=0, text=text, logprobs=[])
         item["content"], item["status"] = [part], status
         return [done, self._ev("response.content_part.done", **self._place(), content_index=0, part=part),
+                *summary_done,
                 self._ev("response.output_item.done", output_index=len(self.items) - 1, item=dict(item))]
 
     def event(self, e: Any) -> list[dict[str, Any]]:
@@ -232,8 +250,11 @@ class ResponsesOutput:
             out = self._open(kind) if self.kind != kind else []
             self.text.append(e.text)
             if kind == "reasoning":
-                return out + [self._ev("response.reasoning_text.delta", **self._place(), content_index=0,
-                                       delta=e.text)]
+                out.append(self._ev("response.reasoning_text.delta", **self._place(), content_index=0, delta=e.text))
+                if self.summary:
+                    out.append(self._ev("response.reasoning_summary_text.delta", **self._place(), summary_index=0,
+                                        delta=e.text))
+                return out
             return out + [self._ev("response.output_text.delta", **self._place(), content_index=0, delta=e.text,
                                    logprobs=[])]
         if isinstance(e, ToolCallBegin):
