@@ -1,0 +1,196 @@
+"""Constrained decoding on llguidance over the real o200k_harmony vocabulary: a seeded random "model" steered only
+by the masks writes valid JSON that matches the schema, ending on the stop token exactly when the text is complete;
+bad schemas are refused with the field named."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ossrt import constrain
+from ossrt.constrain import Constraint, function_arguments_grammar, json_object_grammar, json_schema_grammar
+from ossrt.errors import ParameterError
+
+RETURN, CALL, ENDOFTEXT = 200002, 200012, 199999
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}, "zip": {"type": "string",
+                                                                                "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags", "address", "active"],
+    "additionalProperties": False,
+}
+
+
+def check_person(value):
+    """PERSON, checked by hand (jsonschema is not a dependency)."""
+    assert set(value) == {"name", "age", "tags", "address", "active"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert type(value["age"]) is int and 0 <= value["age"] <= 120
+    assert len(value["tags"]) <= 3 and all(t in ("red", "green", "blue") for t in value["tags"])
+    assert set(value["address"]) == {"city", "zip"} and len(value["address"]["city"]) <= 10
+    assert len(value["address"]["zip"]) == 5 and value["address"]["zip"].isdigit()
+    assert type(value["active"]) is bool
+
+
+def structure_bias(tokenizer) -> np.ndarray:
+    """A push towards closing strings, objects and lists, so random text ends in a few dozen steps."""
+    bias = np.zeros(tokenizer.n_vocab, dtype=np.float32)
+    for text in ('"', "}", "]", '"}', "},", '",', "}}", '"}}'):
+        for i in tokenizer.encode(text):
+            bias[i] = 2.5
+    return bias
+
+
+def run(constraint: Constraint, tokenizer, seed: int, max_steps: int = 400) -> str:
+    """A deterministic stand-in for a model: seeded random logits plus the bias, masked, argmax. Checks on every
+    step that the stop token is allowed exactly when the grammar accepts."""
+    rng = np.random.default_rng(seed)
+    bias = structure_bias(tokenizer)
+    ids = []
+    for _ in range(max_steps):
+        logits = rng.standard_normal(tokenizer.n_vocab).astype(np.float32) + bias
+        constraint.apply(logits)
+        assert np.isneginf(logits[constraint.stop_token]) != constraint.accepting
+        token = int(np.argmax(logits))
+        constraint.consume(token)
+        if constraint.finished:
+            assert token == constraint.stop_token
+            return tokenizer.decode(ids, errors="strict")
+        ids.append(token)
+    raise AssertionError(f"no stop token after {max_steps} steps: {tokenizer.decode(ids)!r}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_strict_schema_output_is_valid_and_matches(o200k_tokenizer, seed):
+    grammar = json_schema_grammar({"name": "person", "schema": PERSON, "strict": True})
+    text = run(Constraint(grammar, o200k_tokenizer, RETURN), o200k_tokenizer, seed)
+    check_person(json.loads(text))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_object_output_is_an_object(o200k_tokenizer, seed):
+    text = run(Constraint(json_object_grammar(), o200k_tokenizer, RETURN), o200k_tokenizer, seed)
+    assert isinstance(json.loads(text), dict)
+
+
+def test_forced_call_arguments_match_parameters(o200k_tokenizer):
+    function = {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}
+    text = run(Constraint(function_arguments_grammar(function), o200k_tokenizer, CALL), o200k_tokenizer, 7)
+    args = json.loads(text)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f") and len(args["city"]) <= 20
+
+
+def test_function_without_parameters_takes_an_object(o200k_tokenizer):
+    constraint = Constraint(function_arguments_grammar({"name": "ping"}), o200k_tokenizer, CALL)
+    assert isinstance(json.loads(run(constraint, o200k_tokenizer, 3)), dict)
+
+
+def test_masks_forbid_bad_tokens_and_specials(o200k_tokenizer):
+    tok = o200k_tokenizer
+    constraint = Constraint(json_schema_grammar({"name": "p", "schema": PERSON, "strict": True}), tok, RETURN)
+    mask = constraint.mask()
+    assert mask.shape == (tok.n_vocab,) and mask.dtype == bool
+    # Compact JSON with the required keys in order: the text must begin '{"name":"', and llguidance allows only
+    # the canonical tokens of such forced text.
+    assert np.flatnonzero(mask).tolist() == tok.encode('{"')
+    for bad in ("{", "[", " {", "hello", "1"):
+        assert not mask[tok.encode(bad)[0]], bad
+    assert not mask[list(tok.special_tokens.values())].any()  # the stop token too: nothing is complete yet
+    assert not mask[200019:].any()  # ids without a string
+    for token in tok.encode('{"name'):
+        constraint.consume(token)
+    mask = constraint.mask()
+    assert mask[tok.encode('":"')[0]]
+    assert not mask[tok.encode("age")[0]]
+
+
+def test_stop_token_allowed_only_when_complete(o200k_tokenizer):
+    tok = o200k_tokenizer
+    constraint = Constraint(json_object_grammar(), tok, RETURN)
+    text = '{"a":[1,2],"b":{"c":null}}'
+    for token in tok.encode(text):
+        mask = constraint.mask()
+        assert mask[token] and not mask[RETURN] and not constraint.accepting
+        constraint.consume(token)
+    mask = constraint.mask()
+    assert constraint.accepting and mask[RETURN]
+    assert not mask[CALL] and not mask[ENDOFTEXT]  # only the stop token this generation ends on
+    assert np.flatnonzero(mask).tolist() == [RETURN]  # after the closing brace nothing else fits
+    constraint.consume(RETURN)
+    assert constraint.finished
+    with pytest.raises(ValueError, match="already ended"):
+        constraint.mask()
+
+
+def test_consuming_a_forbidden_token_raises(o200k_tokenizer):
+    tok = o200k_tokenizer
+    constraint = Constraint(json_object_grammar(), tok, CALL)
+    with pytest.raises(ValueError, match=f"token {CALL} is not allowed"):
+        constraint.consume(CALL)  # the stop token before the object is complete
+    with pytest.raises(ValueError, match="not allowed here by a JSON object"):
+        Constraint(json_object_grammar(), tok, CALL).consume(tok.encode("[")[0])
+
+
+def test_apply_sets_disallowed_logits_to_minus_infinity(o200k_tokenizer):
+    constraint = Constraint(json_object_grammar(), o200k_tokenizer, RETURN)
+    logits = np.zeros(o200k_tokenizer.n_vocab, dtype=np.float32)
+    mask = constraint.mask()
+    constraint.apply(logits)
+    assert np.array_equal(np.isfinite(logits), mask) and 0 < mask.sum() < 100
+    with pytest.raises(ValueError, match="shape"):
+        constraint.apply(np.zeros(10, dtype=np.float32))
+
+
+def test_engine_tokenizer_is_built_once(o200k_tokenizer):
+    assert constrain.engine_tokenizer(o200k_tokenizer) is constrain.engine_tokenizer(o200k_tokenizer)
+
+
+def test_stop_token_must_be_an_assistant_stop(o200k_tokenizer):
+    with pytest.raises(ValueError, match="not one of the assistant's stop tokens"):
+        Constraint(json_object_grammar(), o200k_tokenizer, o200k_tokenizer.end)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("person", r"response_format.json_schema must be an object"),
+    ({"schema": PERSON}, r"response_format.json_schema.name must be 1 to 64"),
+    ({"name": "a b", "schema": PERSON}, r"\.name must be 1 to 64 .* got 'a b'"),
+    ({"name": "p"}, r"response_format.json_schema.schema must be a JSON schema object, got null"),
+    ({"name": "p", "schema": [1]}, r"\.schema must be a JSON schema object, got list"),
+    ({"name": "p", "schema": PERSON, "strict": "yes"}, r"\.strict must be true or false, got 'yes'"),
+    ({"name": "p", "schema": {"type": "objekt"}}, r"\.schema is not a usable JSON schema: .*objekt"),
+    ({"name": "p", "schema": {"$ref": "#/$defs/missing"}}, r"\.schema is not a usable JSON schema: .*missing"),
+    ({"name": "p", "schema": {"type": "string", "format": "no-such-format"}, "strict": True},
+     r"\.schema is not a usable JSON schema: .*no-such-format"),
+])
+def test_bad_json_schema_is_a_parameter_error(spec, message):
+    with pytest.raises(ParameterError, match=message):
+        json_schema_grammar(spec)
+
+
+def test_non_strict_schema_skips_what_cannot_be_enforced():
+    json_schema_grammar({"name": "p", "schema": {"type": "string", "format": "no-such-format"}})
+
+
+def test_bad_function_parameters_are_a_parameter_error():
+    with pytest.raises(ParameterError, match=r"tools\[0\].function.parameters must be a JSON schema object"):
+        function_arguments_grammar({"name": "f", "parameters": "x"}, field="tools[0].function")
+    with pytest.raises(ParameterError, match=r"tools\[\].function.name"):
+        function_arguments_grammar({"parameters": {"type": "object"}})
+    with pytest.raises(ParameterError, match=r"parameters is not a usable JSON schema"):
+        function_arguments_grammar({"name": "f", "parameters": {"type": "object", "properties": {"a": {
+            "type": "nope"}}}})
