@@ -165,6 +165,18 @@ def test_tool_call_round_trip(tool):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_hosted_tools_are_left_out_with_a_log_line(tool, caplog):
+    """Clients send OpenAI's hosted tools by default (the Codex CLI: web_search); ossrt cannot run them."""
+    c = client(tool)
+    with caplog.at_level("INFO", logger="ossrt.server.turn"):
+        r = c.responses.create(model=ID, input="Weather in Berlin?",
+                               tools=[{"type": "web_search", "external_web_access": False}, WEATHER_FLAT])
+    assert [(i.type, i.name) for i in r.output] == [("function_call", "get_weather")]
+    assert any("web_search left out" in m for m in caplog.messages)
+    r = c.chat.completions.create(model=ID, messages=ASK, tools=[{"type": "file_search"}, WEATHER])
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
 def test_tool_choice(tool):
     c = client(tool)
     ask = lambda **kw: c.chat.completions.create(model=ID, messages=ASK, max_tokens=3, **kw)  # noqa: E731

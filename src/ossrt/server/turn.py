@@ -3,6 +3,7 @@ endpoints build one with `read_turn`, and it renders once, as a `ChatRequest`.""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -10,6 +11,13 @@ from ..chat import ChatRequest, chat_request
 from ..engine.engine import Engine
 from .errors import ApiError
 from .fields import field_of, number_in_range, objects_of
+
+log = logging.getLogger(__name__)
+
+# Tools OpenAI runs on its side. ossrt cannot run them, and clients send them by default (the Codex CLI sends
+# web_search with every request): they are left out of the prompt, with a log line, rather than refused.
+HOSTED_TOOL_TYPES = ("web_search", "web_search_preview", "web_search_preview_2025_03_11", "file_search",
+                     "code_interpreter", "computer_use_preview", "image_generation", "mcp", "local_shell")
 
 # OpenAI's sampling defaults, and its ranges (top_p 0 would sample nothing).
 DEFAULT_TEMPERATURE, TEMPERATURE_RANGE = 1.0, (0.0, 2.0)
@@ -55,10 +63,15 @@ def read_turn(body: Mapping[str, Any], messages: list[dict[str, Any]], *, flat: 
 def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
     """`tools`, with every field's JSON type checked (422) so the renderer and `tool_choice` read well-formed objects;
     names and schemas are checked when rendering (400). Chat nests the function (`{"type": "function", "function":
-    {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too."""
+    {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too. Returns the
+    function tools: hosted ones are left out, other types refused."""
     tools = field_of(body, "tools", "array")
+    functions, hosted = [], []
     for at, t in objects_of(tools or [], "tools"):
         kind = field_of(t, "type", "string", required=True, where=f"{at}.")
+        if kind in HOSTED_TOOL_TYPES:
+            hosted.append(kind)
+            continue
         if kind != "function":
             raise ApiError(400, f"'{at}': tools of type {kind!r:.40} are not supported; only 'function' tools",
                            param=f"{at}.type", code="unsupported_value")
@@ -70,7 +83,10 @@ def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
         field_of(fn, "description", "string", where=where)
         field_of(fn, "parameters", "object", where=where)
         field_of(fn, "strict", "boolean", where=where)
-    return tools
+        functions.append(t)
+    if hosted:
+        log.info("tools of type %s left out: ossrt cannot run OpenAI's hosted tools", ", ".join(sorted(set(hosted))))
+    return functions if tools is not None else None
 
 
 def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *,
