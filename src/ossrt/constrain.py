@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
+import numba
 import numpy as np
 from llguidance.tiktoken import lltokenizer_from_encoding
 
@@ -170,10 +171,11 @@ class Constraint:
         return np.unpackbits(self.bitmask().view(np.uint8), bitorder="little", count=self.n_vocab).view(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
-        """Sets the logits of disallowed tokens to -inf, in place (a 1-D float array over the vocabulary)."""
-        if logits.shape != (self.n_vocab,):
-            raise ValueError(f"logits must have shape ({self.n_vocab},), got {logits.shape}")
-        logits[~self.mask()] = -np.inf
+        """Sets the logits of disallowed tokens to -inf, in place (a 1-D float32 array over the vocabulary)."""
+        if logits.shape != (self.n_vocab,) or logits.dtype != np.float32 or not logits.flags.writeable:
+            raise ValueError(f"logits must be a writeable float32 array of shape ({self.n_vocab},), got "
+                             f"{logits.dtype} {logits.shape}")
+        _mask_logits(logits, self.bitmask())
         return logits
 
     def consume(self, token_id: int) -> None:
@@ -187,3 +189,17 @@ class Constraint:
             raise ValueError(f"token {token_id} is not allowed here by {self.grammar.description}: "
                              f"{self._matcher.get_error()}")
         self.finished = token_id == self.stop_token
+
+
+@numba.njit(cache=True)
+def _mask_logits(logits, bits):
+    """-inf where a bit is 0, word by word: a boolean-index store over 201,088 logits costs ~0.8 ms, this ~0.1."""
+    n = logits.shape[0]
+    for w in range(bits.shape[0]):
+        word = bits[w]
+        if word == 0xFFFFFFFF:
+            continue
+        base = w * 32
+        for i in range(base, min(base + 32, n)):
+            if not (word >> (i - base)) & 1:
+                logits[i] = -np.inf

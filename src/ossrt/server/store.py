@@ -6,9 +6,9 @@ Each response keeps its request's input items, its output items, the whole respo
 holding the conversation). Input items get ids when stored: an item without an `id` gets one made from its type's
 prefix (`msg_`, `fc_`, `fco_`, `rs_`, else `item_`) and 24 random hex digits, as the server's own output ids.
 
-The store is bounded by the bytes of JSON it holds (the sum of the stored texts' lengths, not the file size, which
-SQLite grows and reuses in pages; UTF-8 bytes): after an insert the oldest responses (by insertion order) are evicted until
-the total is under the bound.
+The store is bounded by the bytes of JSON it holds (the sum of the stored texts' UTF-8 lengths, not the file size,
+which SQLite grows and reuses in pages): after an insert the oldest responses (by insertion order) are evicted
+until the total is under the bound.
 
 One connection guarded by a lock serves every thread: the server runs each turn on a fresh thread, so
 per-thread connections would be opened for every request and closed only when their thread is collected, and
