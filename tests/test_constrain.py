@@ -58,11 +58,13 @@ def run(constraint: Constraint, tokenizer, seed: int, max_steps: int = 400) -> s
     step that the stop token is allowed exactly when the grammar accepts."""
     rng = np.random.default_rng(seed)
     bias = structure_bias(tokenizer)
+    others = [i for i in tokenizer.special_tokens.values() if i != constraint.stop_token]
     ids = []
     for _ in range(max_steps):
         logits = rng.standard_normal(tokenizer.n_vocab).astype(np.float32) + bias
         constraint.apply(logits)
         assert np.isneginf(logits[constraint.stop_token]) != constraint.accepting
+        assert np.isneginf(logits[others]).all() and np.isneginf(logits[200019:]).all()
         token = int(np.argmax(logits))
         constraint.consume(token)
         if constraint.finished:
@@ -154,6 +156,19 @@ def test_apply_sets_disallowed_logits_to_minus_infinity(o200k_tokenizer):
     assert np.array_equal(np.isfinite(logits), mask) and 0 < mask.sum() < 100
     with pytest.raises(ValueError, match="shape"):
         constraint.apply(np.zeros(10, dtype=np.float32))
+
+
+def test_mask_kernel_matches_numpy():
+    rng = np.random.default_rng(5)
+    for n in (1, 31, 32, 33, 1000):
+        bits = rng.integers(0, 2**32, (n + 31) // 32, dtype=np.uint64).astype(np.uint32)
+        bits[::3] = 0xFFFFFFFF  # the whole-word shortcuts
+        bits[1::3] = 0
+        logits = rng.standard_normal(n).astype(np.float32)
+        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little", count=n).view(bool)
+        expected = np.where(allowed, logits, np.float32(-np.inf))
+        constrain._mask_logits(logits, bits)
+        assert np.array_equal(logits, expected)
 
 
 def test_engine_tokenizer_is_built_once(o200k_tokenizer):
