@@ -58,7 +58,7 @@ CREATE TABLE input_items (
     item_id TEXT NOT NULL,
     item TEXT NOT NULL,
     PRIMARY KEY (response_seq, position)
-) WITHOUT ROWID;
+);
 """
 
 
@@ -205,12 +205,11 @@ class ResponseStore:
         evicted = []
         if total <= self.max_bytes:
             return evicted
-        for seq, rid, size in self._db.execute("SELECT seq, id, size FROM responses ORDER BY seq").fetchall():
+        while total > self.max_bytes:
+            seq, rid, size = self._db.execute("SELECT seq, id, size FROM responses ORDER BY seq LIMIT 1").fetchone()
             self._db.execute("DELETE FROM responses WHERE seq = ?", (seq,))
             evicted.append(rid)
             total -= size
-            if total <= self.max_bytes:
-                break
         return evicted
 
     def get(self, response_id: str) -> dict[str, Any] | None:
