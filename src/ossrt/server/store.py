@@ -130,7 +130,8 @@ class ResponseStore:
                 if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise OssrtError(f"{self.path}: a SQLite database of something else, not a response store "
                                      "(use another --store path)")
-                # Tables and version in one transaction: another process sees both or neither.
+                # Tables and version in one transaction: another process sees both or neither (so statement by
+                # statement: executescript would commit first).
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
