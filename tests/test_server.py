@@ -2,6 +2,7 @@
 (the whole path model → Harmony parser → API is real)."""
 
 import json
+import os
 import socket
 import threading
 
@@ -14,7 +15,8 @@ httpx = pytest.importorskip("httpx")
 import ossrt  # noqa: E402
 from ossrt.chat import FinishReason  # noqa: E402
 from ossrt.server.chat_completions import FINISH_REASONS, ChatCompletion  # noqa: E402
-from ossrt.server.responses import OUTCOMES, ResponsesOutput  # noqa: E402
+from ossrt.server.responses import OUTCOMES, ResponsesOutput, input_messages  # noqa: E402
+from ossrt.server.sealing import Sealer  # noqa: E402
 from server_support import live_server  # noqa: E402
 
 ID = "gpt-oss-test"
@@ -469,7 +471,8 @@ def test_serve_command(scripted_gguf, tmp_path):
 
     path = scripted_gguf(ANSWER)
     cmd = [sys.executable, "-m", "ossrt.cli", "serve", str(path), "--port", "0", "-c", "512", "--name", "mine"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, OSSRT_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stderr.readline()
         assert line.startswith(f"serving {path} as 'mine' at http://127.0.0.1:"), line
@@ -479,6 +482,7 @@ def test_serve_command(scripted_gguf, tmp_path):
         assert [m.id for m in c.models.list()] == ["mine"]
         r = c.chat.completions.create(model="mine", messages=ASK)
         assert r.choices[0].message.content == "Hello there, friend!"
+        assert (tmp_path / "cache" / "reasoning.key").stat().st_mode & 0o777 == 0o600  # sealed reasoning survives
         with socket.socket() as taken:  # a port in use: one error line, exit 2
             taken.bind(("127.0.0.1", 0))
             taken.listen()
@@ -488,3 +492,41 @@ def test_serve_command(scripted_gguf, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # uvicorn re-raises Ctrl-C after a clean shutdown: "interrupted", 130
+
+
+def test_reasoning_travels_sealed_for_stateless_clients(think):
+    """`include: ["reasoning.encrypted_content"]`: the analysis comes back sealed, and a later request that sends
+    only the sealed form gets the analysis into its conversation; anything else sealed is refused."""
+    c = client(think)
+    r = c.responses.create(model=ID, input="Hi!", max_output_tokens=8, temperature=0, store=False,
+                           include=["reasoning.encrypted_content"])
+    item = r.output[0]
+    assert item.type == "reasoning" and item.encrypted_content and "think" not in item.encrypted_content
+    assert c.responses.create(model=ID, input="Hi!", max_output_tokens=8).output[0].encrypted_content is None
+
+    sealer = think.server.sealer
+    messages, _ = input_messages([{"role": "user", "content": "Hi!"},
+                                  {"type": "reasoning", "summary": [], "encrypted_content": item.encrypted_content},
+                                  {"role": "user", "content": "And?"}], None, sealer)
+    assert messages[1] == {"role": "assistant", "reasoning": "Let me think."}
+    again = c.responses.create(model=ID, max_output_tokens=4, input=[
+        {"role": "user", "content": "Hi!"},
+        {"type": "reasoning", "id": item.id, "summary": [], "encrypted_content": item.encrypted_content},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}])
+    assert again.status == "incomplete"
+    forged = item.encrypted_content[:-8] + ("A" * 8 if not item.encrypted_content.endswith("A" * 8) else "B" * 8)
+    for bad in (forged, Sealer().seal("Let me think.")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=ID, input=[{"type": "reasoning", "summary": [], "encrypted_content": bad},
+                                                {"role": "user", "content": "Hi!"}])
+        assert e.value.body["param"] == "input[0].encrypted_content"
+        assert e.value.body["code"] == "invalid_encrypted_content"
+
+
+def test_sealer_key_file(tmp_path):
+    path = tmp_path / "keys" / "reasoning.key"
+    first = Sealer.from_key_file(path)
+    assert path.stat().st_mode & 0o777 == 0o600 and list(path.parent.iterdir()) == [path]
+    sealed = first.seal("Let me think. ü")
+    assert Sealer.from_key_file(path).open(sealed) == "Let me think. ü"  # a restarted server opens it
+    assert Sealer().open(sealed) is None and first.open("not sealed") is None

@@ -32,6 +32,7 @@ from .chat_completions import ChatCompletion, parse_chat_request
 from .errors import ApiError, api_error
 from .fields import field_of
 from .responses import ResponsesOutput, parse_responses_request
+from .sealing import Sealer
 from .runner import ApiOutput, SessionPool, TurnThread
 from .turn import Turn
 
@@ -46,12 +47,13 @@ class Server:
     `queue`), the counts /health reports."""
 
     def __init__(self, model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
-                 parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY):
+                 parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY, sealer: Sealer | None = None):
         if parallel < 1 or queue < 0:
             raise ValueError("parallel must be at least 1 and queue at least 0")
         self.model, self.model_id, self.api_key = model, model_id, api_key
         self.names = {_norm(n) for n in (model_id, *aliases)}
         self.parallel, self.queue_size, self.max_body = parallel, queue, max_body
+        self.sealer = sealer or Sealer()  # a fresh key: sealed reasoning is valid while this server runs
         self.pool = SessionPool(model.new_session() for _ in range(parallel))
         self.slots = asyncio.Semaphore(parallel)
         self.waiting = 0
@@ -197,8 +199,9 @@ class Server:
 
     async def responses(self, request: Request) -> Response:
         body = await self.read_json(request)
-        turn, stream, echo = parse_responses_request(body, self.model.context_length)
-        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo), stream)
+        turn, stream, echo, sealed = parse_responses_request(body, self.model.context_length, self.sealer)
+        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo, self.sealer if sealed else None),
+                                  stream)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -262,10 +265,12 @@ class _Failures:
 
 
 def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
-               parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY) -> Starlette:
-    """The ASGI app serving `model` (an `ossrt.Model`) as `model_id` (requests may also name an alias)."""
+               parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
+               sealer: Sealer | None = None) -> Starlette:
+    """The ASGI app serving `model` (an `ossrt.Model`) as `model_id` (requests may also name an alias); `sealer`
+    seals reasoning for stateless clients (default: a key of this app's own)."""
     server = Server(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
-                    max_body=max_body)
+                    max_body=max_body, sealer=sealer)
 
     async def api_error_response(request: Request, e: ApiError) -> Response:
         _log_failure(request, e)

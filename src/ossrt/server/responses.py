@@ -3,7 +3,8 @@
 Output items follow the Harmony messages in order: `reasoning` (analysis, as `reasoning_text` content), `message`
 (a preamble with phase "commentary", the answer with phase "final_answer") and `function_call`. Sending them back
 as input, with `function_call_output` items, continues the conversation. Responses are not stored:
-`previous_response_id` is refused, the client sends the whole conversation."""
+`previous_response_id` is refused, the client sends the whole conversation; reasoning may travel sealed
+(`encrypted_content`, server/sealing.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,20 @@ from ..chat import (ChatResponse, ContentDelta, FinishReason, PreambleDelta, Rea
 from .errors import ApiError
 from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_field
 from .ids import new_id
+from .sealing import Sealer
 from .turn import Turn, read_turn
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
+ENCRYPTED_REASONING = "reasoning.encrypted_content"  # the `include` entry asking for sealed reasoning
 # gpt-oss has no summarizer: any requested summary is the reasoning text itself, for clients that show only summaries.
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
 
 
-def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tuple[Turn, bool, dict[str, Any]]:
-    """The turn, `stream`, and the request fields a Response object echoes."""
+def parse_responses_request(body: Mapping[str, Any], context_length: int,
+                            sealer: Sealer) -> tuple[Turn, bool, dict[str, Any], bool]:
+    """The turn, `stream`, the request fields a Response object echoes, and whether reasoning items should carry
+    their text sealed (`include: ["reasoning.encrypted_content"]`); `sealer` opens what earlier turns sealed."""
     if field_of(body, "previous_response_id", "string") is not None:
         raise ApiError(400, "previous_response_id is not supported: responses are not stored; send the whole "
                             "conversation as 'input'", param="previous_response_id", code="unsupported_value")
@@ -37,7 +42,11 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
                        code="unsupported_value")
     instructions = field_of(body, "instructions", "string")
     value = field_of(body, "input", "string|array", required=True)
-    messages, where = input_messages(value, instructions)
+    messages, where = input_messages(value, instructions, sealer)
+    include = field_of(body, "include", "array", [])
+    for i, entry in enumerate(include):
+        if not isinstance(entry, str):
+            raise ApiError(422, f"'include[{i}]' must be a string", param=f"include[{i}]", code="invalid_type")
     reasoning = field_of(body, "reasoning", "object", {})
     summary = field_of(reasoning, "summary", "string", where="reasoning.")
     if summary not in (None, *REASONING_SUMMARIES):
@@ -50,10 +59,11 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int) -> tup
             "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": summary},
             "metadata": field_of(body, "metadata", "object", {})}
-    return turn, field_of(body, "stream", "boolean", False), echo
+    return turn, field_of(body, "stream", "boolean", False), echo, ENCRYPTED_REASONING in include
 
 
-def input_messages(value: str | list, instructions: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+def input_messages(value: str | list, instructions: str | None,
+                   sealer: Sealer) -> tuple[list[dict[str, Any]], list[str]]:
     """Chat messages for `input`, and for each message the request field it came from (for error messages).
     Reasoning, assistant messages and function calls in a row become one assistant message."""
     msgs: list[dict[str, Any]] = []
@@ -92,9 +102,10 @@ def input_messages(value: str | list, instructions: str | None) -> tuple[list[di
                 pending, pending_at = {"role": "assistant"}, at
             pending["content"] = text
         elif kind == "reasoning":
-            # The reasoning text itself ("content"), else its summary: the model reads either as its analysis.
-            content, summary = _reasoning_text(item, "content", at), _reasoning_text(item, "summary", at)
-            text = content or summary
+            # The reasoning text itself ("content"), else what this server sealed, else its summary: the model
+            # reads any of them as its analysis.
+            text = _reasoning_text(item, "content", at) or _unsealed(item, at, sealer) or _reasoning_text(
+                item, "summary", at)
             if pending is not None and (pending.get("content") or pending.get("tool_calls")):
                 flush()
             if pending is None:
@@ -142,6 +153,20 @@ def _reasoning_text(item: Mapping[str, Any], key: str, at: str) -> str:
     return "".join(out)
 
 
+def _unsealed(item: Mapping[str, Any], at: str, sealer: Sealer) -> str:
+    """The analysis a reasoning item's `encrypted_content` holds ("" without one); 400 if this server's key did not
+    seal it (another server's, or altered)."""
+    sealed = field_of(item, "encrypted_content", "string", where=f"{at}.")
+    if sealed is None:
+        return ""
+    text = sealer.open(sealed)
+    if text is None:
+        raise ApiError(400, f"'{at}.encrypted_content' was not made by this server (or was altered): send the "
+                            f"reasoning as 'content', or leave the item out", param=f"{at}.encrypted_content",
+                       code="invalid_encrypted_content")
+    return text
+
+
 class Outcome(NamedTuple):
     status: str  # the Response's
     item_status: str  # of the output item open at the end
@@ -166,8 +191,9 @@ class ResponsesOutput:
     stopped = False  # the Responses API has no stop sequences
     named_events = True
 
-    def __init__(self, model_id: str, echo: dict[str, Any]):
+    def __init__(self, model_id: str, echo: dict[str, Any], sealer: Sealer | None = None):
         self.model_id, self.echo = model_id, echo
+        self.sealer = sealer  # seals each reasoning item's text into its `encrypted_content`
         self.id = new_id("resp_")
         self.created_at = int(time.time())
         self.items: list[dict[str, Any]] = []
@@ -229,6 +255,8 @@ class ResponsesOutput:
         if kind == "reasoning":
             part = {"type": "reasoning_text", "text": text}
             done = self._ev("response.reasoning_text.done", **self._place(), content_index=0, text=text)
+            if self.sealer is not None:
+                item["encrypted_content"] = self.sealer.seal(text)
             if self.summary:
                 item["summary"] = [{"type": "summary_text", "text": text}]
                 summary_done = [

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import OssrtError
-from ..resolve import ALIASES
+from ..resolve import ALIASES, cache_dir
 from .app import create_app
+from .sealing import KEY_FILE, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,19 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
           parallel: int = 2, queue: int = 16, log_level: str = "info") -> None:
-    """Serve on `sock` (from `listen`) until interrupted."""
+    """Serve on `sock` (from `listen`) until interrupted. Reasoning is sealed with the key in the cache folder, so
+    clients' sealed reasoning still opens after a restart."""
     import uvicorn
 
-    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue)
+    key_file = cache_dir() / KEY_FILE
+    try:
+        sealer = Sealer.from_key_file(key_file)
+    except OSError as e:
+        raise OssrtError(f"cannot read or create the reasoning key {key_file}: {e.strerror or e}") from None
+    except ValueError:
+        raise OssrtError(f"{key_file} is not a reasoning key; delete it and a new one is made") from None
+    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
+                     sealer=sealer)
     uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
 
 
