@@ -483,12 +483,22 @@ def test_serve_command(scripted_gguf, tmp_path):
         r = c.chat.completions.create(model="mine", messages=ASK)
         assert r.choices[0].message.content == "Hello there, friend!"
         assert (tmp_path / "cache" / "reasoning.key").stat().st_mode & 0o777 == 0o600  # sealed reasoning survives
+        stored = c.responses.create(model="mine", input="Hi!")
+        assert c.responses.retrieve(stored.id).output_text == "Hello there, friend!"
+        assert (tmp_path / "cache" / "responses.sqlite3").is_file()  # the default store
         with socket.socket() as taken:  # a port in use: one error line, exit 2
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             busy = subprocess.run(cmd[:5] + ["--port", str(taken.getsockname()[1])], capture_output=True,
                                   text=True, timeout=60)
         assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen on 127.0.0.1:"), busy.stderr
+        not_a_store = tmp_path / "notes.txt"
+        not_a_store.write_text("my notes\n" * 100)
+        for flags, message in ((["--store", str(not_a_store)], "notes.txt"),
+                               (["--store", str(not_a_store), "--no-store"], "exclude each other")):
+            bad = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60, env=env)
+            assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert not_a_store.read_text() == "my notes\n" * 100
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # uvicorn re-raises Ctrl-C after a clean shutdown: "interrupted", 130
@@ -530,3 +540,45 @@ def test_sealer_key_file(tmp_path):
     sealed = first.seal("Let me think. ü")
     assert Sealer.from_key_file(path).open(sealed) == "Let me think. ü"  # a restarted server opens it
     assert Sealer().open(sealed) is None and first.open("not sealed") is None
+
+
+def test_stored_responses_chain_retrieve_and_delete(scripted_gguf, tmp_path):
+    """Responses kept in a real SQLite file: `previous_response_id` continues one, GET/DELETE and input_items
+    behave as OpenAI's, and a restarted server still has them."""
+    from ossrt.server.store import ResponseStore
+
+    path = tmp_path / "responses.sqlite3"
+    with ResponseStore(path) as store, serving(scripted_gguf(ANSWER), store=store) as live:
+        c = client(live)
+        first = c.responses.create(model=ID, input="Hi!", max_output_tokens=20)
+        second = c.responses.create(model=ID, input="And again?", previous_response_id=first.id,
+                                    max_output_tokens=20)
+        assert second.previous_response_id == first.id and second.output_text == "Hello there, friend!"
+        # the chained prompt holds the first turn: its question, its answer, then the new question
+        assert second.usage.input_tokens > first.usage.input_tokens + 10
+        assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 2  # its KV cache reused
+        streamed = [e for e in c.responses.create(model=ID, input="Once more", previous_response_id=second.id,
+                                                  stream=True) if e.type == "response.completed"]
+        assert c.responses.retrieve(streamed[0].response.id).output_text == "Hello there, friend!"
+        unstored = c.responses.create(model=ID, input="Hi!", max_output_tokens=20, store=False)
+
+        got = c.responses.retrieve(first.id)
+        assert got.id == first.id and got.output_text == first.output_text and got.usage == first.usage
+        items = c.responses.input_items.list(second.id)
+        assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "And again?")]
+        assert items.data[0].id.startswith("msg_")
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(unstored.id)
+        c.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError) as e:
+            c.responses.create(model=ID, input="?", previous_response_id=second.id)
+        assert e.value.body["param"] == "previous_response_id" and first.id in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError):
+            c.responses.input_items.list(second.id, limit=500)
+    with ResponseStore(path) as store, serving(scripted_gguf(ANSWER), store=store) as live:
+        assert client(live).responses.retrieve(second.id).output_text == "Hello there, friend!"
+    with serving(scripted_gguf(ANSWER)) as live:
+        with pytest.raises(openai.BadRequestError, match="--no-store"):
+            client(live).responses.create(model=ID, input="?", previous_response_id=second.id)

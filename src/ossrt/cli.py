@@ -249,12 +249,18 @@ def _save_history(readline, history: Path) -> None:
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
 @click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
 @_DEVICE
+@click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
+              help="SQLite file keeping responses (previous_response_id, GET /v1/responses/ID) "
+                   "[default: responses.sqlite3 in the cache folder]")
+@click.option("--no-store", "no_store", is_flag=True, help="keep no responses")
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
-          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str) -> None:
+          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, store: str | None,
+          no_store: bool) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
         from .server.serve import listen, model_names, serve as run_server
+        from .server.store import ResponseStore, default_store_path
     except ImportError as e:
         raise OssrtError(f"ossrt serve needs the serve extra ({e.name} is missing): pip install 'ossrt[serve]'") \
             from None
@@ -264,6 +270,11 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     spec = model or DEFAULT_MODEL
     path = resolve_model(spec)
     model_id, aliases = model_names(spec, path)
+    if store is not None and no_store:
+        raise ParameterError("--store and --no-store exclude each other")
+    store_path = None if no_store else store or default_store_path()
+    if store_path is not None:
+        ResponseStore(store_path).close()  # a bad file fails now, before the model loads
     sock = listen(host, port)  # before loading: a taken port fails at once
     m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -271,7 +282,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {path} as {name or model_id!r} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
     run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
-               parallel=parallel, queue=queue)
+               parallel=parallel, queue=queue, store=store_path)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def engine_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     with _engine_tokenizers_lock:  # server turns run in threads; build once
         built = _engine_tokenizers.get(tokenizer)
         if built is None:
-            built = lltokenizer_from_encoding(tokenizer._enc, n_vocab=tokenizer.n_vocab,
+            built = lltokenizer_from_encoding(tokenizer.tiktoken_encoding, n_vocab=tokenizer.n_vocab,
                                               eos_token=sorted(tokenizer.stop_tokens_for_assistant))
             _engine_tokenizers[tokenizer] = built
         return built

@@ -240,6 +240,11 @@ class Tokenizer:
         return token_id in self._special_by_id
 
     @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding underneath, for libraries that read a vocabulary from one (llguidance)."""
+        return self._enc
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self._special)
 

@@ -26,20 +26,22 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import OssrtError
+from ..errors import OssrtError, ParameterError
 from .body import read_json_object
 from .chat_completions import ChatCompletion, parse_chat_request
 from .errors import ApiError, api_error
 from .fields import field_of
 from .responses import ResponsesOutput, parse_responses_request
-from .sealing import Sealer
 from .runner import ApiOutput, SessionPool, TurnThread
+from .sealing import Sealer
+from .store import ResponseStore
 from .turn import Turn
 
 log = logging.getLogger("ossrt.server.app")
 
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
 _BEARER = re.compile(r"bearer +(.*)", re.IGNORECASE)
+_FINAL_EVENTS = ("response.completed", "response.incomplete")  # a stream's events carrying a response to keep
 
 
 class Server:
@@ -47,13 +49,15 @@ class Server:
     `queue`), the counts /health reports."""
 
     def __init__(self, model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
-                 parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY, sealer: Sealer | None = None):
+                 parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY, sealer: Sealer | None = None,
+                 store: ResponseStore | None = None):
         if parallel < 1 or queue < 0:
             raise ValueError("parallel must be at least 1 and queue at least 0")
         self.model, self.model_id, self.api_key = model, model_id, api_key
         self.names = {_norm(n) for n in (model_id, *aliases)}
         self.parallel, self.queue_size, self.max_body = parallel, queue, max_body
         self.sealer = sealer or Sealer()  # a fresh key: sealed reasoning is valid while this server runs
+        self.store = store  # stored responses (previous_response_id, GET/DELETE); None: nothing is stored
         self.pool = SessionPool(model.new_session() for _ in range(parallel))
         self.slots = asyncio.Semaphore(parallel)
         self.waiting = 0
@@ -136,10 +140,13 @@ class Server:
         if not hmac.compare_digest(m.group(1).encode("latin-1"), self.api_key.encode()):  # the header's bytes
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
-    async def respond(self, request: Request, turn: Turn, output: ApiOutput, stream: bool) -> Response:
+    async def respond(self, request: Request, turn: Turn, output: ApiOutput, stream: bool,
+                      keep: Callable[[dict[str, Any]], None] | None = None) -> Response:
+        """Run `turn` and answer with `output`'s objects; `keep` gets the final object (a stored response) once it
+        is complete, before the non-streamed answer or the stream's end."""
         run = await self.start(turn)
         if stream:
-            return StreamingResponse(self._sse(request, run, output), media_type="text/event-stream",
+            return StreamingResponse(self._sse(request, run, output, keep), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self._watch_disconnect(request, run))
         try:
@@ -149,7 +156,10 @@ class Server:
             raise api_error(e, turn.where) from None
         finally:
             watcher.cancel()
-        return JSONResponse(output.result(run.response))
+        result = output.result(run.response)
+        if keep is not None:
+            await asyncio.to_thread(keep, result)
+        return JSONResponse(result)
 
     async def _watch_disconnect(self, request: Request, run: TurnThread) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -157,9 +167,12 @@ class Server:
         run.cancel()
         self._disconnected()
 
-    async def _sse(self, request: Request, run: TurnThread, output: ApiOutput) -> AsyncIterator[bytes]:
+    async def _sse(self, request: Request, run: TurnThread, output: ApiOutput,
+                   keep: Callable[[dict[str, Any]], None] | None) -> AsyncIterator[bytes]:
         try:
             async for p in run.payloads(output):
+                if keep is not None and p.get("type") in _FINAL_EVENTS:
+                    await asyncio.to_thread(keep, p["response"])
                 yield _sse_event(p, output.named_events)
             if not output.named_events:
                 yield b"data: [DONE]\n\n"
@@ -199,9 +212,49 @@ class Server:
 
     async def responses(self, request: Request) -> Response:
         body = await self.read_json(request)
-        turn, stream, echo, sealed = parse_responses_request(body, self.model.context_length, self.sealer)
-        return await self.respond(request, turn, ResponsesOutput(self.model_id, echo, self.sealer if sealed else None),
-                                  stream)
+        req = parse_responses_request(body, self.model.context_length, self.sealer, self.store)
+        output = ResponsesOutput(self.model_id, req.echo, self.sealer if req.sealed else None)
+
+        def keep(response: dict[str, Any]) -> None:
+            if req.store and response["status"] != "cancelled":
+                self.store.put(response, req.items, previous_response_id=req.previous_response_id)
+
+        return await self.respond(request, req.turn, output, req.stream, keep)
+
+    def _stored(self, request: Request) -> str:
+        self.check_key(request)
+        if self.store is None:
+            raise ApiError(404, "this server stores no responses (--no-store)", code="not_found")
+        return request.path_params["id"]
+
+    async def get_response(self, request: Request) -> Response:
+        response_id = self._stored(request)
+        found = await asyncio.to_thread(self.store.get, response_id)
+        if found is None:
+            raise ApiError(404, f"no stored response has id {response_id!r}", code="not_found")
+        return JSONResponse(found)
+
+    async def delete_response(self, request: Request) -> Response:
+        response_id = self._stored(request)
+        if not await asyncio.to_thread(self.store.delete, response_id):
+            raise ApiError(404, f"no stored response has id {response_id!r}", code="not_found")
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def input_items(self, request: Request) -> Response:
+        response_id = self._stored(request)
+        q = request.query_params
+        limit = q.get("limit", "20")
+        if not limit.isdigit():
+            raise ApiError(400, f"'limit' must be an integer from 1 to 100, got {limit!r:.40}", param="limit",
+                           code="invalid_value")
+        try:
+            page = await asyncio.to_thread(self.store.input_items, response_id, after=q.get("after"),
+                                           limit=int(limit), order=q.get("order", "desc"))
+        except ParameterError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        if page is None:
+            raise ApiError(404, f"no stored response has id {response_id!r}", code="not_found")
+        return JSONResponse(page)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -266,11 +319,11 @@ class _Failures:
 
 def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
                parallel: int = 2, queue: int = 16, max_body: int = DEFAULT_MAX_BODY,
-               sealer: Sealer | None = None) -> Starlette:
+               sealer: Sealer | None = None, store: ResponseStore | None = None) -> Starlette:
     """The ASGI app serving `model` (an `ossrt.Model`) as `model_id` (requests may also name an alias); `sealer`
-    seals reasoning for stateless clients (default: a key of this app's own)."""
+    seals reasoning for stateless clients (default: a key of this app's own); `store` keeps responses."""
     server = Server(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
-                    max_body=max_body, sealer=sealer)
+                    max_body=max_body, sealer=sealer, store=store)
 
     async def api_error_response(request: Request, e: ApiError) -> Response:
         _log_failure(request, e)
@@ -285,7 +338,10 @@ def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: st
     routes = [Route("/health", server.health), Route("/v1/models", server.models),
               Route("/v1/models/{name:path}", server.model_info),
               Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
-              Route("/v1/responses", server.responses, methods=["POST"])]
+              Route("/v1/responses", server.responses, methods=["POST"]),
+              Route("/v1/responses/{id}", server.get_response, methods=["GET"]),
+              Route("/v1/responses/{id}", server.delete_response, methods=["DELETE"]),
+              Route("/v1/responses/{id}/input_items", server.input_items, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=server.lifespan, middleware=[Middleware(_Failures)],
                     exception_handlers={ApiError: api_error_response, HTTPException: http_error})
     app.router.redirect_slashes = False  # "/v1/responses/" is an unknown path (404, an error body), as at OpenAI

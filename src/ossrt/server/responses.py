@@ -2,9 +2,8 @@
 
 Output items follow the Harmony messages in order: `reasoning` (analysis, as `reasoning_text` content), `message`
 (a preamble with phase "commentary", the answer with phase "final_answer") and `function_call`. Sending them back
-as input, with `function_call_output` items, continues the conversation. Responses are not stored:
-`previous_response_id` is refused, the client sends the whole conversation; reasoning may travel sealed
-(`encrypted_content`, server/sealing.py)."""
+as input, with `function_call_output` items, continues the conversation; so does `previous_response_id` when the
+server stores responses (server/store.py); reasoning may travel sealed (`encrypted_content`, server/sealing.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from .errors import ApiError
 from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_field
 from .ids import new_id
 from .sealing import Sealer
+from .store import MissingResponseError, ResponseStore
 from .turn import Turn, read_turn
 
 _ROLES = ("user", "system", "developer", "assistant")
@@ -26,13 +26,25 @@ ENCRYPTED_REASONING = "reasoning.encrypted_content"  # the `include` entry askin
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
 
 
-def parse_responses_request(body: Mapping[str, Any], context_length: int,
-                            sealer: Sealer) -> tuple[Turn, bool, dict[str, Any], bool]:
-    """The turn, `stream`, the request fields a Response object echoes, and whether reasoning items should carry
-    their text sealed (`include: ["reasoning.encrypted_content"]`); `sealer` opens what earlier turns sealed."""
-    if field_of(body, "previous_response_id", "string") is not None:
-        raise ApiError(400, "previous_response_id is not supported: responses are not stored; send the whole "
-                            "conversation as 'input'", param="previous_response_id", code="unsupported_value")
+class ResponsesRequest(NamedTuple):
+    turn: Turn
+    stream: bool
+    echo: dict[str, Any]  # the request fields a Response object echoes
+    sealed: bool  # reasoning items carry their text sealed (`include: ["reasoning.encrypted_content"]`)
+    items: list[dict[str, Any]]  # this request's own input items, as stored
+    previous_response_id: str | None
+    store: bool
+
+
+def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer: Sealer,
+                            store: ResponseStore | None) -> ResponsesRequest:
+    """The request, its conversation continuing a stored response's when it names `previous_response_id`;
+    `sealer` opens reasoning earlier turns sealed."""
+    previous = field_of(body, "previous_response_id", "string")
+    if previous is not None and store is None:
+        raise ApiError(400, "previous_response_id needs stored responses, and this server stores none (--no-store); "
+                            "send the whole conversation as 'input'", param="previous_response_id",
+                       code="unsupported_value")
     if field_of(body, "background", "boolean", False):
         raise ApiError(400, "background responses are not supported", param="background", code="unsupported_value")
     text = field_of(body, "text", "object", {})
@@ -42,7 +54,14 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int,
                        code="unsupported_value")
     instructions = field_of(body, "instructions", "string")
     value = field_of(body, "input", "string|array", required=True)
-    messages, where = input_messages(value, instructions, sealer)
+    items = [_stored_item(i) for i in ([{"role": "user", "content": value}] if isinstance(value, str) else value)]
+    earlier = []
+    if previous is not None:
+        try:
+            earlier = store.chain(previous)
+        except MissingResponseError as e:
+            raise ApiError(404, str(e), param="previous_response_id", code="not_found") from None
+    messages, where = input_messages(earlier + items, instructions, sealer)
     include = field_of(body, "include", "array", [])
     for i, entry in enumerate(include):
         if not isinstance(entry, str):
@@ -59,7 +78,9 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int,
             "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": summary},
             "metadata": field_of(body, "metadata", "object", {})}
-    return turn, field_of(body, "stream", "boolean", False), echo, ENCRYPTED_REASONING in include
+    echo["previous_response_id"] = previous
+    return ResponsesRequest(turn, field_of(body, "stream", "boolean", False), echo, ENCRYPTED_REASONING in include,
+                            items, previous, field_of(body, "store", "boolean", True) and store is not None)
 
 
 def input_messages(value: str | list, instructions: str | None,
@@ -151,6 +172,17 @@ def _reasoning_text(item: Mapping[str, Any], key: str, at: str) -> str:
     for where, p in objects_of(field_of(item, key, "array", [], where=f"{at}."), f"{at}.{key}"):
         out.append(field_of(p, "text", "string", required=True, where=f"{where}."))
     return "".join(out)
+
+
+def _stored_item(item: Any) -> Any:
+    """An input item as OpenAI lists it back: a message's text content as one text part."""
+    if not isinstance(item, Mapping):
+        return item  # input_messages names what is wrong with it
+    item = dict(item)
+    if item.get("type", "message") == "message" and isinstance(item.get("content"), str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        item.update(type="message", content=[{"type": part, "text": item["content"]}])
+    return item
 
 
 def _unsealed(item: Mapping[str, Any], at: str, sealer: Sealer) -> str:

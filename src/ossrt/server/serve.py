@@ -14,6 +14,7 @@ from ..errors import OssrtError
 from ..resolve import ALIASES, cache_dir
 from .app import create_app
 from .sealing import KEY_FILE, Sealer
+from .store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
-          parallel: int = 2, queue: int = 16, log_level: str = "info") -> None:
-    """Serve on `sock` (from `listen`) until interrupted. Reasoning is sealed with the key in the cache folder, so
-    clients' sealed reasoning still opens after a restart."""
+          parallel: int = 2, queue: int = 16, log_level: str = "info", store: str | Path | None = None) -> None:
+    """Serve on `sock` (from `listen`) until interrupted, keeping responses in the SQLite file `store` (None: none
+    kept). Reasoning is sealed with the key in the cache folder, so clients' sealed reasoning still opens after a
+    restart."""
     import uvicorn
 
     key_file = cache_dir() / KEY_FILE
@@ -59,9 +61,14 @@ def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] =
         raise OssrtError(f"cannot read or create the reasoning key {key_file}: {e.strerror or e}") from None
     except ValueError:
         raise OssrtError(f"{key_file} is not a reasoning key; delete it and a new one is made") from None
-    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
-                     sealer=sealer)
-    uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
+    responses = ResponseStore(store) if store is not None else None
+    try:
+        app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
+                         sealer=sealer, store=responses)
+        uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
+    finally:
+        if responses is not None:
+            responses.close()
 
 
 def uvicorn_config(app, *, header_timeout: float = HEADER_TIMEOUT, log_level: str = "info", **settings):
