@@ -18,6 +18,7 @@ from openai_harmony import (
     Role,
     SystemContent,
     ToolDescription,
+    ToolNamespaceConfig,
 )
 
 from ossrt.errors import ChatFormatError
@@ -61,6 +62,10 @@ def _kept_reasoning(messages):
     return keep
 
 
+def _recipient(name):
+    return name if "." in name else "functions." + name
+
+
 def reference_render(enc, messages, tools=None, reasoning_effort="medium", current_date=None):
     sysc = SystemContent.new().with_reasoning_effort(ReasoningEffort[reasoning_effort.upper()])
     if current_date:
@@ -73,10 +78,15 @@ def reference_render(enc, messages, tools=None, reasoning_effort="medium", curre
         dev = DeveloperContent.new()
         if lead:
             dev = dev.with_instructions("\n\n".join(_text(m) for m in messages[:lead]))
-        if tools:
+        functions = [t for t in tools or [] if t.get("type", "function") == "function"]
+        if functions:
             dev = dev.with_function_tools([ToolDescription.new(
                 t["function"]["name"], t["function"].get("description") or "", t["function"].get("parameters"))
-                for t in tools])
+                for t in functions])
+        for ns in (t for t in tools or [] if t.get("type") == "namespace"):
+            dev = dev.with_tools(ToolNamespaceConfig(name=ns["name"], description=ns.get("description"), tools=[
+                ToolDescription.new(f["name"], f.get("description") or "", f.get("parameters"))
+                for f in ns["tools"]]))
         out.append(Message.from_role_and_content(Role.DEVELOPER, dev))
     keep = _kept_reasoning(messages)
     names = {}
@@ -97,13 +107,39 @@ def reference_render(enc, messages, tools=None, reasoning_effort="medium", curre
             for c in calls:
                 names[c["id"]] = c["function"]["name"]
                 out.append(Message.from_role_and_content(Role.ASSISTANT, c["function"]["arguments"])
-                           .with_channel("commentary").with_recipient("functions." + c["function"]["name"])
+                           .with_channel("commentary").with_recipient(_recipient(c["function"]["name"]))
                            .with_content_type("<|constrain|>json"))
         else:
             name = names[m["tool_call_id"]] if "tool_call_id" in m else m["name"]
-            out.append(Message.from_author_and_content(Author.new(Role.TOOL, "functions." + name), _text(m))
+            out.append(Message.from_author_and_content(Author.new(Role.TOOL, _recipient(name)), _text(m))
                        .with_recipient("assistant").with_channel("commentary"))
     return enc.render_conversation_for_completion(Conversation.from_messages(out), Role.ASSISTANT)
+
+
+AGENTS = {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+          "tools": [{"type": "function", "name": "close_agent", "description": "Close an agent.",
+                     "parameters": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}},
+                    {"type": "function", "name": "list_agents", "description": "List them."}]}
+
+
+def test_namespace_tools_and_calls_into_them(o200k_tokenizer, harmony_encoding):
+    """A namespace tool (the Codex CLI's multi_agent_v1) is a namespace of its own after `functions`; calls into it
+    go to NAMESPACE.NAME and its results come from there."""
+    call = {"id": "c1", "type": "function", "function": {"name": "multi_agent_v1.close_agent",
+                                                         "arguments": '{"id":"a1"}'}}
+    conversation = BERLIN + [{"role": "assistant", "tool_calls": [call]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "closed"}]
+    for tools in ([WEATHER_TOOL, AGENTS], [AGENTS]):
+        ids = assert_same(o200k_tokenizer, harmony_encoding, conversation, tools=tools)
+        text = o200k_tokenizer.decode(ids)
+        assert ("## multi_agent_v1\n\n// Tools for spawning and managing sub-agents.\nnamespace multi_agent_v1 {"
+                in text)
+        assert "<|start|>assistant to=multi_agent_v1.close_agent<|channel|>commentary" in text
+        assert "<|start|>multi_agent_v1.close_agent to=assistant<|channel|>commentary" in text
+    for bad, message in ((dict(AGENTS, name="functions"), "taken"), (dict(AGENTS, tools=[]), "non-empty"),
+                         (dict(AGENTS, tools=[{"type": "web_search"}]), "must be a function tool")):
+        with pytest.raises(ChatFormatError, match=message):
+            render_conversation(o200k_tokenizer, BERLIN, tools=[bad])
 
 
 def assert_same(tok, enc, messages, **kw):

@@ -5,11 +5,14 @@ It reproduces OpenAI's `openai-harmony` token for token (`render_conversation_fo
 config); tests check that differentially. Mapping of OpenAI messages to Harmony messages:
 
 - leading `system` / `developer` messages → the developer message's `# Instructions` (joined by a blank line);
-  `tools` → its `functions` namespace. Later `system` / `developer` messages → developer messages with plain text.
+  `tools` → its `functions` namespace; a `{"type": "namespace", "name", "description", "tools": [functions]}`
+  tool → a namespace of its own after it. Later `system` / `developer` messages → developer messages with plain
+  text.
 - `user` → user message.
 - `assistant` → `reasoning` (or `reasoning_content`) on `analysis`; `content` on `final`, or on `commentary` (a
   preamble) when the message also has `tool_calls`; each tool call →
-  `assistant to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>ARGS<|call|>`.
+  `assistant to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>ARGS<|call|>` (a dotted name,
+  NAMESPACE.NAME, calls into that namespace: `to=NAMESPACE.NAME`; function names have no dots).
 - `tool` → `functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT`, NAME found from `tool_call_id`.
 - Chain of thought (§7.7): `reasoning` of a turn that ended with a final answer and was followed by a user message
   is dropped (OpenAI's docs rule); then openai-harmony's own rule runs on the result (if the last assistant message
@@ -70,7 +73,7 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
     """The Harmony messages `render_conversation` renders, system message first, chain of thought dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise ChatFormatError(f"messages must be a list of message objects, got {type(messages).__name__}")
-    functions = _function_tools(tools)
+    namespaces = _tool_namespaces(tools)
     effort = _reasoning_effort(reasoning_effort)
     date = _date_text(current_date)
     for i, m in enumerate(messages):
@@ -84,9 +87,10 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
         n_lead += 1
     instructions = "\n\n".join(_text(messages[i], i) for i in range(n_lead)) if n_lead else None
 
-    out = [_system_message(model_identity, date, effort, calls_functions=bool(functions))]
-    if instructions is not None or functions:
-        out.append(_developer_message(instructions, functions))
+    calls_functions = any(ns.name == FUNCTIONS for ns in namespaces)
+    out = [_system_message(model_identity, date, effort, calls_functions=calls_functions)]
+    if instructions is not None or namespaces:
+        out.append(_developer_message(instructions, namespaces))
     out += _turns(messages, n_lead)
     return _drop_analysis(out)
 
@@ -116,10 +120,10 @@ def _system_message(model_identity: str, date: str | None, effort: str, *, calls
     return HarmonyMessage("system", "\n\n".join(["\n".join(identity), f"Reasoning: {effort}", channels]))
 
 
-def _developer_message(instructions: str | None, functions: list[FunctionTool]) -> HarmonyMessage:
+def _developer_message(instructions: str | None, namespaces: list[ToolNamespace]) -> HarmonyMessage:
     sections = ["# Instructions", instructions] if instructions is not None else []
-    if functions:
-        sections.append(_tools_section("functions", functions))
+    if namespaces:
+        sections.append("# Tools\n\n" + "\n\n".join(_namespace_section(ns) for ns in namespaces))
     return HarmonyMessage("developer", "\n\n".join(sections))
 
 
@@ -214,7 +218,7 @@ def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[s
         if call.get("id") is not None:
             calls[str(call["id"])] = name
         called.add(name)
-        out.append(HarmonyMessage("assistant", args, recipient=f"functions.{name}", channel="commentary",
+        out.append(HarmonyMessage("assistant", args, recipient=_recipient(name), channel="commentary",
                                   content_type=f"{CONSTRAIN}json"))
     return out
 
@@ -235,7 +239,7 @@ def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: se
         raise ChatFormatError(f"messages[{i}] (tool): needs 'tool_call_id' (or 'name')")
     elif name not in called:
         raise ChatFormatError(f"messages[{i}] (tool): no earlier assistant tool call to {name!r}")
-    return HarmonyMessage("tool", _text(m, i), name=f"functions.{name}", recipient="assistant", channel="commentary")
+    return HarmonyMessage("tool", _text(m, i), name=_recipient(name), recipient="assistant", channel="commentary")
 
 
 def _drop_analysis(msgs: list[HarmonyMessage]) -> list[HarmonyMessage]:
@@ -293,34 +297,73 @@ def _tool_name(name: Any, where: str) -> str:
     return name
 
 
-def _function_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[FunctionTool]:
-    """OpenAI function tools (`{"type": "function", "function": {...}}`, or the flat Responses form), checked."""
+FUNCTIONS = "functions"  # the namespace of the request's function tools
+
+
+class ToolNamespace(NamedTuple):
+    """A namespace of the tools section: `functions`, or one a namespace tool declares."""
+
+    name: str
+    description: str | None
+    functions: list[FunctionTool]
+
+
+def _recipient(name: str) -> str:
+    """Where a call to tool `name` goes: NAMESPACE.NAME as it is, a plain name into `functions`."""
+    return name if "." in name else f"{FUNCTIONS}.{name}"
+
+
+def _tool_namespaces(tools: Sequence[Mapping[str, Any]] | None) -> list[ToolNamespace]:
+    """The request's function tools (`{"type": "function", "function": {...}}`, or the flat Responses form) as the
+    `functions` namespace, then each namespace tool's own, checked."""
     if tools is None:
         return []
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)):
         raise ChatFormatError(f"tools must be a list of tool objects, got {type(tools).__name__}")
-    out, seen = [], set()
+    functions, namespaces, seen = [], [], {FUNCTIONS}
     for j, t in enumerate(tools):
         where = f"tools[{j}]"
         if not isinstance(t, Mapping):
             raise ChatFormatError(f"{where} must be an object, got {t!r:.80}")
-        if t.get("type", "function") != "function":
-            raise ChatFormatError(f"{where}: type {t.get('type')!r} is not supported; only 'function' tools")
-        fn = t.get("function", t)
-        if not isinstance(fn, Mapping):
-            raise ChatFormatError(f"{where}.function must be an object")
-        name = _tool_name(fn.get("name"), f"{where}.function.name")
-        if name in seen:
-            raise ChatFormatError(f"{where}: a second tool named {name!r}")
-        seen.add(name)
-        desc = fn.get("description") or ""
-        if not isinstance(desc, str):
-            raise ChatFormatError(f"{where}.function.description must be a string")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, Mapping):
-            raise ChatFormatError(f"{where}.function.parameters must be a JSON-schema object")
-        out.append(FunctionTool(name, desc, params))
-    return out
+        kind = t.get("type", "function")
+        if kind == "function":
+            functions.append(_function_tool(t, where, {f.name for f in functions}))
+        elif kind == "namespace":
+            name = _tool_name(t.get("name"), f"{where}.name")
+            if "." in name or name in seen:
+                raise ChatFormatError(f"{where}.name: {name!r} is taken or has a dot")
+            seen.add(name)
+            description = t.get("description")
+            if description is not None and not isinstance(description, str):
+                raise ChatFormatError(f"{where}.description must be a string")
+            members = t.get("tools")
+            if not isinstance(members, Sequence) or isinstance(members, (str, bytes)) or not members:
+                raise ChatFormatError(f"{where}.tools must be a non-empty list of function tools")
+            inner: list[FunctionTool] = []
+            for k, f in enumerate(members):
+                if not isinstance(f, Mapping) or f.get("type", "function") != "function":
+                    raise ChatFormatError(f"{where}.tools[{k}] must be a function tool")
+                inner.append(_function_tool(f, f"{where}.tools[{k}]", {g.name for g in inner}))
+            namespaces.append(ToolNamespace(name, description, inner))
+        else:
+            raise ChatFormatError(f"{where}: type {kind!r} is not supported; only 'function' and 'namespace' tools")
+    return ([ToolNamespace(FUNCTIONS, None, functions)] if functions else []) + namespaces
+
+
+def _function_tool(t: Mapping[str, Any], where: str, taken: set[str]) -> FunctionTool:
+    fn = t.get("function", t)
+    if not isinstance(fn, Mapping):
+        raise ChatFormatError(f"{where}.function must be an object")
+    name = _tool_name(fn.get("name"), f"{where}.function.name")
+    if name in taken:
+        raise ChatFormatError(f"{where}: a second tool named {name!r}")
+    desc = fn.get("description") or ""
+    if not isinstance(desc, str):
+        raise ChatFormatError(f"{where}.function.description must be a string")
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise ChatFormatError(f"{where}.function.parameters must be a JSON-schema object")
+    return FunctionTool(name, desc, params)
 
 
 def _lines(s: str) -> list[str]:
@@ -333,14 +376,17 @@ def _lines(s: str) -> list[str]:
     return out
 
 
-def _tools_section(namespace: str, functions: list[FunctionTool]) -> str:
-    block = [f"## {namespace}\n", f"namespace {namespace} {{\n"]
-    for name, desc, params in functions:
+def _namespace_section(ns: ToolNamespace) -> str:
+    block = [f"## {ns.name}\n"]
+    if ns.description:
+        block += [f"// {line}" for line in _lines(ns.description)]
+    block.append(f"namespace {ns.name} {{\n")
+    for name, desc, params in ns.functions:
         block += [f"// {line}" for line in _lines(desc)]
         if params is None:
             block.append(f"type {name} = () => any;\n")
         else:
             block.append(f"type {name} = (_: {schema_to_typescript(params)}) => any;\n")
-    block.append(f"}} // namespace {namespace}")
-    return "# Tools\n\n" + "\n".join(block)
+    block.append(f"}} // namespace {ns.name}")
+    return "\n".join(block)
 

@@ -125,16 +125,22 @@ def input_messages(value: str | list, instructions: str | None,
         elif kind == "reasoning":
             # The reasoning text itself ("content"), else what this server sealed, else its summary: the model
             # reads any of them as its analysis.
-            text = _reasoning_text(item, "content", at) or _unsealed(item, at, sealer) or _reasoning_text(
-                item, "summary", at)
+            text = (_reasoning_text(item, "content", at) or _unsealed(item, at, sealer)
+                    or _reasoning_text(item, "summary", at))
+            if not text and field_of(item, "encrypted_content", "string", where=f"{at}.") is not None:
+                raise ApiError(400, f"'{at}.encrypted_content' was not made by this server (or was altered): send "
+                                    f"the reasoning as 'content', or leave the item out",
+                               param=f"{at}.encrypted_content", code="invalid_encrypted_content")
             if pending is not None and (pending.get("content") or pending.get("tool_calls")):
                 flush()
             if pending is None:
                 pending, pending_at = {"role": "assistant"}, at
             pending["reasoning"] = text
         elif kind == "function_call":
+            name = field_of(item, "name", "string", required=True, where=f"{at}.")
+            namespace = field_of(item, "namespace", "string", where=f"{at}.")
             call = {"id": field_of(item, "call_id", "string", required=True, where=f"{at}."), "type": "function",
-                    "function": {"name": field_of(item, "name", "string", required=True, where=f"{at}."),
+                    "function": {"name": name if namespace is None else f"{namespace}.{name}",
                                  "arguments": field_of(item, "arguments", "string", "", where=f"{at}.")}}
             if pending is None:
                 pending, pending_at = {"role": "assistant"}, at
@@ -186,17 +192,10 @@ def _stored_item(item: Any) -> Any:
 
 
 def _unsealed(item: Mapping[str, Any], at: str, sealer: Sealer) -> str:
-    """The analysis a reasoning item's `encrypted_content` holds ("" without one); 400 if this server's key did not
-    seal it (another server's, or altered)."""
+    """The analysis a reasoning item's `encrypted_content` holds; "" without one, or when this server's key did
+    not seal it (another server's, or altered): its summary, if any, stands in."""
     sealed = field_of(item, "encrypted_content", "string", where=f"{at}.")
-    if sealed is None:
-        return ""
-    text = sealer.open(sealed)
-    if text is None:
-        raise ApiError(400, f"'{at}.encrypted_content' was not made by this server (or was altered): send the "
-                            f"reasoning as 'content', or leave the item out", param=f"{at}.encrypted_content",
-                       code="invalid_encrypted_content")
-    return text
+    return (sealer.open(sealed) or "") if sealed is not None else ""
 
 
 class Outcome(NamedTuple):
@@ -322,6 +321,8 @@ class ResponsesOutput:
             self.kind = "call"
             item = {"type": "function_call", "id": new_id("fc_"), "call_id": e.id, "name": e.name, "arguments": "",
                     "status": "in_progress"}
+            if "." in e.name:  # a call into a namespace tool: its name and namespace apart, as OpenAI's API has them
+                item["namespace"], item["name"] = e.name.split(".", 1)
             self.items.append(item)
             return out + [self._ev("response.output_item.added", output_index=len(self.items) - 1, item=dict(item))]
         if isinstance(e, ToolCallDelta):

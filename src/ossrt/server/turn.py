@@ -64,7 +64,7 @@ def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
     """`tools`, with every field's JSON type checked (422) so the renderer and `tool_choice` read well-formed objects;
     names and schemas are checked when rendering (400). Chat nests the function (`{"type": "function", "function":
     {"name", "description", "parameters"}}`); the Responses API's tools are `flat`, but may nest too. Returns the
-    function tools: hosted ones are left out, other types refused."""
+    function and namespace tools: hosted ones are left out, other types refused."""
     tools = field_of(body, "tools", "array")
     functions, hosted = [], []
     for at, t in objects_of(tools or [], "tools"):
@@ -72,21 +72,35 @@ def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
         if kind in HOSTED_TOOL_TYPES:
             hosted.append(kind)
             continue
+        if kind == "namespace":  # its own Harmony namespace (the Codex CLI's multi_agent_v1, MCP servers' tools)
+            field_of(t, "name", "string", required=True, where=f"{at}.")
+            field_of(t, "description", "string", where=f"{at}.")
+            for inner_at, inner in objects_of(field_of(t, "tools", "array", required=True, where=f"{at}."),
+                                              f"{at}.tools"):
+                if field_of(inner, "type", "string", "function", where=f"{inner_at}.") != "function":
+                    raise ApiError(400, f"'{inner_at}': a namespace holds function tools only",
+                                   param=f"{inner_at}.type", code="unsupported_value")
+                _function_fields(inner, f"{inner_at}.")
+            functions.append(t)
+            continue
         if kind != "function":
             raise ApiError(400, f"'{at}': tools of type {kind!r:.40} are not supported; only 'function' tools",
                            param=f"{at}.type", code="unsupported_value")
         if flat and "function" not in t:
-            fn, where = t, f"{at}."
+            _function_fields(t, f"{at}.")
         else:
-            fn, where = field_of(t, "function", "object", required=True, where=f"{at}."), f"{at}.function."
-        field_of(fn, "name", "string", required=True, where=where)
-        field_of(fn, "description", "string", where=where)
-        field_of(fn, "parameters", "object", where=where)
-        field_of(fn, "strict", "boolean", where=where)
+            _function_fields(field_of(t, "function", "object", required=True, where=f"{at}."), f"{at}.function.")
         functions.append(t)
     if hosted:
         log.info("tools of type %s left out: ossrt cannot run OpenAI's hosted tools", ", ".join(sorted(set(hosted))))
     return functions if tools is not None else None
+
+
+def _function_fields(fn: Mapping[str, Any], where: str) -> None:
+    field_of(fn, "name", "string", required=True, where=where)
+    field_of(fn, "description", "string", where=where)
+    field_of(fn, "parameters", "object", where=where)
+    field_of(fn, "strict", "boolean", where=where)
 
 
 def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *,
