@@ -499,6 +499,12 @@ def test_serve_command(scripted_gguf, tmp_path):
             bad = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60, env=env)
             assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
         assert not_a_store.read_text() == "my notes\n" * 100
+        bad_key = tmp_path / "bad-key-cache"
+        bad_key.mkdir()
+        (bad_key / "reasoning.key").write_text("not a key")
+        bad = subprocess.run(cmd + ["--no-store"], capture_output=True, text=True, timeout=120,
+                             env=dict(env, OSSRT_CACHE=str(bad_key)))
+        assert bad.returncode == 2 and "reasoning.key is not a reasoning key" in bad.stderr, bad.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) in (0, 130)  # uvicorn re-raises Ctrl-C after a clean shutdown: "interrupted", 130
@@ -575,10 +581,15 @@ def test_stored_responses_chain_retrieve_and_delete(scripted_gguf, tmp_path):
         with pytest.raises(openai.NotFoundError) as e:
             c.responses.create(model=ID, input="?", previous_response_id=second.id)
         assert e.value.body["param"] == "previous_response_id" and first.id in e.value.body["message"]
-        with pytest.raises(openai.BadRequestError):
-            c.responses.input_items.list(second.id, limit=500)
+        for query, param in (({"limit": 500}, None), ({"extra_query": {"limit": "ten"}}, "limit"),
+                             ({"order": "sideways"}, None), ({"after": "msg_unknown"}, None)):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.responses.input_items.list(second.id, **query)
+            assert e.value.body["code"] == "invalid_value" and e.value.body["param"] == param
     with ResponseStore(path) as store, serving(scripted_gguf(ANSWER), store=store) as live:
         assert client(live).responses.retrieve(second.id).output_text == "Hello there, friend!"
     with serving(scripted_gguf(ANSWER)) as live:
         with pytest.raises(openai.BadRequestError, match="--no-store"):
             client(live).responses.create(model=ID, input="?", previous_response_id=second.id)
+        with pytest.raises(openai.NotFoundError, match="stores no responses"):
+            client(live).responses.retrieve(second.id)

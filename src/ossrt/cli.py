@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
@@ -272,17 +273,17 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     model_id, aliases = model_names(spec, path)
     if store is not None and no_store:
         raise ParameterError("--store and --no-store exclude each other")
-    store_path = None if no_store else store or default_store_path()
-    if store_path is not None:
-        ResponseStore(store_path).close()  # a bad file fails now, before the model loads
-    sock = listen(host, port)  # before loading: a taken port fails at once
-    m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"serving {path} as {name or model_id!r} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
-    run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
-               parallel=parallel, queue=queue, store=store_path)
+    # Opened before the model loads, so a bad file fails at once.
+    with contextlib.nullcontext() if no_store else ResponseStore(store or default_store_path()) as responses:
+        sock = listen(host, port)  # before loading: a taken port fails at once
+        m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
+        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
+                       err=True)
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {path} as {name or model_id!r} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
+        run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
+                   parallel=parallel, queue=queue, store=responses)
 
 
 if __name__ == "__main__":

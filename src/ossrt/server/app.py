@@ -31,7 +31,7 @@ from .body import read_json_object
 from .chat_completions import ChatCompletion, parse_chat_request
 from .errors import ApiError, api_error
 from .fields import field_of
-from .responses import ResponsesOutput, parse_responses_request
+from .responses import FINAL_EVENTS, ResponsesOutput, parse_responses_request
 from .runner import ApiOutput, SessionPool, TurnThread
 from .sealing import Sealer
 from .store import ResponseStore
@@ -41,7 +41,6 @@ log = logging.getLogger("ossrt.server.app")
 
 DEFAULT_MAX_BODY = 8 * 2**20  # bytes; a full 131072-token context is well under 1 MB of text
 _BEARER = re.compile(r"bearer +(.*)", re.IGNORECASE)
-_FINAL_EVENTS = ("response.completed", "response.incomplete")  # a stream's events carrying a response to keep
 
 
 class Server:
@@ -171,7 +170,7 @@ class Server:
                    keep: Callable[[dict[str, Any]], None] | None) -> AsyncIterator[bytes]:
         try:
             async for p in run.payloads(output):
-                if keep is not None and p.get("type") in _FINAL_EVENTS:
+                if keep is not None and p.get("type") in FINAL_EVENTS:
                     await asyncio.to_thread(keep, p["response"])
                 yield _sse_event(p, output.named_events)
             if not output.named_events:
@@ -216,10 +215,10 @@ class Server:
         output = ResponsesOutput(self.model_id, req.echo, self.sealer if req.sealed else None)
 
         def keep(response: dict[str, Any]) -> None:
-            if req.store and response["status"] != "cancelled":
+            if response["status"] != "cancelled":
                 self.store.put(response, req.items, previous_response_id=req.previous_response_id)
 
-        return await self.respond(request, req.turn, output, req.stream, keep)
+        return await self.respond(request, req.turn, output, req.stream, keep if req.store else None)
 
     def _stored(self, request: Request) -> str:
         self.check_key(request)

@@ -77,8 +77,7 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer
     echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
             "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": summary},
-            "metadata": field_of(body, "metadata", "object", {})}
-    echo["previous_response_id"] = previous
+            "metadata": field_of(body, "metadata", "object", {}), "previous_response_id": previous}
     return ResponsesRequest(turn, field_of(body, "stream", "boolean", False), echo, ENCRYPTED_REASONING in include,
                             items, previous, field_of(body, "store", "boolean", True) and store is not None)
 
@@ -124,10 +123,11 @@ def input_messages(value: str | list, instructions: str | None,
             pending["content"] = text
         elif kind == "reasoning":
             # The reasoning text itself ("content"), else what this server sealed, else its summary: the model
-            # reads any of them as its analysis.
-            text = (_reasoning_text(item, "content", at) or _unsealed(item, at, sealer)
-                    or _reasoning_text(item, "summary", at))
-            if not text and field_of(item, "encrypted_content", "string", where=f"{at}.") is not None:
+            # reads any of them as its analysis. A sealed text another key made (or altered) is passed over.
+            content, summary = _reasoning_text(item, "content", at), _reasoning_text(item, "summary", at)
+            sealed = field_of(item, "encrypted_content", "string", where=f"{at}.")
+            text = content or (sealed is not None and sealer.open(sealed)) or summary
+            if not text and sealed is not None:
                 raise ApiError(400, f"'{at}.encrypted_content' was not made by this server (or was altered): send "
                                     f"the reasoning as 'content', or leave the item out",
                                param=f"{at}.encrypted_content", code="invalid_encrypted_content")
@@ -191,13 +191,6 @@ def _stored_item(item: Any) -> Any:
     return item
 
 
-def _unsealed(item: Mapping[str, Any], at: str, sealer: Sealer) -> str:
-    """The analysis a reasoning item's `encrypted_content` holds; "" without one, or when this server's key did
-    not seal it (another server's, or altered): its summary, if any, stands in."""
-    sealed = field_of(item, "encrypted_content", "string", where=f"{at}.")
-    return (sealer.open(sealed) or "") if sealed is not None else ""
-
-
 class Outcome(NamedTuple):
     status: str  # the Response's
     item_status: str  # of the output item open at the end
@@ -213,6 +206,9 @@ OUTCOMES = {
     FinishReason.LENGTH: Outcome("incomplete", "incomplete", "response.incomplete", {"reason": "max_output_tokens"}),
     FinishReason.CANCELLED: Outcome("cancelled", "incomplete", "response.failed", None),
 }
+
+
+FINAL_EVENTS = frozenset(o.event for o in OUTCOMES.values())  # a stream's last events, each with the Response
 
 
 class ResponsesOutput:
@@ -249,7 +245,8 @@ class ResponsesOutput:
             out["status"], out["incomplete_details"] = outcome.status, outcome.incomplete_details
             out["usage"] = {"input_tokens": u.prompt_tokens,
                             "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
-                            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+                            "output_tokens": u.completion_tokens,
+                            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                             "total_tokens": u.total_tokens}
         return out
 

@@ -48,9 +48,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] = (), api_key: str | None = None,
-          parallel: int = 2, queue: int = 16, log_level: str = "info", store: str | Path | None = None) -> None:
-    """Serve on `sock` (from `listen`) until interrupted, keeping responses in the SQLite file `store` (None: none
-    kept). Reasoning is sealed with the key in the cache folder, so clients' sealed reasoning still opens after a
+          parallel: int = 2, queue: int = 16, log_level: str = "info", store: ResponseStore | None = None) -> None:
+    """Serve on `sock` (from `listen`) until interrupted, keeping responses in `store` (None: none kept).
+    Reasoning is sealed with the key in the cache folder, so clients' sealed reasoning still opens after a
     restart."""
     import uvicorn
 
@@ -61,14 +61,9 @@ def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] =
         raise OssrtError(f"cannot read or create the reasoning key {key_file}: {e.strerror or e}") from None
     except ValueError:
         raise OssrtError(f"{key_file} is not a reasoning key; delete it and a new one is made") from None
-    responses = ResponseStore(store) if store is not None else None
-    try:
-        app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
-                         sealer=sealer, store=responses)
-        uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
-    finally:
-        if responses is not None:
-            responses.close()
+    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
+                     sealer=sealer, store=store)
+    uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
 
 
 def uvicorn_config(app, *, header_timeout: float = HEADER_TIMEOUT, log_level: str = "info", **settings):
