@@ -90,8 +90,10 @@ def harmony_encoding(o200k_path: Path):
 # --- scripted models (chat API, REPL, server) ------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def scripted_gguf(tmp_path_factory, tiny_gguf):
-    """Factory: `scripted_gguf(text, loop=False) -> Path`, a tiny gpt-oss file (real format, real forward pass) whose
-    output after a prompt ending in `<|start|>assistant` is `text` (Harmony specials allowed), token by token.
+    """Factory: `scripted_gguf(text, loop=False, **hf_config_overrides) -> Path`, a tiny gpt-oss file (real format,
+    real forward pass) whose output after a prompt ending in `<|start|>assistant` is `text` (Harmony specials
+    allowed), token by token. The overrides go to `tiny_gguf` (e.g. max_position_embeddings=16384 for a context
+    past the tiny config's 4096).
 
     Attention and expert outputs are zeroed, so each position's logits depend only on its own token: the scripted
     tokens get distinct unit embeddings, and the unembedding row of each token's successor points along it (logit
@@ -102,10 +104,11 @@ def scripted_gguf(tmp_path_factory, tiny_gguf):
 
     cache: dict = {}
 
-    def make(text: str, loop: bool = False) -> Path:
-        if (text, loop) in cache:
-            return cache[(text, loop)]
-        src = tiny_gguf("f32")
+    def make(text: str, loop: bool = False, **overrides) -> Path:
+        key = (text, loop, tuple(sorted(overrides.items())))
+        if key in cache:
+            return cache[key]
+        src = tiny_gguf("f32", **overrides)
         out = tmp_path_factory.mktemp("scripted") / "scripted.gguf"
         out.write_bytes(src.read_bytes())
         with ModelFile.open(out) as mf:
@@ -144,7 +147,7 @@ def scripted_gguf(tmp_path_factory, tiny_gguf):
                 tensor(f"blk.{layer}.{name}")[:] = 0
         for m in maps:
             m.flush()
-        cache[(text, loop)] = out
+        cache[key] = out
         return out
 
     return make
