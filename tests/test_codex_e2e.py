@@ -4,9 +4,9 @@ config.toml names ossrt as a Responses provider. Skipped when node or the instal
 installs them with `npm ci --prefix tests/js`)."""
 
 import os
+import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -55,23 +55,20 @@ def run_codex(url: str, prompt: str, home: Path, workdir: Path) -> subprocess.Co
 def test_codex_exec_prints_the_models_answer(scripted_gguf, tmp_path):
     model = ossrt.load(scripted_gguf(ANSWER, max_position_embeddings=CONTEXT), context_length=CONTEXT)
     with live_server(model, model_id=ID) as live:
-        start = time.monotonic()
         done = run_codex(live.url, "Say hello.", tmp_path / "home", tmp_path / "work")
-        elapsed = time.monotonic() - start
     assert done.returncode == 0, f"codex exited {done.returncode}:\n{done.stderr[-3000:]}"
     assert done.stdout.strip() == "Hello from ossrt.", done.stdout + done.stderr[-3000:]
-    assert elapsed < RUN_TIMEOUT
 
 
 def test_codex_runs_the_models_command_and_sends_its_output_back(scripted_gguf, tmp_path):
-    """The scripted model calls exec_command after every prompt, and Codex has no turn limit of its own: each round
+    """The scripted model calls exec_command after every prompt, and Codex sets no turn limit that ends it first: each round
     (the call, `echo hi`, its output sent back and accepted) grows the prompt, until the context leaves too little
     room for a whole call (the response ends incomplete: max_output_tokens) or for the prompt itself (400,
     context_length_exceeded), depending on the commands' output; Codex stops with that error."""
     model = ossrt.load(scripted_gguf(EXEC_CALL, max_position_embeddings=CONTEXT), context_length=CALL_CONTEXT)
     with live_server(model, model_id=ID) as live:
         done = run_codex(live.url, "Run echo hi.", tmp_path / "home", tmp_path / "work")
-    ran = done.stderr.count("exec\n/bin/bash -lc 'echo hi'")
+    ran = len(re.findall(r"^exec\n\S+ -lc 'echo hi' in ", done.stderr, re.MULTILINE))  # the user's shell runs it
     assert ran >= 2 and done.stderr.count(" succeeded in ") >= ran, done.stderr[-3000:]
     assert done.returncode == 1
     assert any(end in done.stderr for end in CONTEXT_FULL), done.stderr[-3000:]

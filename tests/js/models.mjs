@@ -10,7 +10,7 @@ const KINDS = {
   compatible: (baseURL, id) => createOpenAICompatible({ name: "ossrt", baseURL, apiKey: "x" }).chatModel(id),
 };
 
-export const kind = process.argv[2];
+const kind = process.argv[2];
 
 // The SDK logs warnings to stdout, where the report goes; scenarios report them instead
 globalThis.AI_SDK_LOG_WARNINGS = false;
