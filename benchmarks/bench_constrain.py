@@ -2,8 +2,10 @@
 
     python benchmarks/bench_constrain.py [--steps 400] [--seed 0]
 
-A seeded random "model" (random logits, nudged towards closing quotes and brackets so texts end and restart) is
-steered by each grammar; a finished text starts a new generation. Per step it times what `Constraint.apply` does,
+Each generation follows a whole-completion grammar (constrain.completion_grammar) from the start of its final answer:
+a seeded random "model" (random logits, nudged towards closing quotes and brackets so texts end and restart) is
+steered by it; a finished answer starts a new generation. The "reasoning" row writes analysis text instead (free
+under the grammar, but masked all the same). Per step it times what `Constraint.apply` does,
 in its two parts: llguidance's bit mask (`mask`) and -inf into the logits (`logits`), their sum (`total`, what a
 sampler pays per token), and `consume`. Once: building llguidance's tokenizer, and a new generation's set-up
 (grammar compile, matcher, first mask).
@@ -22,7 +24,8 @@ from ossrt import constrain
 from ossrt.testing import synthetic
 from ossrt.tokenizer import Tokenizer
 
-RETURN = 200002
+FINAL = "<|channel|>final<|message|>"
+REASONING = "<|channel|>analysis<|message|>"
 
 ITEM = {
     "type": "object",
@@ -63,9 +66,11 @@ ORDER = {
         "additionalProperties": False,
     }},
 }
-GRAMMARS = {
-    "json_object": constrain.json_object_grammar,
-    "nested strict schema": lambda: constrain.json_schema_grammar({"name": "order", "schema": ORDER, "strict": True}),
+FORMATS = {  # name -> (the answer's format, the header the measured text follows)
+    "json_object": (constrain.json_object_format, FINAL),
+    "nested strict schema": (lambda: constrain.json_schema_format({"name": "order", "schema": ORDER, "strict": True}),
+                             FINAL),
+    "reasoning": (constrain.json_object_format, REASONING),
 }
 
 
@@ -87,10 +92,13 @@ def measure(name: str, tokenizer: Tokenizer, steps: int, seed: int) -> dict:
     constraint, texts = None, 0
     for _ in range(steps):
         if constraint is None or constraint.finished:
+            make_format, header = FORMATS[name]
             t = time.perf_counter()
-            constraint = constrain.Constraint(GRAMMARS[name](), tokenizer, RETURN)
+            constraint = constrain.Constraint(constrain.completion_grammar(answer=make_format()), tokenizer)
             constraint.bitmask()
             times["setup"].append(time.perf_counter() - t)
+            for token in tokenizer.encode(header, allowed_special="all"):
+                constraint.consume(token)
             texts += 1
         logits = rng.standard_normal(tokenizer.n_vocab).astype(np.float32) + bias
         t0 = time.perf_counter()
@@ -129,7 +137,7 @@ def main() -> None:
     header = f"{'grammar':<22} {'steps':>5} {'texts':>5} " + " ".join(f"{c + ' med':>11} {'p99':>6}" for c in columns)
     header += f" {'setup med':>9}"
     print(header + "\n" + "-" * len(header))
-    for name in GRAMMARS:
+    for name in FORMATS:
         result = measure(name, tokenizer, args.steps, args.seed)
         ts = result["times"]
         cells = " ".join(f"{ms(ts[c], 50):>11.3f} {ms(ts[c], 99):>6.3f}" for c in columns)

@@ -22,13 +22,18 @@ def test_prints_the_answer(scripted_gguf):
 
 
 def test_prompt_from_stdin_and_json(scripted_gguf):
-    r = run("generate", str(scripted_gguf(TOOL_CALL)), "-p", "-", "--json", "-c", "512",
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "-", "--json", "-c", "512",
             input="What's the weather in Berlin right now?")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert out["finish_reason"] == "tool_calls" and out["content"] is None
-    assert [c["function"] for c in out["tool_calls"]] == [{"name": "get_weather", "arguments": '{"city":"Berlin"}'}]
+    assert (out["finish_reason"], out["content"], out["tool_calls"]) == ("stop", "Hello from the scripted model!", [])
     assert out["usage"]["completion_tokens"] > 5 and out["timing"]["total_seconds"] > 0
+
+
+def test_no_tools_are_declared_so_calls_are_not_reported(scripted_gguf):
+    r = run("generate", str(scripted_gguf(TOOL_CALL)), "-p", "Weather?", "--json", "-c", "512")
+    out = json.loads(r.output)
+    assert out["finish_reason"] == "stop" and out["tool_calls"] == [] and out["content"] is None
 
 
 def test_raw_continues_plain_text(scripted_gguf):
@@ -84,3 +89,32 @@ def test_reasoning_only_with_show_reasoning(scripted_gguf, o200k_tokenizer):
     hidden = run("generate", str(scripted_gguf(script)), "-p", "hi", "-n", n)
     assert shown.exit_code == hidden.exit_code == 0
     assert "Thinking hard." in shown.output and "Thinking hard." not in hidden.output
+
+
+def test_json_schema_file_constrains_the_answer(scripted_gguf, tmp_path):
+    schema = {"type": "object", "properties": {"greeting": {"type": "string", "enum": ["hi", "hello"]}},
+              "required": ["greeting"], "additionalProperties": False}
+    path = tmp_path / "greeting.json"
+    path.write_text(json.dumps(schema))
+    r = run("generate", str(scripted_gguf(ANSWER)), "-p", "Hi", "-c", "512", "--temp", "0", "--json-schema",
+            str(path))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["greeting"] in ("hi", "hello")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "--json-schema: cannot read"),
+    ("{nope", "is not JSON"),
+    ('{"type": "objekt"}', "is not a usable JSON schema"),
+    ('{"type": "object", "properties": {"a": {"type": "string", "format": "no-such"}}}', "no-such"),  # strict
+])
+def test_bad_json_schema_file_is_one_error_line(scripted_gguf, tmp_path, content, message):
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    r = CliRunner().invoke(main, ["generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--json-schema", str(path)])
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert r.stderr.startswith("error: ") and message in r.stderr and str(path) in r.stderr
+    r = CliRunner().invoke(main, ["generate", str(scripted_gguf(ANSWER)), "-p", "hi", "--raw", "--json-schema",
+                                  str(path)])
+    assert r.exit_code == 2 and "cannot be used with --raw" in r.stderr

@@ -16,6 +16,7 @@ import ossrt  # noqa: E402
 from ossrt.chat import FinishReason  # noqa: E402
 from ossrt.server.chat_completions import FINISH_REASONS, ChatCompletion  # noqa: E402
 from ossrt.server.responses import OUTCOMES, ResponsesOutput, input_messages  # noqa: E402
+from ossrt.server.runner import SessionPool  # noqa: E402
 from ossrt.server.sealing import Sealer  # noqa: E402
 from server_support import live_server  # noqa: E402
 
@@ -593,3 +594,34 @@ def test_stored_responses_chain_retrieve_and_delete(scripted_gguf, tmp_path):
             client(live).responses.create(model=ID, input="?", previous_response_id=second.id)
         with pytest.raises(openai.NotFoundError, match="stores no responses"):
             client(live).responses.retrieve(second.id)
+
+
+def test_session_pool_prefers_the_longest_prefix_then_the_cache_key_then_the_least_recently_used(scripted_gguf):
+    with ossrt.load(scripted_gguf(ANSWER), context_length=512) as model:
+        a, b, c = sessions = [model.new_session() for _ in range(3)]
+        pool = SessionPool(sessions)
+        shared = [1, 2, 3]  # the instructions and tools every conversation starts with
+        a.tokens, b.tokens, c.tokens = shared + [4, 5], shared + [9], shared + [7]
+
+        def turn(prompt, key):
+            session = pool.take(prompt, key)
+            pool.give(session)
+            return session
+
+        assert turn(shared + [4, 5, 6], "codex-1") is a  # its conversation, whatever the key
+        assert turn(shared + [9, 9], "codex-1") is b  # the longest prefix wins over the key
+        assert turn(shared + [8], "codex-2") is c  # a new conversation takes the least recently used cache
+        assert turn(shared + [8], "codex-1") is b  # ties: the session that last ran this key
+        assert turn(shared + [8], None) is a  # no key: the least recently used
+
+
+def test_prompt_cache_key_is_kept_with_a_stored_response(scripted_gguf, tmp_path):
+    from ossrt.server.store import ResponseStore
+
+    with ResponseStore(tmp_path / "r.sqlite3") as store, serving(scripted_gguf(ANSWER), store=store) as live:
+        c = client(live)
+        first = c.responses.create(model=ID, input="Hi!", max_output_tokens=20, prompt_cache_key="session-7")
+        second = c.responses.create(model=ID, input="Again", max_output_tokens=20, previous_response_id=first.id)
+        assert store.session_hint(first.id) == store.session_hint(second.id) == "session-7"
+        chat = c.chat.completions.create(model=ID, messages=ASK, max_tokens=5, prompt_cache_key="session-7")
+        assert chat.choices[0].message.content

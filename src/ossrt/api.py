@@ -93,8 +93,16 @@ class Model:
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
              reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
-             stream: bool = False, current_date: str | None = None) -> ChatResponse | ChatStream:
+             stream: bool = False, current_date: str | None = None,
+             response_format: Mapping[str, Any] | None = None,
+             tool_choice: str | Mapping[str, Any] = "auto") -> ChatResponse | ChatStream:
         """Answer OpenAI-style chat `messages` (with function `tools`): render them in Harmony, generate, parse.
+
+        `response_format` (OpenAI's: `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"name",
+        "schema", "strict"}}`) makes the final answer JSON of that form, and `tool_choice` "required" or
+        `{"type": "function", "function": {"name": ...}}` makes the model call a tool: both are enforced while
+        sampling (the reasoning stays free). Calls to tools not in `tools` are answered with an error and the model
+        goes on, so they never reach `tool_calls`.
 
         Returns a `ChatResponse` (content, reasoning, tool_calls, finish_reason, usage, timing, and the assistant
         `message` to append to the history), or with `stream=True` a `ChatStream` of events ending in `Done`;
@@ -103,7 +111,8 @@ class Model:
         while another thread's turn is running on the same session gets a private cache instead of waiting."""
         return self._session.chat(messages, tools=tools, reasoning_effort=reasoning_effort, temperature=temperature,
                                   top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens, seed=seed,
-                                  stream=stream, current_date=current_date)
+                                  stream=stream, current_date=current_date, response_format=response_format,
+                                  tool_choice=tool_choice)
 
     def new_session(self) -> ChatSession:
         """A conversation with its own KV cache: `session.chat(messages, ...)` takes the arguments of `chat`."""

@@ -1,5 +1,10 @@
 """Chat on top of generation: Harmony prompts in, reasoning / answer / tool calls out, streamed or whole.
 
+Structured output (`response_format`) and forced calls (`tool_choice`) are enforced token by token over a grammar
+of the whole completion (constrain.py); the reasoning stays free. A call to a tool the request did not declare is
+not the caller's to run: the turn answers it with `UNDECLARED_TOOL_ERROR` and the model goes on, up to
+`MAX_UNDECLARED_CALLS` times, so the caller gets an answer instead.
+
 A `ChatSession` keeps one conversation's KV cache between turns. Each turn's prompt is compared with the tokens
 already in the cache; the shared prefix is kept and only the rest is prefilled. Sliding-window layers keep only a
 ring of recent positions, so the cache can step back only by restoring the ring snapshot taken when the previous
@@ -18,14 +23,16 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from .constrain import (Constraint, Grammar, JsonFormat, completion_grammar, function_arguments_format,
+                        json_object_format, json_schema_format)
 from .engine.engine import Engine
 from .engine.generate import Generation, StopReason, check_max_tokens
 from .engine.kv_cache import KVCache, KVSnapshot
 from .engine.sampling import Sampler
 from .errors import ParameterError
 from .harmony import (DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta,
-                      ReasoningDelta, ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message,
-                      render_conversation)
+                      ReasoningDelta, ResponseFormat, ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message,
+                      render_conversation, render_tool_result, tool_functions)
 
 __all__ = ["ChatRequest", "ChatResponse", "ChatSession", "ChatStream", "Done", "FinishReason", "Usage", "Timing",
            "ReasoningDelta", "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall",
@@ -91,13 +98,30 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+# What the model is told when it calls a tool the request did not declare; it then answers without it.
+UNDECLARED_TOOL_ERROR = "Error: there is no tool {recipient!r} in this conversation. Answer without it."
+MAX_UNDECLARED_CALLS = 3  # then the turn ends where the model stopped
+
+TOOL_CHOICES = ("auto", "none", "required")
+# The developer instruction a forced call adds, so the reasoning heads where the grammar will go.
+_MUST_CALL_ONE = "In this turn you must call one of the functions in the tools list; do not answer directly."
+_MUST_CALL = "In this turn you must call the function `{name}`; do not answer directly."
+
+
 @dataclass(frozen=True)
 class ChatRequest:
-    """A chat turn rendered once and checked: the Harmony prompt ids and how to sample the answer."""
+    """A chat turn rendered once and checked: the Harmony prompt ids, how to sample the answer, the grammar its
+    output must follow (None: free), and the recipients of the tools it declares."""
 
     prompt: list[int]
     sampler: Sampler
     max_tokens: int | None
+    grammar: Grammar | None = None
+    recipients: frozenset[str] = frozenset()
+
+    def declares(self, recipient: str) -> bool:
+        """Whether a call to `recipient` is one the caller can run ("NAME" alone meaning "functions.NAME")."""
+        return recipient in self.recipients or f"functions.{recipient}" in self.recipients
 
 
 def chat_request(engine: Engine, messages: Sequence[Mapping[str, Any]], *,
@@ -105,9 +129,16 @@ def chat_request(engine: Engine, messages: Sequence[Mapping[str, Any]], *,
                  reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0,
                  max_tokens: int | None = None, seed: int | None = None,
-                 current_date: str | datetime.date | None = None) -> ChatRequest:
+                 current_date: str | datetime.date | None = None,
+                 response_format: Mapping[str, Any] | JsonFormat | None = None,
+                 tool_choice: str | Mapping[str, Any] = "auto") -> ChatRequest:
     """Check a turn's arguments (ParameterError naming the first bad one; the messages' and tools' contents get
-    ChatFormatError from the renderer), render the conversation in Harmony and check it fits the context."""
+    ChatFormatError from the renderer), render the conversation in Harmony and check it fits the context.
+
+    `response_format` is OpenAI's: `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema":
+    {"name", "schema", "strict", "description"}}` (or a `JsonFormat` built already). `tool_choice`: "auto",
+    "none" (the tools leave the prompt), "required", or a function: `{"type": "function", "function": {"name"}}`
+    (or `{"type": "function", "name"}`)."""
     if not isinstance(messages, (list, tuple)):
         raise ParameterError(f"messages must be a list of message objects, got {type(messages).__name__}")
     if tools is not None and not isinstance(tools, (list, tuple)):
@@ -119,10 +150,60 @@ def chat_request(engine: Engine, messages: Sequence[Mapping[str, Any]], *,
     if current_date is not None and not isinstance(current_date, (str, datetime.date)):
         raise ParameterError(f"current_date must be a 'YYYY-MM-DD' string, a date or None, got {current_date!r:.80}")
     sampler = Sampler(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    answer = _answer_format(response_format)
+    functions = tool_functions(tools)
+    forced = _forced_calls(tool_choice, functions)
+    if tool_choice == "none":
+        tools, functions = None, {}
+    elif forced:
+        instruction = _MUST_CALL.format(name=functions[forced[0]].name) if isinstance(tool_choice, Mapping) \
+            else _MUST_CALL_ONE
+        messages = list(messages) + [{"role": "developer", "content": instruction}]
+    grammar = None
+    if answer is not None or forced:
+        calls = {r: function_arguments_format(functions[r].function, functions[r].where) for r in forced or functions}
+        grammar = completion_grammar(answer=answer, calls=calls, call_required=bool(forced))
+    shown = ResponseFormat(answer.name, answer.description, answer.schema) if answer and answer.name else None
     prompt = render_conversation(engine.tokenizer, messages, tools=tools, reasoning_effort=reasoning_effort,
-                                 current_date=current_date)
+                                 current_date=current_date, response_format=shown)
     engine.check_tokens(prompt)
-    return ChatRequest(prompt, sampler, max_tokens)
+    return ChatRequest(prompt, sampler, max_tokens, grammar, frozenset(functions))
+
+
+def _answer_format(response_format: Any) -> JsonFormat | None:
+    """The JSON the final answer must be, from OpenAI's `response_format`; None for free text."""
+    if response_format is None or isinstance(response_format, JsonFormat):
+        return response_format
+    if not isinstance(response_format, Mapping):
+        raise ParameterError(f"response_format must be an object with a 'type', got {response_format!r:.80}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_format()
+    if kind == "json_schema":
+        return json_schema_format(response_format.get("json_schema"))
+    raise ParameterError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r:.80}")
+
+
+def _forced_calls(tool_choice: Any, functions: Mapping[str, Any]) -> list[str]:
+    """The recipients `tool_choice` makes the model call one of: all the tools' for "required", one for a named
+    function, none for "auto" and "none"."""
+    if isinstance(tool_choice, str) and tool_choice in TOOL_CHOICES:
+        if tool_choice == "required":
+            if not functions:
+                raise ParameterError("tool_choice 'required' needs tools to call")
+            return list(functions)
+        return []
+    if not isinstance(tool_choice, Mapping) or tool_choice.get("type") != "function":
+        raise ParameterError(f"tool_choice must be 'auto', 'none', 'required' or {{'type': 'function', "
+                             f"'function': {{'name': ...}}}}, got {tool_choice!r:.80}")
+    fn = tool_choice.get("function", tool_choice)
+    name = fn.get("name") if isinstance(fn, Mapping) else None
+    recipient = name if isinstance(name, str) and "." in name else f"functions.{name}"
+    if recipient not in functions:
+        raise ParameterError(f"tool_choice names function {name!r}, which is not in tools")
+    return [recipient]
 
 
 class ChatSession:
@@ -167,13 +248,16 @@ class ChatSession:
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
              reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
-             stream: bool = False, current_date: str | None = None) -> "ChatResponse | ChatStream":
+             stream: bool = False, current_date: str | None = None,
+             response_format: Mapping[str, Any] | None = None,
+             tool_choice: str | Mapping[str, Any] = "auto") -> "ChatResponse | ChatStream":
         """See `Model.chat`."""
         if not isinstance(stream, bool):
             raise ParameterError(f"stream must be True or False, got {stream!r:.80}")
         request = chat_request(self.engine, messages, tools=tools, reasoning_effort=reasoning_effort,
                                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                               max_tokens=max_tokens, seed=seed, current_date=current_date)
+                               max_tokens=max_tokens, seed=seed, current_date=current_date,
+                               response_format=response_format, tool_choice=tool_choice)
         return self.answer(request, stream=stream)
 
     def answer(self, request: ChatRequest, *, stream: bool = False) -> "ChatResponse | ChatStream":
@@ -233,47 +317,102 @@ class ChatStream:
             session.busy.release()
 
     def _turn(self, session: ChatSession) -> Iterator[ChatEvent]:
-        engine, prompt = session.engine, self.request.prompt
+        engine, request = session.engine, self.request
         tok = engine.tokenizer
         t_start = time.perf_counter()
-        cached, last_logits = session.reuse(prompt)
+        cached, last_logits = session.reuse(request.prompt)
         cache = session.cache
         parser = HarmonyParser(tok)
-        generated: list[int] = []
-        reasoning_tokens = 0
+        sample = request.sampler
+        if request.grammar is not None:
+            sample = _constrained(request.sampler, Constraint(request.grammar, tok))
+        fed = list(request.prompt)  # every id put in the cache this turn, generated or answered
+        generated = reasoning_tokens = answered_tokens = undeclared = 0
+        hidden: set[str] = set()  # ids of calls to undeclared tools: not the caller's, not shown
+        prompt = np.asarray(request.prompt[cached:], dtype=np.int64)
+        prefill_seconds = decode_seconds = 0.0
+        decode_steps = 0
 
         def prefilled(logits: np.ndarray) -> None:
             session.snapshot, session.snapshot_logits = cache.snapshot(), logits
 
-        ids = Generation(engine, cache, np.asarray(prompt[cached:], dtype=np.int64), self.request.sampler,
-                         max_tokens=self.request.max_tokens, stop_tokens=tok.stop_tokens_for_assistant,
-                         should_stop=self._cancel.is_set, on_prefilled=prefilled, last_logits=last_logits)
-        stats = ids.stats
         try:
-            for token in ids:
-                generated.append(token)
-                reasoning_tokens += _in_analysis(parser)
-                yield from parser.feed(token)
-            if stats.stop_token is not None:
-                yield from parser.feed(stats.stop_token)
-            yield from parser.finish()
+            while True:
+                ids = Generation(engine, cache, prompt, sample, max_tokens=_left(request.max_tokens, generated),
+                                 stop_tokens=tok.stop_tokens_for_assistant, should_stop=self._cancel.is_set,
+                                 on_prefilled=prefilled if not undeclared else None, last_logits=last_logits)
+                stats = ids.stats
+                try:
+                    for token in ids:
+                        fed.append(token)
+                        generated += 1
+                        reasoning_tokens += _in_analysis(parser)
+                        yield from _shown(parser.feed(token), request, hidden)
+                    if stats.stop_token is not None:
+                        generated += 1
+                        yield from _shown(parser.feed(stats.stop_token), request, hidden)
+                finally:
+                    ids.close()
+                prefill_seconds += stats.prefill_seconds
+                decode_seconds += stats.decode_seconds
+                decode_steps += stats.decode_steps
+                call = parser.messages[-1] if parser.messages else None
+                if (stats.stop_token != tok.call or call is None or call.call_id not in hidden
+                        or undeclared == MAX_UNDECLARED_CALLS):
+                    break
+                # The model called a tool the caller does not have: tell it so, and let it go on.
+                undeclared += 1
+                answer = render_tool_result(tok, call.recipient,
+                                            UNDECLARED_TOOL_ERROR.format(recipient=call.recipient))
+                prompt = np.asarray([tok.call] + answer, dtype=np.int64)
+                answered_tokens += len(prompt)
+                fed += [int(t) for t in prompt]
+                last_logits = None
+                parser.feed_many(answer[-2:])  # "<|start|>assistant": the next message's header begins
+            yield from _shown(parser.finish(), request, hidden)
         finally:
-            ids.close()
-            session.tokens = (list(prompt) + generated)[:cache.length]
-        message = completion_to_message(parser.messages)
+            session.tokens = fed[:cache.length]
+        message = completion_to_message([m for m in parser.messages if m.call_id not in hidden])
         calls = message.get("tool_calls", [])
         finish = finish_reason(stats.stop_reason, calls_waiting=bool(calls) and parser.stop_reason == "call")
-        timing = Timing(prefill_seconds=stats.prefill_seconds, decode_seconds=stats.decode_seconds,
-                        prefill_tokens_per_second=stats.prefill_tokens_per_second,
-                        decode_tokens_per_second=stats.decode_tokens_per_second,
+        timing = Timing(prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                        prefill_tokens_per_second=(len(request.prompt) - cached + answered_tokens) / prefill_seconds
+                        if prefill_seconds else 0.0,
+                        decode_tokens_per_second=decode_steps / decode_seconds if decode_seconds else 0.0,
                         total_seconds=time.perf_counter() - t_start)
-        usage = Usage(prompt_tokens=len(prompt), cached_tokens=cached,
-                      completion_tokens=len(generated) + (stats.stop_token is not None),
-                      reasoning_tokens=reasoning_tokens)
+        problems = list(parser.problems)
+        if hidden:
+            problems.append(f"the model made {len(hidden)} call(s) to tools the request did not declare, answered "
+                            f"with an error {undeclared} time(s)" + ("" if undeclared == len(hidden) else
+                                                                     "; the turn ended on the last one"))
+        usage = Usage(prompt_tokens=len(request.prompt) + answered_tokens, cached_tokens=cached,
+                      completion_tokens=generated, reasoning_tokens=reasoning_tokens)
         self.response = ChatResponse(content=message.get("content"), reasoning=message.get("reasoning"),
                                      tool_calls=calls, finish_reason=finish, usage=usage, timing=timing,
-                                     message=message, problems=list(parser.problems))
+                                     message=message, problems=problems)
         yield Done(self.response)
+
+
+def _constrained(sampler: Sampler, constraint: Constraint):
+    """`sampler` over the logits `constraint` allows, advancing it past each sampled id."""
+    def sample(logits: np.ndarray) -> int:
+        token = sampler(constraint.apply(logits.astype(np.float32, copy=True)))  # the session keeps `logits`
+        constraint.consume(token)
+        return token
+    return sample
+
+
+def _left(max_tokens: int | None, generated: int) -> int | None:
+    return None if max_tokens is None else max(max_tokens - generated, 0)
+
+
+def _shown(events: list[Event], request: ChatRequest, hidden: set[str]) -> Iterator[Event]:
+    """`events` without those of calls to tools `request` does not declare (their ids go into `hidden`)."""
+    for e in events:
+        if isinstance(e, ToolCallBegin) and not request.declares(e.recipient):
+            hidden.add(e.id)
+        if not isinstance(e, (ToolCallBegin, ToolCallDelta, ToolCall)) or e.id not in hidden:
+            yield e
 
 
 def _in_analysis(parser: HarmonyParser) -> bool:

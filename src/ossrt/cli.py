@@ -112,10 +112,12 @@ def _model_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: content, reasoning, tool calls, "
               "finish reason, usage, timing")
 @click.option("--raw", is_flag=True, help="no chat format: continue PROMPT as plain text")
+@click.option("--json-schema", "schema_file", type=click.Path(dir_okay=False), default=None,
+              help="answer with JSON that follows the JSON schema in this file (enforced while sampling)")
 @expected_errors
 def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
              top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str,
-             show_reasoning: bool, as_json: bool, raw: bool) -> None:
+             show_reasoning: bool, as_json: bool, raw: bool, schema_file: str | None) -> None:
     """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
     import dataclasses
     import json
@@ -123,6 +125,9 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     import ossrt
     from ossrt.chat import ContentDelta, Done, ReasoningDelta
 
+    if raw and schema_file is not None:
+        raise ParameterError("--json-schema constrains a chat answer; it cannot be used with --raw")
+    response_format = _schema_file_format(schema_file) if schema_file is not None else None
     if prompt == "-":
         prompt = _read_stdin()
     m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
@@ -151,7 +156,7 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     color = sys.stdout.isatty()
     in_reasoning = False
     for event in m.chat(messages, reasoning_effort=effort, max_tokens=max_tokens, temperature=temp, top_p=top_p,
-                        seed=seed, stream=True):
+                        seed=seed, stream=True, response_format=response_format):
         if as_json:
             if isinstance(event, Done):
                 r = event.response
@@ -168,6 +173,24 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
             click.echo(event.text, nl=False)
         elif isinstance(event, Done):
             click.echo()
+
+
+def _schema_file_format(path: str) -> dict:
+    """`--json-schema FILE`: a strict json_schema response format named after the file."""
+    import json
+    import re
+
+    from ossrt.constrain import json_schema_format
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ParameterError(f"--json-schema: cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ParameterError(f"--json-schema: {path} is not JSON: {e}") from None
+    spec = {"name": re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)[:64] or "schema", "schema": schema, "strict": True}
+    json_schema_format(spec, field=f"--json-schema {path}")  # a bad schema fails here, named
+    return {"type": "json_schema", "json_schema": spec}
 
 
 @main.command()

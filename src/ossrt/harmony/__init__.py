@@ -20,12 +20,14 @@ from .parse import (
     completion_to_message,
     parse_completion,
 )
-from .render import KNOWLEDGE_CUTOFF, MODEL_IDENTITY, HarmonyMessage, render_conversation, to_harmony_messages
+from .render import (KNOWLEDGE_CUTOFF, MODEL_IDENTITY, HarmonyMessage, ResponseFormat, render_conversation,
+                     render_tool_result, to_harmony_messages, tool_functions)
 from .schema import json_text, schema_to_typescript
 
 __all__ = [
     "CHANNELS", "CONSTRAIN", "DEFAULT_REASONING_EFFORT", "REASONING_EFFORTS", "ROLES",
-    "KNOWLEDGE_CUTOFF", "MODEL_IDENTITY", "HarmonyMessage", "render_conversation", "to_harmony_messages",
+    "KNOWLEDGE_CUTOFF", "MODEL_IDENTITY", "HarmonyMessage", "ResponseFormat", "render_conversation", "render_tool_result",
+    "to_harmony_messages", "tool_functions",
     "json_text", "schema_to_typescript",
     "ContentDelta", "Event", "HarmonyParser", "ParsedMessage", "PreambleDelta", "ReasoningDelta", "ToolCall",
     "ToolCallBegin", "ToolCallDelta", "completion_to_message", "parse_completion",

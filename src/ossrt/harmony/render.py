@@ -52,13 +52,15 @@ class HarmonyMessage:
 def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
                         tools: Sequence[Mapping[str, Any]] | None = None,
                         reasoning_effort: str = DEFAULT_REASONING_EFFORT, current_date: str | _dt.date | None = None,
+                        response_format: ResponseFormat | None = None,
                         model_identity: str = MODEL_IDENTITY) -> list[int]:
     """Render OpenAI-style chat `messages` (and function `tools`) as a Harmony prompt ending in `<|start|>assistant`.
 
     `reasoning_effort` is low / medium / high; `current_date` (a `date` or "YYYY-MM-DD") adds a "Current date"
-    line to the system message. Bad input raises `ChatFormatError` naming the message and field."""
+    line to the system message; `response_format` a "# Response Formats" section to the developer message. Bad
+    input raises `ChatFormatError` naming the message and field."""
     msgs = to_harmony_messages(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
-                               model_identity=model_identity)
+                               response_format=response_format, model_identity=model_identity)
     out: list[int] = []
     for m in msgs:
         _render_message(tokenizer, m, out)
@@ -67,8 +69,20 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
     return out
 
 
+def render_tool_result(tokenizer: Tokenizer, recipient: str, content: str) -> list[int]:
+    """What follows a call the model made to `recipient` (its `<|call|>` not included): the tool's message with
+    `content`, then `<|start|>assistant` for the model to go on."""
+    out: list[int] = []
+    _render_message(tokenizer, HarmonyMessage("tool", content, name=recipient, recipient="assistant",
+                                              channel="commentary"), out)
+    out.append(tokenizer.start)
+    out += tokenizer.encode("assistant")
+    return out
+
+
 def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
                         reasoning_effort: str = DEFAULT_REASONING_EFFORT, current_date: str | _dt.date | None = None,
+                        response_format: ResponseFormat | None = None,
                         model_identity: str = MODEL_IDENTITY) -> list[HarmonyMessage]:
     """The Harmony messages `render_conversation` renders, system message first, chain of thought dropped."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
@@ -89,8 +103,8 @@ def to_harmony_messages(messages: Sequence[Mapping[str, Any]], *, tools: Sequenc
 
     calls_functions = any(ns.name == FUNCTIONS for ns in namespaces)
     out = [_system_message(model_identity, date, effort, calls_functions=calls_functions)]
-    if instructions is not None or namespaces:
-        out.append(_developer_message(instructions, namespaces))
+    if instructions is not None or namespaces or response_format is not None:
+        out.append(_developer_message(instructions, namespaces, response_format))
     out += _turns(messages, n_lead)
     return _drop_analysis(out)
 
@@ -120,11 +134,30 @@ def _system_message(model_identity: str, date: str | None, effort: str, *, calls
     return HarmonyMessage("system", "\n\n".join(["\n".join(identity), f"Reasoning: {effort}", channels]))
 
 
-def _developer_message(instructions: str | None, namespaces: list[ToolNamespace]) -> HarmonyMessage:
+def _developer_message(instructions: str | None, namespaces: list[ToolNamespace],
+                       response_format: ResponseFormat | None) -> HarmonyMessage:
     sections = ["# Instructions", instructions] if instructions is not None else []
     if namespaces:
         sections.append("# Tools\n\n" + "\n\n".join(_namespace_section(ns) for ns in namespaces))
+    if response_format is not None:
+        sections.append(_response_format_section(response_format))
     return HarmonyMessage("developer", "\n\n".join(sections))
+
+
+class ResponseFormat(NamedTuple):
+    """A structured-output format the developer message describes (OpenAI's `json_schema` format)."""
+
+    name: str
+    description: str | None
+    schema: Mapping[str, Any]
+
+
+def _response_format_section(fmt: ResponseFormat) -> str:
+    """OpenAI's harmony guide: "# Response Formats", "## {name}", "// {description}" lines, the schema as compact JSON
+    (openai-harmony's renderer has no such section, so there is nothing to compare it with token for token)."""
+    lines = [f"// {line}" for line in _lines(fmt.description or "")]
+    schema = json.dumps(fmt.schema, ensure_ascii=False, separators=(",", ":"))
+    return f"# Response Formats\n\n## {fmt.name}\n\n" + "\n".join(lines + [schema])
 
 
 def _turns(messages: Sequence[Mapping[str, Any]], start: int) -> list[HarmonyMessage]:
@@ -280,11 +313,13 @@ def _render_message(tok: Tokenizer, m: HarmonyMessage, out: list[int]) -> None:
 
 # --- tools -------------------------------------------------------------------------------------------------------
 class FunctionTool(NamedTuple):
-    """A function tool as the tools section shows it."""
+    """A function tool as the tools section shows it, and where the request declared it (`function`, at `where`)."""
 
     name: str
     description: str
     parameters: Mapping[str, Any] | None  # a JSON schema
+    where: str
+    function: Mapping[str, Any]
 
 
 _BAD_NAME = re.compile(r"[\s<]")
@@ -354,6 +389,7 @@ def _function_tool(t: Mapping[str, Any], where: str, taken: set[str]) -> Functio
     fn = t.get("function", t)
     if not isinstance(fn, Mapping):
         raise ChatFormatError(f"{where}.function must be an object")
+    fn_where = f"{where}.function" if "function" in t else where
     name = _tool_name(fn.get("name"), f"{where}.function.name")
     if name in taken:
         raise ChatFormatError(f"{where}: a second tool named {name!r}")
@@ -363,7 +399,13 @@ def _function_tool(t: Mapping[str, Any], where: str, taken: set[str]) -> Functio
     params = fn.get("parameters")
     if params is not None and not isinstance(params, Mapping):
         raise ChatFormatError(f"{where}.function.parameters must be a JSON-schema object")
-    return FunctionTool(name, desc, params)
+    return FunctionTool(name, desc, params, fn_where, fn)
+
+
+def tool_functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, FunctionTool]:
+    """The functions `tools` declare, by the recipient a call to each names ("functions.NAME", "NAMESPACE.NAME");
+    checked as for rendering (ChatFormatError)."""
+    return {f"{ns.name}.{f.name}": f for ns in _tool_namespaces(tools) for f in ns.functions}
 
 
 def _lines(s: str) -> list[str]:
@@ -381,12 +423,12 @@ def _namespace_section(ns: ToolNamespace) -> str:
     if ns.description:
         block += [f"// {line}" for line in _lines(ns.description)]
     block.append(f"namespace {ns.name} {{\n")
-    for name, desc, params in ns.functions:
-        block += [f"// {line}" for line in _lines(desc)]
-        if params is None:
-            block.append(f"type {name} = () => any;\n")
+    for f in ns.functions:
+        block += [f"// {line}" for line in _lines(f.description)]
+        if f.parameters is None:
+            block.append(f"type {f.name} = () => any;\n")
         else:
-            block.append(f"type {name} = (_: {schema_to_typescript(params)}) => any;\n")
+            block.append(f"type {f.name} = (_: {schema_to_typescript(f.parameters)}) => any;\n")
     block.append(f"}} // namespace {ns.name}")
     return "\n".join(block)
 

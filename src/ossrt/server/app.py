@@ -216,7 +216,8 @@ class Server:
 
         def keep(response: dict[str, Any]) -> None:
             if response["status"] != "cancelled":
-                self.store.put(response, req.items, previous_response_id=req.previous_response_id)
+                self.store.put(response, req.items, previous_response_id=req.previous_response_id,
+                               session_hint=req.turn.cache_key)
 
         return await self.respond(request, req.turn, output, req.stream, keep if req.store else None)
 

@@ -15,7 +15,7 @@ from .errors import ApiError
 from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_field
 from .ids import new_id
 from .stop import StopMatcher, stop_field
-from .turn import Turn, read_turn
+from .turn import Turn, answer_format, read_turn
 
 # Chat Completions has no "cancelled": a turn is cancelled when a stop sequence appeared (or the client left).
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.TOOL_CALLS: "tool_calls",
@@ -33,13 +33,11 @@ def parse_chat_request(body: Mapping[str, Any], context_length: int) -> tuple[Tu
         raise ApiError(400, f"only n=1 is supported, got {n}", param="n", code="unsupported_value")
     if field_of(body, "logprobs", "boolean", False):
         raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
-    fmt = field_of(body, "response_format", "object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
-                       param="response_format", code="unsupported_value")
     turn = read_turn(body, list(messages), flat=False,
                      reasoning_effort=reasoning_effort_field(body, "reasoning_effort"),
                      max_tokens=max_tokens_field(body, ("max_completion_tokens", "max_tokens"), context_length),
+                     response_format=answer_format(field_of(body, "response_format", "object"), "response_format",
+                                                   flat=False),
                      stop=stop_field(body))
     stream = field_of(body, "stream", "boolean", False)
     options = field_of(body, "stream_options", "object", {})

@@ -17,7 +17,7 @@ from .fields import field_of, max_tokens_field, objects_of, reasoning_effort_fie
 from .ids import new_id
 from .sealing import Sealer
 from .store import MissingResponseError, ResponseStore
-from .turn import Turn, read_turn
+from .turn import Turn, answer_format, read_turn
 
 _ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -47,11 +47,8 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer
                        code="unsupported_value")
     if field_of(body, "background", "boolean", False):
         raise ApiError(400, "background responses are not supported", param="background", code="unsupported_value")
-    text = field_of(body, "text", "object", {})
-    fmt = field_of(text, "format", "object", {}, where="text.")
-    if fmt.get("type", "text") != "text":
-        raise ApiError(400, f"text.format {fmt.get('type')!r} is not supported; only 'text'", param="text.format",
-                       code="unsupported_value")
+    text_format = field_of(field_of(body, "text", "object", {}), "format", "object", where="text.")
+    answer = answer_format(text_format, "text.format", flat=True)
     instructions = field_of(body, "instructions", "string")
     value = field_of(body, "input", "string|array", required=True)
     items = [_stored_item(i) for i in ([{"role": "user", "content": value}] if isinstance(value, str) else value)]
@@ -73,11 +70,15 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer
                        param="reasoning.summary", code="invalid_value")
     turn = read_turn(body, messages, flat=True,
                      reasoning_effort=reasoning_effort_field(reasoning, "effort", where="reasoning."),
-                     max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length), where=where)
+                     max_tokens=max_tokens_field(body, ("max_output_tokens",), context_length),
+                     response_format=answer, where=where)
+    if turn.cache_key is None and previous is not None:  # the chain's turns prefer the cache its last turn used
+        turn.cache_key = store.session_hint(previous)
     echo = {"instructions": instructions, "max_output_tokens": turn.max_tokens, "temperature": turn.temperature,
             "top_p": turn.top_p, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "reasoning": {"effort": turn.reasoning_effort, "summary": summary},
-            "metadata": field_of(body, "metadata", "object", {}), "previous_response_id": previous}
+            "metadata": field_of(body, "metadata", "object", {}), "previous_response_id": previous,
+            "text": {"format": text_format or {"type": "text"}}}
     return ResponsesRequest(turn, field_of(body, "stream", "boolean", False), echo, ENCRYPTED_REASONING in include,
                             items, previous, field_of(body, "store", "boolean", True) and store is not None)
 
@@ -237,7 +238,7 @@ class ResponsesOutput:
         """The Response object: in progress, or the finished turn `r`."""
         out = {"id": self.id, "object": "response", "created_at": self.created_at, "status": "in_progress",
                "model": self.model_id, "output": [dict(i) for i in self.items], "error": None,
-               "incomplete_details": None, "parallel_tool_calls": True, "text": {"format": {"type": "text"}},
+               "incomplete_details": None, "parallel_tool_calls": True,
                "truncation": "disabled", "usage": None, **self.echo}
         if r is not None:
             u = r.usage

@@ -40,16 +40,29 @@ class ApiOutput(Protocol):
 
 class SessionPool:
     """Chat sessions, each with its own KV cache; `take` hands out the free one that already holds the longest
-    prefix of the prompt, so a client's next turn reuses its cache."""
+    prefix of the prompt, so a client's next turn reuses its cache. Among sessions that hold as much (a new
+    conversation shares only the instructions and tools with every cached one), the one that ran the latest turn
+    with the same cache key (`prompt_cache_key`) comes first, then the least recently used, so a new conversation
+    overwrites the cache least likely to be needed again."""
 
     def __init__(self, sessions: Iterable[ChatSession]):
         self.free = list(sessions)
         self.lock = threading.Lock()
+        self._keys: dict[ChatSession, str | None] = {}  # the cache key of each session's last turn
+        self._last_used: dict[ChatSession, int] = {}
+        self._turns = 0
 
-    def take(self, prompt: list[int]) -> ChatSession:
+    def take(self, prompt: list[int], cache_key: str | None = None) -> ChatSession:
         with self.lock:
-            best = max(self.free, key=lambda s: common_prefix(s.tokens, prompt))
+            def rank(s: ChatSession) -> tuple[int, bool, int]:
+                same_key = cache_key is not None and self._keys.get(s) == cache_key
+                used = self._last_used.get(s, -1)
+                return common_prefix(s.tokens, prompt), same_key, used if same_key else -used
+
+            best = max(self.free, key=rank)
             self.free.remove(best)
+            self._turns += 1
+            self._keys[best], self._last_used[best] = cache_key, self._turns
             return best
 
     def give(self, session: ChatSession) -> None:
@@ -86,7 +99,7 @@ class TurnThread:
         session = None
         try:
             request = self.turn.chat_request(self.engine)
-            session = self.pool.take(request.prompt)
+            session = self.pool.take(request.prompt, self.turn.cache_key)
             self._stream = session.answer(request, stream=True)
             if self._cancelled.is_set():
                 self._stream.cancel()

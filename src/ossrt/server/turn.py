@@ -1,5 +1,5 @@
-"""The chat turn a request asks for: its messages, `tools` and `tool_choice`, and how to sample the answer; both
-endpoints build one with `read_turn`, and it renders once, as a `ChatRequest`."""
+"""The chat turn a request asks for: its messages, `tools` and `tool_choice`, the format of its answer, and how to
+sample it; both endpoints build one with `read_turn`, and it renders once, as a `ChatRequest`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..chat import ChatRequest, chat_request
+from ..constrain import JsonFormat, json_object_format, json_schema_format
 from ..engine.engine import Engine
+from ..errors import ParameterError
 from .errors import ApiError
 from .fields import field_of, number_in_range, objects_of
 
@@ -31,6 +33,8 @@ class Turn:
 
     messages: list[dict[str, Any]]
     tools: list[Any] | None
+    tool_choice: str | dict[str, Any]  # chat_request's forms
+    response_format: JsonFormat | None
     reasoning_effort: str
     temperature: float
     top_p: float
@@ -38,26 +42,50 @@ class Turn:
     seed: int | None
     stop: list[str] = field(default_factory=list)
     where: list[str] | None = None
+    cache_key: str | None = None  # which pooled KV cache to prefer (`prompt_cache_key`, or a stored chain's)
 
     def chat_request(self, engine: Engine) -> ChatRequest:
         """The turn rendered in Harmony and checked (ChatFormatError, ContextLengthError, ParameterError)."""
         return chat_request(engine, self.messages, tools=self.tools, reasoning_effort=self.reasoning_effort,
                             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                            seed=self.seed)
+                            seed=self.seed, response_format=self.response_format, tool_choice=self.tool_choice)
 
 
 def read_turn(body: Mapping[str, Any], messages: list[dict[str, Any]], *, flat: bool, reasoning_effort: str,
-              max_tokens: int | None, stop: list[str] | None = None, where: list[str] | None = None) -> Turn:
+              max_tokens: int | None, response_format: JsonFormat | None = None, stop: list[str] | None = None,
+              where: list[str] | None = None) -> Turn:
     """The turn of `messages`: with the request's `tools` and `tool_choice` (`flat`: the Responses API's forms)
     and the sampling fields both APIs share (temperature, top_p, seed)."""
     tools = tools_field(body, flat=flat)
     temperature = number_in_range(body, "temperature", DEFAULT_TEMPERATURE, *TEMPERATURE_RANGE)
     top_p = number_in_range(body, "top_p", DEFAULT_TOP_P, *TOP_P_RANGE, lo_open=True)
     seed = field_of(body, "seed", "integer")
-    tools, instruction = tool_choice(body, tools, flat=flat)
-    if instruction is not None:
-        messages = messages + [{"role": "developer", "content": instruction}]
-    return Turn(messages, tools, reasoning_effort, temperature, top_p, max_tokens, seed, stop or [], where)
+    choice = tool_choice(body, tools, flat=flat)
+    return Turn(messages, tools, choice, response_format, reasoning_effort, temperature, top_p, max_tokens, seed,
+                stop or [], where, field_of(body, "prompt_cache_key", "string"))
+
+
+def answer_format(fmt: Mapping[str, Any] | None, field: str, *, flat: bool) -> JsonFormat | None:
+    """The JSON an answer must be, from chat's `response_format` or the Responses API's `text.format` (`flat`: the
+    json_schema's fields beside "type" instead of in "json_schema"); None for text. A bad schema is a 400 naming
+    `field`."""
+    if fmt is None:
+        return None
+    kind = field_of(fmt, "type", "string", "text", where=f"{field}.")
+    try:
+        if kind == "json_object":
+            return json_object_format()
+        if kind == "json_schema":
+            if flat:
+                return json_schema_format(dict(fmt), field)
+            return json_schema_format(field_of(fmt, "json_schema", "object", required=True, where=f"{field}."),
+                                      f"{field}.json_schema")
+    except ParameterError as e:  # its message begins with the field at fault
+        raise ApiError(400, str(e), param=str(e).split(" ", 1)[0].rstrip(":"), code="invalid_value") from None
+    if kind != "text":
+        raise ApiError(400, f"'{field}.type' must be 'text', 'json_object' or 'json_schema', got {kind!r:.40}",
+                       param=f"{field}.type", code="invalid_value")
+    return None
 
 
 def tools_field(body: Mapping[str, Any], *, flat: bool) -> list[Any] | None:
@@ -103,18 +131,13 @@ def _function_fields(fn: Mapping[str, Any], where: str) -> None:
     field_of(fn, "strict", "boolean", where=where)
 
 
-def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *,
-                flat: bool) -> tuple[list[Any] | None, str | None]:
-    """The tools to render and a developer instruction to add (or None) for `tool_choice`: "auto" (default), "none"
-    (the tools leave the prompt), "required", or a named function (`{"type": "function", "function": {"name":
-    ...}}`, `flat` in the Responses API: `{"type": "function", "name": ...}`). Decoding cannot be constrained here,
-    so the last two become the instruction, put at the end of the prompt where the model weighs it most; the model
-    may still answer without the call. `tools` has passed `tools_field`."""
+def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *, flat: bool) -> str | dict[str, Any]:
+    """`tool_choice`, checked, in chat_request's forms: "auto" (default), "none", "required", or a named function
+    (`{"type": "function", "function": {"name": ...}}`; `flat` in the Responses API: `{"type": "function", "name":
+    ...}`). `tools` has passed `tools_field`."""
     choice = field_of(body, "tool_choice", "string|object", "auto")
-    if choice == "auto":
-        return tools, None
-    if choice == "none":
-        return None, None
+    if choice in ("auto", "none"):
+        return choice
     named = None
     if isinstance(choice, Mapping):
         kind = field_of(choice, "type", "string", required=True, where="tool_choice.")
@@ -131,8 +154,8 @@ def tool_choice(body: Mapping[str, Any], tools: list[Any] | None, *,
     if not names:
         raise ApiError(400, "'tool_choice' requires 'tools'", param="tool_choice", code="invalid_value")
     if named is None:
-        return tools, "In this turn you must call one of the functions in the tools list; do not answer directly."
+        return "required"
     if named in names:
-        return tools, f"In this turn you must call the function `{named}`; do not answer directly."
+        return {"type": "function", "function": {"name": named}}
     raise ApiError(400, f"'tool_choice' names function {named!r}, which is not in 'tools'", param="tool_choice",
                    code="invalid_value")
