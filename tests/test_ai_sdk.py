@@ -92,3 +92,40 @@ def test_reasoning_is_shown(kind, serving):
     assert result["generate"] == {"reasoningText": "Thinking it over.", "text": "", "warnings": []}
     assert result["stream"]["reasoningText"] == "Thinking it over." == "".join(result["stream"]["deltas"])
     assert len(result["stream"]["deltas"]) > 1
+
+
+# --- structured output, forced tool calls, undeclared calls ---------------------------------------------------------
+PROSE = "<|channel|>final<|message|>It is Paris, of course.<|return|>"
+TIME_CALL = '<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{"tz":"UTC"}<|call|>'
+CITIES = ("Berlin", "Paris")  # the enum of tests/js/structured_output.mjs and forced_tool.mjs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_structured_output_turns_prose_into_the_schema(kind, serving):
+    result = run_script("structured_output.mjs", serving(PROSE), kind)
+    assert set(result["output"]) == {"city"} and result["output"]["city"] in CITIES
+    assert result["finishReason"] == "stop" and result["warnings"] == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+def test_tool_choice_steers_an_undeclared_call_to_a_declared_tool(kind, choice, serving):
+    """The script calls get_time, which the request does not declare: "required" (get_weather, strict with an enum
+    city, the only tool) or the name get_weather (get_date declared too) turns it into a valid get_weather call."""
+    result = run_script("forced_tool.mjs", serving(TIME_CALL), kind, choice)
+    (call,) = result["toolCalls"]
+    assert call["toolName"] == "get_weather" and set(call["input"]) == {"city"} and call["input"]["city"] in CITIES
+    assert not call["invalid"] and result["finishReason"] == "tool-calls" and result["warnings"] == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("declared", ["none", "other"])
+def test_an_undeclared_call_ends_the_turn_as_text(kind, declared, serving):
+    """Issue 14's failure: the model calls get_weather though the request declares no tools ("none") or only
+    get_date ("other"). The server answers such calls with an error until the turn ends: generated and streamed,
+    the SDK sees no tool call, an empty text and finishReason "stop" instead of "Model tried to call unavailable
+    tool"."""
+    result = run_script("undeclared_call.mjs", serving(TOOL_CALL), kind, declared)
+    assert result["stream"].pop("errors") == []
+    for run in ("generate", "stream"):
+        assert result[run] == {"text": "", "finishReason": "stop", "toolCalls": []}, run
