@@ -3,12 +3,17 @@ kernels; the packed formats' constants.
 
 Each `row_dot_*` computes `Σ w[i]·x[i]` for one weight row stored as in the file and float32 `x`, accumulating in
 float32 vectors; each `dequant_row_*` writes a row's float32 values (weights, or a KV cache's f16 / q8_0 rows).
-MXFP4 decodes a block's 32 nibbles with two byte shuffles (`pshufb`: a 16-entry table lookup in one instruction),
-Q8_0 and BF16/F16 widen and convert in registers; LLVM picks the widest vectors the CPU has.
+MXFP4 turns a block's 32 nibbles into int8 E2M1 values (×2) 16 at a time, then to float; Q8_0 and BF16/F16 widen
+and convert in registers; LLVM picks the widest vectors the CPU has.
 
-The shuffle is x86's (SSSE3, every x86-64 CPU since 2006); elsewhere the same functions are plain loops over a
-lookup table (`*_scalar`, which the tests also check). Numba's cache does not follow imports: after editing this
-file, delete `__pycache__/*.nbi` and `*.nbc` so the kernels that inline it are rebuilt.
+Only two steps depend on the instruction set, picked once by `platform.machine()` (`ISA`):
+- the nibble decoding: x86's byte shuffle `pshufb` and AArch64's `tbl` are a 16-entry table lookup in one
+  instruction; elsewhere (`*_portable`) a few branch-free byte operations compute the same values;
+- f16 → f32: a native conversion on x86 and AArch64; elsewhere (`*_portable`) integer bit arithmetic, because
+  LLVM would lower it to a library call the JIT cannot resolve.
+The portable functions are generic vector code, so they run (and are tested) on any CPU, x86 included. Numba's
+cache does not follow imports: after editing this file, delete `__pycache__/*.nbi` and `*.nbc` so the kernels that
+inline it are rebuilt.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ _E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 128).ast
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BF16_TO_F32 = bf16_to_f32(np.arange(65536, dtype=np.uint16))
 
-SIMD = platform.machine().lower() in ("x86_64", "amd64")
+# "x86", "aarch64" or "portable": which table lookup decodes MXFP4 and how f16 is widened (module docstring).
+ISA = {"x86_64": "x86", "amd64": "x86", "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine().lower(),
+                                                                                     "portable")
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 # Weight rows are read once, front to back, and the row after this one comes next: asking for data this far ahead
@@ -89,14 +96,89 @@ def _prefetch(builder, ptr, offset):
     builder.call(fn, [target, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+# --- f16 / bf16 → f32 ---------------------------------------------------------------------------------------------
+def _like(value, scalar):
+    """`scalar` (an ir.Constant) splatted to value's vector shape, or itself for a scalar value."""
+    if isinstance(value.type, ir.VectorType):
+        return ir.Constant(ir.VectorType(scalar.type, value.type.count), [scalar] * value.type.count)
+    return scalar
+
+
+def _as_i32(builder, bits):
+    return builder.zext(bits, ir.VectorType(_I32, bits.type.count) if isinstance(bits.type, ir.VectorType) else _I32)
+
+
+def _as_f32(builder, value):
+    return builder.bitcast(value, ir.VectorType(_F32, value.type.count) if isinstance(value.type, ir.VectorType)
+                           else _F32)
+
+
+def _f16_native(builder, bits):
+    """f16 bit patterns (i16, scalar or vector) → float: the CPU's conversion instruction."""
+    if isinstance(bits.type, ir.VectorType):
+        n = bits.type.count
+        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), n)), ir.VectorType(_F32, n))
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+
+
+def _f16_integer(builder, bits):
+    """f16 bit patterns (i16, scalar or vector) → float by integer arithmetic, exactly (denormals, inf, NaN too):
+    exponent and mantissa move up 13 bits and the exponent is rebiased by 127 - 15; a maximal exponent (inf/NaN)
+    stays maximal; a denormal is built as 2^-14·(1 + m/1024) and 2^-14 subtracted, which is exact."""
+    c = lambda v: _like(bits, ir.Constant(_I32, v))  # noqa: E731
+    h = _as_i32(builder, bits)
+    sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
+    shifted = builder.shl(builder.and_(h, c(0x7FFF)), c(13))
+    exponent = builder.and_(shifted, c(0x7C00 << 13))
+    normal = builder.add(shifted, c(112 << 23))
+    special = builder.add(normal, c(112 << 23))
+    denormal = builder.bitcast(builder.fsub(_as_f32(builder, builder.add(normal, c(1 << 23))),
+                                            _as_f32(builder, c(113 << 23))), h.type)
+    value = builder.select(builder.icmp_unsigned("==", exponent, c(0x7C00 << 13)), special,
+                           builder.select(builder.icmp_unsigned("==", exponent, c(0)), denormal, normal))
+    return _as_f32(builder, builder.or_(value, sign))
+
+
+def _bf16_widen(builder, bits):
+    """bf16 bit patterns → float: bf16 is the top half of a float32."""
+    return _as_f32(builder, builder.shl(_as_i32(builder, bits), _like(bits, ir.Constant(_I32, 16))))
+
+
 # --- MXFP4 ----------------------------------------------------------------------------------------------------------
-def _mxfp4_block(builder, wp, b):
+_V16I8 = ir.VectorType(_I8, 16)
+
+
+def _byte_table_lookup(name):
+    """Nibbles (<16 x i8>, 0..15) → ggml's kvalues by a 16-byte table lookup instruction `name` (table, indices)."""
+    def lookup(builder, nibbles):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]), name)
+        table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
+        return builder.call(fn, [table, nibbles])
+    return lookup
+
+
+_kvalues_pshufb = _byte_table_lookup("llvm.x86.ssse3.pshuf.b.128")
+_kvalues_tbl = _byte_table_lookup("llvm.aarch64.neon.tbl1.v16i8")
+
+
+def _kvalues_arithmetic(builder, nibbles):
+    """Nibbles (<16 x i8>, 0..15) → ggml's kvalues (sign bit 3; magnitudes 0 1 2 3 4 6 8 12), without a table:
+    for m = nibble & 7, |v| = m + max(m - 4, 0) + 2·max(m - 6, 0); the sign negates as (v ^ s) - s with s = 0 or -1.
+    Plain byte operations, so any vector ISA runs 16 of them at once."""
+    c = lambda v: ir.Constant(_V16I8, [ir.Constant(_I8, v)] * 16)  # noqa: E731
+
+    def above(m, k):  # max(m - k, 0)
+        return builder.select(builder.icmp_unsigned(">", m, c(k)), builder.sub(m, c(k)), c(0))
+
+    m = builder.and_(nibbles, c(7))
+    magnitude = builder.add(builder.add(m, above(m, 4)), builder.shl(above(m, 6), c(1)))
+    sign = builder.ashr(builder.shl(nibbles, c(4)), c(7))
+    return builder.sub(builder.xor(magnitude, sign), sign)
+
+
+def _mxfp4_block(builder, wp, b, kvalues):
     """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two <16 x float>
-    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling."""
-    v16i8 = ir.VectorType(_I8, 16)
-    pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i8, [v16i8, v16i8]),
-                                            "llvm.x86.ssse3.pshuf.b.128")
-    table = ir.Constant(v16i8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
+    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `kvalues` decodes nibbles."""
     base = builder.mul(b, _const(builder, b, MXFP4_BLOCK_BYTES))
     _prefetch(builder, wp, base)
     # The scale built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
@@ -105,52 +187,66 @@ def _mxfp4_block(builder, wp, b):
     denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
     scale = builder.bitcast(builder.select(builder.icmp_unsigned("<", e, ir.Constant(_I32, 2)), denormal, normal),
                             _F32)
-    qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), v16i8, 1)
-    low4 = ir.Constant(v16i8, [ir.Constant(_I8, 15)] * 16)
-    four = ir.Constant(v16i8, [ir.Constant(_I8, 4)] * 16)
-    lo = builder.sitofp(builder.call(pshufb, [table, builder.and_(qs, low4)]), _V16F)
-    hi = builder.sitofp(builder.call(pshufb, [table, builder.lshr(qs, four)]), _V16F)
+    qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), _V16I8, 1)
+    low4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
+    four = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
+    lo = builder.sitofp(kvalues(builder, builder.and_(qs, low4)), _V16F)
+    hi = builder.sitofp(kvalues(builder, builder.lshr(qs, four)), _V16F)
     return scale, lo, hi
 
 
-@intrinsic
-def _row_dot_mxfp4_simd(typingctx, row, x, n_blocks):
-    sig = types.float32(row, x, n_blocks)
+def _row_dot_mxfp4_ir(kvalues):
+    @intrinsic
+    def row_dot(typingctx, row, x, n_blocks):
+        sig = types.float32(row, x, n_blocks)
 
-    def codegen(context, builder, signature, args):
-        wp, xp = _pointers(context, builder, signature, args)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
-        with cgutils.for_range(builder, args[2]) as loop:
-            b = loop.index
-            scale, lo, hi = _mxfp4_block(builder, wp, b)
-            xoff = builder.mul(b, _const(builder, b, 32))
-            x0 = _load(builder, xp, xoff, _V16F, 4)
-            x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
-            block = builder.fadd(builder.fmul(lo, x0, flags=_FAST), builder.fmul(hi, x1, flags=_FAST), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(block, _splat(builder, scale, _V16F),
-                                                                       flags=_FAST), flags=_FAST), acc)
-        return _hsum(builder, builder.load(acc))
+        def codegen(context, builder, signature, args):
+            wp, xp = _pointers(context, builder, signature, args)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
+            with cgutils.for_range(builder, args[2]) as loop:
+                b = loop.index
+                scale, lo, hi = _mxfp4_block(builder, wp, b, kvalues)
+                xoff = builder.mul(b, _const(builder, b, 32))
+                x0 = _load(builder, xp, xoff, _V16F, 4)
+                x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
+                block = builder.fadd(builder.fmul(lo, x0, flags=_FAST), builder.fmul(hi, x1, flags=_FAST),
+                                     flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(block, _splat(builder, scale, _V16F),
+                                                                           flags=_FAST), flags=_FAST), acc)
+            return _hsum(builder, builder.load(acc))
 
-    return sig, codegen
+        return sig, codegen
+
+    return row_dot
 
 
-@intrinsic
-def _dequant_row_mxfp4_simd(typingctx, row, out, n_blocks):
-    sig = types.void(row, out, n_blocks)
+def _dequant_row_mxfp4_ir(kvalues):
+    @intrinsic
+    def dequant_row(typingctx, row, out, n_blocks):
+        sig = types.void(row, out, n_blocks)
 
-    def codegen(context, builder, signature, args):
-        wp, op = _pointers(context, builder, signature, args)
-        with cgutils.for_range(builder, args[2]) as loop:
-            b = loop.index
-            scale, lo, hi = _mxfp4_block(builder, wp, b)
-            scale = _splat(builder, scale, _V16F)
-            ooff = builder.mul(b, _const(builder, b, 32))
-            for off, v in ((ooff, lo), (builder.add(ooff, _const(builder, b, 16)), hi)):
-                ptr = builder.bitcast(builder.gep(op, [off]), _V16F.as_pointer())
-                builder.store(builder.fmul(v, scale, flags=_FAST), ptr, align=4)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            wp, op = _pointers(context, builder, signature, args)
+            with cgutils.for_range(builder, args[2]) as loop:
+                b = loop.index
+                scale, lo, hi = _mxfp4_block(builder, wp, b, kvalues)
+                scale = _splat(builder, scale, _V16F)
+                ooff = builder.mul(b, _const(builder, b, 32))
+                for off, v in ((ooff, lo), (builder.add(ooff, _const(builder, b, 16)), hi)):
+                    ptr = builder.bitcast(builder.gep(op, [off]), _V16F.as_pointer())
+                    builder.store(builder.fmul(v, scale, flags=_FAST), ptr, align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return dequant_row
+
+
+_row_dot_mxfp4_pshufb, _dequant_row_mxfp4_pshufb = _row_dot_mxfp4_ir(_kvalues_pshufb), \
+    _dequant_row_mxfp4_ir(_kvalues_pshufb)
+_row_dot_mxfp4_tbl, _dequant_row_mxfp4_tbl = _row_dot_mxfp4_ir(_kvalues_tbl), _dequant_row_mxfp4_ir(_kvalues_tbl)
+_row_dot_mxfp4_arithmetic, _dequant_row_mxfp4_arithmetic = _row_dot_mxfp4_ir(_kvalues_arithmetic), \
+    _dequant_row_mxfp4_ir(_kvalues_arithmetic)
 
 
 @njit(cache=True, inline="always")
@@ -178,32 +274,37 @@ def row_dot_mxfp4_scalar(row, x, n_blocks):
 
 
 # --- Q8_0 -----------------------------------------------------------------------------------------------------------
-@intrinsic
-def _row_dot_q8_0_simd(typingctx, row, x, n_blocks):
-    sig = types.float32(row, x, n_blocks)
+def _row_dot_q8_0_ir(f16):
+    @intrinsic
+    def row_dot(typingctx, row, x, n_blocks):
+        sig = types.float32(row, x, n_blocks)
 
-    def codegen(context, builder, signature, args):
-        wp, xp = _pointers(context, builder, signature, args)
-        nb = args[2]
-        v16i8 = ir.VectorType(_I8, 16)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
-        with cgutils.for_range(builder, nb) as loop:
-            b = loop.index
-            base = builder.mul(b, _const(builder, b, Q8_0_BLOCK_BYTES))
-            _prefetch(builder, wp, base)
-            d_bits = builder.load(builder.bitcast(builder.gep(wp, [base]), _I16.as_pointer()), align=1)
-            d = builder.fpext(builder.bitcast(d_bits, ir.HalfType()), _F32)
-            q0 = builder.sitofp(_load(builder, wp, builder.add(base, _const(builder, b, 2)), v16i8, 1), _V16F)
-            q1 = builder.sitofp(_load(builder, wp, builder.add(base, _const(builder, b, 18)), v16i8, 1), _V16F)
-            xoff = builder.mul(b, _const(builder, b, 32))
-            x0 = _load(builder, xp, xoff, _V16F, 4)
-            x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
-            block = builder.fadd(builder.fmul(q0, x0, flags=_FAST), builder.fmul(q1, x1, flags=_FAST), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(block, _splat(builder, d, _V16F),
-                                                                       flags=_FAST), flags=_FAST), acc)
-        return _hsum(builder, builder.load(acc))
+        def codegen(context, builder, signature, args):
+            wp, xp = _pointers(context, builder, signature, args)
+            nb = args[2]
+            acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                base = builder.mul(b, _const(builder, b, Q8_0_BLOCK_BYTES))
+                _prefetch(builder, wp, base)
+                d = f16(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), _I16.as_pointer()), align=1))
+                q0 = builder.sitofp(_load(builder, wp, builder.add(base, _const(builder, b, 2)), _V16I8, 1), _V16F)
+                q1 = builder.sitofp(_load(builder, wp, builder.add(base, _const(builder, b, 18)), _V16I8, 1), _V16F)
+                xoff = builder.mul(b, _const(builder, b, 32))
+                x0 = _load(builder, xp, xoff, _V16F, 4)
+                x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
+                block = builder.fadd(builder.fmul(q0, x0, flags=_FAST), builder.fmul(q1, x1, flags=_FAST),
+                                     flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(block, _splat(builder, d, _V16F),
+                                                                           flags=_FAST), flags=_FAST), acc)
+            return _hsum(builder, builder.load(acc))
 
-    return sig, codegen
+        return sig, codegen
+
+    return row_dot
+
+
+_row_dot_q8_0_native, _row_dot_q8_0_integer = _row_dot_q8_0_ir(_f16_native), _row_dot_q8_0_ir(_f16_integer)
 
 
 @njit(cache=True, inline="always")
@@ -225,7 +326,7 @@ def row_dot_q8_0_scalar(row, x, n_blocks):
 
 
 @intrinsic
-def _dequant_q8_split_simd(typingctx, values, scales, out):
+def _dequant_q8_split_vector(typingctx, values, scales, out):
     """out[32b + i] = values[32b + i] · scales[b] over the whole row (int8 values, float32 scales)."""
     sig = types.void(values, scales, out)
 
@@ -265,7 +366,7 @@ def dequant_row_q8_0(row, out, n_blocks):
 
 
 # --- BF16 / F16 -----------------------------------------------------------------------------------------------------
-def _row_dot_16bit(bf16: bool):
+def _row_dot_16bit(widen):
     @intrinsic
     def row_dot(typingctx, row, x, n_chunks):
         """Σ over the first 16·n_chunks elements."""
@@ -281,12 +382,7 @@ def _row_dot_16bit(bf16: bool):
                 _prefetch(builder, wp, builder.add(i, i))  # byte offset of element i
                 bits = builder.load(builder.bitcast(builder.gep(builder.bitcast(wp, _I16.as_pointer()), [i]),
                                                     v16i16.as_pointer()), align=2)
-                if bf16:  # bf16 is the top half of a float32
-                    w = builder.bitcast(builder.shl(builder.zext(bits, ir.VectorType(_I32, 16)),
-                                                    ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, 16)] * 16)),
-                                        _V16F)
-                else:
-                    w = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 16)), _V16F)
+                w = widen(builder, bits)
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(w, _load(builder, xp, i, _V16F, 4),
                                                                            flags=_FAST), flags=_FAST), acc)
             return _hsum(builder, builder.load(acc))
@@ -296,27 +392,30 @@ def _row_dot_16bit(bf16: bool):
     return row_dot
 
 
-_row_dot_bf16_chunks = _row_dot_16bit(bf16=True)
-_row_dot_f16_chunks = _row_dot_16bit(bf16=False)
+def _dequant_f16_ir(f16):
+    @intrinsic
+    def dequant_chunks(typingctx, row, out, n_chunks):
+        """out[:16·n_chunks] = the f16 bit patterns row[:16·n_chunks] as float32."""
+        sig = types.void(row, out, n_chunks)
+
+        def codegen(context, builder, signature, args):
+            wp, op = _pointers(context, builder, signature, args)
+            v16i16 = ir.VectorType(_I16, 16)
+            with cgutils.for_range(builder, args[2]) as loop:
+                i = builder.mul(loop.index, _const(builder, loop.index, 16))
+                bits = builder.load(builder.bitcast(builder.gep(builder.bitcast(wp, _I16.as_pointer()), [i]),
+                                                    v16i16.as_pointer()), align=2)
+                builder.store(f16(builder, bits), builder.bitcast(builder.gep(op, [i]), _V16F.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dequant_chunks
 
 
-@intrinsic
-def _dequant_f16_chunks(typingctx, row, out, n_chunks):
-    """out[:16·n_chunks] = the f16 bit patterns row[:16·n_chunks] as float32."""
-    sig = types.void(row, out, n_chunks)
-
-    def codegen(context, builder, signature, args):
-        wp, op = _pointers(context, builder, signature, args)
-        v16i16 = ir.VectorType(_I16, 16)
-        with cgutils.for_range(builder, args[2]) as loop:
-            i = builder.mul(loop.index, _const(builder, loop.index, 16))
-            bits = builder.load(builder.bitcast(builder.gep(builder.bitcast(wp, _I16.as_pointer()), [i]),
-                                                v16i16.as_pointer()), align=2)
-            values = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 16)), _V16F)
-            builder.store(values, builder.bitcast(builder.gep(op, [i]), _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+_row_dot_bf16_chunks = _row_dot_16bit(_bf16_widen)
+_row_dot_f16_chunks_native, _row_dot_f16_chunks_integer = _row_dot_16bit(_f16_native), _row_dot_16bit(_f16_integer)
+_dequant_f16_chunks_native, _dequant_f16_chunks_integer = _dequant_f16_ir(_f16_native), _dequant_f16_ir(_f16_integer)
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -333,54 +432,93 @@ def dequant_row_f16_scalar(row, out, start):
         out[i] = F16_TO_F32[row[i]]
 
 
-if SIMD:
-    @njit(cache=True, inline="always")
-    def row_dot_mxfp4(row, x, n_blocks):
-        return _row_dot_mxfp4_simd(row, x, n_blocks)
+# --- the row functions, per instruction set -------------------------------------------------------------------------
+# Vectors of 16 with a plain-loop tail for the 16-bit types; every other row is whole blocks.
+@njit(cache=True, inline="always")
+def row_dot_bf16(row, x):
+    n = x.shape[0] // 16
+    return _row_dot_bf16_chunks(row, x, n) + row_dot_16bit_scalar(row, BF16_TO_F32, x, n * 16)
 
-    @njit(cache=True, inline="always")
-    def row_dot_q8_0(row, x, n_blocks):
-        return _row_dot_q8_0_simd(row, x, n_blocks)
 
-    @njit(cache=True, inline="always")
-    def dequant_row_mxfp4(row, out, n_blocks):
-        _dequant_row_mxfp4_simd(row, out, n_blocks)
+@njit(cache=True, inline="always")
+def dequant_row_q8_split(values, scales, out):
+    """A row of the KV cache's q8_0: int8 values, their float32 scales (one per 32) in a separate row."""
+    _dequant_q8_split_vector(values, scales, out)
 
-    @njit(cache=True, inline="always")
-    def row_dot_bf16(row, x):
-        n = x.shape[0] // 16
-        return _row_dot_bf16_chunks(row, x, n) + row_dot_16bit_scalar(row, BF16_TO_F32, x, n * 16)
 
-    @njit(cache=True, inline="always")
-    def row_dot_f16(row, x):
-        n = x.shape[0] // 16
-        return _row_dot_f16_chunks(row, x, n) + row_dot_16bit_scalar(row, F16_TO_F32, x, n * 16)
+@njit(cache=True, inline="always")
+def _row_dot_mxfp4_x86(row, x, n_blocks):
+    return _row_dot_mxfp4_pshufb(row, x, n_blocks)
 
-    @njit(cache=True, inline="always")
-    def dequant_row_f16(row, out):
-        n = out.shape[0] // 16
-        _dequant_f16_chunks(row, out, n)
-        dequant_row_f16_scalar(row, out, n * 16)
 
-    @njit(cache=True, inline="always")
-    def dequant_row_q8_split(values, scales, out):
-        """A row of the KV cache's q8_0: int8 values, their float32 scales (one per 32) in a separate row."""
-        _dequant_q8_split_simd(values, scales, out)
+@njit(cache=True, inline="always")
+def _dequant_row_mxfp4_x86(row, out, n_blocks):
+    _dequant_row_mxfp4_pshufb(row, out, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_mxfp4_aarch64(row, x, n_blocks):
+    return _row_dot_mxfp4_tbl(row, x, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def _dequant_row_mxfp4_aarch64(row, out, n_blocks):
+    _dequant_row_mxfp4_tbl(row, out, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def row_dot_mxfp4_portable(row, x, n_blocks):
+    return _row_dot_mxfp4_arithmetic(row, x, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def dequant_row_mxfp4_portable(row, out, n_blocks):
+    _dequant_row_mxfp4_arithmetic(row, out, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_q8_0_f16_native(row, x, n_blocks):
+    return _row_dot_q8_0_native(row, x, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def row_dot_q8_0_portable(row, x, n_blocks):
+    return _row_dot_q8_0_integer(row, x, n_blocks)
+
+
+@njit(cache=True, inline="always")
+def _row_dot_f16_native(row, x):
+    n = x.shape[0] // 16
+    return _row_dot_f16_chunks_native(row, x, n) + row_dot_16bit_scalar(row, F16_TO_F32, x, n * 16)
+
+
+@njit(cache=True, inline="always")
+def row_dot_f16_portable(row, x):
+    n = x.shape[0] // 16
+    return _row_dot_f16_chunks_integer(row, x, n) + row_dot_16bit_scalar(row, F16_TO_F32, x, n * 16)
+
+
+@njit(cache=True, inline="always")
+def _dequant_row_f16_native(row, out):
+    n = out.shape[0] // 16
+    _dequant_f16_chunks_native(row, out, n)
+    dequant_row_f16_scalar(row, out, n * 16)
+
+
+@njit(cache=True, inline="always")
+def dequant_row_f16_portable(row, out):
+    n = out.shape[0] // 16
+    _dequant_f16_chunks_integer(row, out, n)
+    dequant_row_f16_scalar(row, out, n * 16)
+
+
+if ISA == "x86":
+    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_x86, _dequant_row_mxfp4_x86
+elif ISA == "aarch64":
+    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_aarch64, _dequant_row_mxfp4_aarch64
 else:
-    row_dot_mxfp4 = row_dot_mxfp4_scalar
-    row_dot_q8_0 = row_dot_q8_0_scalar
-    dequant_row_mxfp4 = dequant_row_mxfp4_scalar
-
-    @njit(cache=True, inline="always")
-    def row_dot_bf16(row, x):
-        return row_dot_16bit_scalar(row, BF16_TO_F32, x, 0)
-
-    @njit(cache=True, inline="always")
-    def row_dot_f16(row, x):
-        return row_dot_16bit_scalar(row, F16_TO_F32, x, 0)
-
-    @njit(cache=True, inline="always")
-    def dequant_row_f16(row, out):
-        dequant_row_f16_scalar(row, out, 0)
-
-    dequant_row_q8_split = dequant_row_q8_split_scalar
+    row_dot_mxfp4, dequant_row_mxfp4 = row_dot_mxfp4_portable, dequant_row_mxfp4_portable
+if ISA == "portable":
+    row_dot_q8_0, row_dot_f16, dequant_row_f16 = row_dot_q8_0_portable, row_dot_f16_portable, dequant_row_f16_portable
+else:
+    row_dot_q8_0, row_dot_f16, dequant_row_f16 = _row_dot_q8_0_f16_native, _row_dot_f16_native, _dequant_row_f16_native
