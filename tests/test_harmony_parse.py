@@ -239,6 +239,16 @@ def test_header_without_message_and_plain_text(o200k_tokenizer):
     assert _texts(ev, ContentDelta) == words and p.problems
 
 
+def test_a_cut_off_header_is_dropped(o200k_tokenizer):
+    """max_tokens ending generation inside a header: no header words arrive as an answer."""
+    for text in ("<|channel|>commentary to", " to=functions.get", "<|channel|>final"):
+        _, ev, p = _parse(o200k_tokenizer, text)
+        assert ev == [] and p.messages == [] and len(p.problems) == 1, text
+        assert p.problems[0].endswith("output ended inside a message header; the header was dropped")
+    _, ev, p = _parse(o200k_tokenizer, "Hello there")  # no header at all: a model writing plain text
+    assert _texts(ev, ContentDelta) == "Hello there"
+
+
 def test_unexpected_tokens_in_content_are_skipped(o200k_tokenizer):
     tok = o200k_tokenizer
     ids = tok.encode("<|channel|>final<|message|>a", allowed_special="all") + [

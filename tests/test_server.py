@@ -625,3 +625,29 @@ def test_prompt_cache_key_is_kept_with_a_stored_response(scripted_gguf, tmp_path
         assert store.session_hint(first.id) == store.session_hint(second.id) == "session-7"
         chat = c.chat.completions.create(model=ID, messages=ASK, max_tokens=5, prompt_cache_key="session-7")
         assert chat.choices[0].message.content
+
+
+def test_stored_items_sent_back_by_id(scripted_gguf, tmp_path, o200k_tokenizer):
+    """Clients that keep only ids (langchain after a streamed turn) send a reasoning item back without its text,
+    or an item_reference: a server that stored the response puts the stored item in its place."""
+    from ossrt.server.store import ResponseStore
+
+    with ResponseStore(tmp_path / "r.sqlite3") as store, serving(scripted_gguf(THINK), store=store) as live:
+        c = client(live)
+        first = c.responses.create(model=ID, input="Hi!", max_output_tokens=12)
+        (reasoning,) = [i for i in first.output if i.type == "reasoning"]
+        ask = {"role": "user", "content": "Go on."}
+
+        def prompt_tokens(item):
+            return c.responses.create(model=ID, input=[{"role": "user", "content": "Hi!"}, item, ask],
+                                      max_output_tokens=1).usage.input_tokens
+
+        with_text = prompt_tokens({"type": "reasoning", "id": reasoning.id, "summary": [],
+                                   "content": [{"type": "reasoning_text", "text": reasoning.content[0].text}]})
+        assert prompt_tokens({"type": "reasoning", "id": reasoning.id, "summary": []}) == with_text
+        assert prompt_tokens({"type": "item_reference", "id": reasoning.id}) == with_text
+        with pytest.raises(openai.BadRequestError, match="needs 'content', 'tool_calls' or 'reasoning'"):
+            prompt_tokens({"type": "reasoning", "id": "rs_unknown", "summary": []})  # not stored: no text at all
+        with pytest.raises(openai.BadRequestError) as e:
+            prompt_tokens({"type": "item_reference", "id": "rs_unknown"})
+        assert e.value.body["param"] == "input[1].id" and "not stored" in e.value.body["message"]

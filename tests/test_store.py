@@ -190,7 +190,7 @@ def test_a_future_schema_version_is_refused_by_name(tmp_path):
     con = sqlite3.connect(path)
     con.execute("PRAGMA user_version=99")
     con.close()
-    with pytest.raises(OssrtError, match=f"{path}: response store schema version 99, this ossrt reads version 1"):
+    with pytest.raises(OssrtError, match=f"{path}: response store schema version 99, this ossrt reads version 2"):
         ResponseStore(path)
 
 
@@ -242,3 +242,30 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_store(tmp_path):
         assert db._db.execute("SELECT count(*) FROM input_items WHERE response_seq NOT IN "
                               "(SELECT seq FROM responses)").fetchone()[0] == 0
         assert db._db.execute("SELECT sum(size) FROM responses").fetchone()[0] <= 400_000
+
+
+def test_output_items_are_found_by_id_until_their_response_goes(db):
+    db.put(response("resp_a", "first"), [user("q")])
+    item = db.output_item("msg_out_resp_a")
+    assert item["content"][0]["text"] == "first" and db.output_item("msg_unknown") is None
+    db.delete("resp_a")
+    assert db.output_item("msg_out_resp_a") is None
+    assert db._db.execute("SELECT count(*) FROM output_items").fetchone()[0] == 0
+
+
+def test_a_version_1_store_is_upgraded_and_keeps_its_responses(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    for statement in store_module._SCHEMA_1.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    con.execute("PRAGMA user_version=1")
+    con.execute("INSERT INTO responses (id, created_at, model, output, response, size) VALUES "
+                "('resp_old', 1, 'm', '[]', '{\"id\": \"resp_old\"}', 10)")
+    con.close()
+    with ResponseStore(path) as s:
+        assert s.get("resp_old") == {"id": "resp_old"}
+        s.put(response("resp_new"), [])
+        assert s.output_item("msg_out_resp_new")["id"] == "msg_out_resp_new"
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

@@ -3,6 +3,8 @@ helpers) and the CLI, on scripted models (real format, real forward pass): the g
 the script wherever the script breaks the format. Also: calls to tools the request did not declare."""
 
 import json
+import logging
+import time
 from typing import Literal
 
 import pytest
@@ -186,10 +188,22 @@ def test_tool_choice_is_enforced_by_the_server(served):
     assert [(i.type, i.name) for i in r.output] == [("function_call", "get_weather")]
 
 
-def test_undeclared_calls_are_not_reported_by_the_server(served):
-    r = served(TIME_CALL).chat.completions.create(model="gpt-oss-20b", messages=ASK, temperature=0)
+def test_undeclared_calls_are_not_reported_by_the_server(served, caplog):
+    c = served(TIME_CALL)  # first: starting a server applies its logging config, which resets the loggers below
+    app_log = logging.getLogger("ossrt.server.app")  # serve's logging config stops "ossrt" records propagating
+    app_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="ossrt.server.app"):
+            r = c.chat.completions.create(model="gpt-oss-20b", messages=ASK, temperature=0)
+            logged = lambda: any("model output: " in m and "did not declare" in m for m in caplog.messages)  # noqa
+            deadline = time.monotonic() + 10  # logged when the turn's thread has ended, just after the reply
+            while not logged() and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        app_log.removeHandler(caplog.handler)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
-    r = served(TIME_CALL).responses.create(model="gpt-oss-20b", input="Time?", temperature=0)
+    assert logged()
+    r = c.responses.create(model="gpt-oss-20b", input="Time?", temperature=0)
     assert [i.type for i in r.output if i.type == "function_call"] == [] and r.status == "completed"
 
 
@@ -212,3 +226,5 @@ def test_bad_formats_get_400_naming_the_field(served, api, body, param, message)
             c.responses.create(model="gpt-oss-20b", input="Hi", extra_body=body)
     assert e.value.status_code in (400, 422) and e.value.body["param"] == param
     assert message in e.value.body["message"]
+
+

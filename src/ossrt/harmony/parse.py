@@ -187,8 +187,13 @@ class HarmonyParser:
         """The end of generation: close a message that is still open (its end token never came)."""
         events: list[Event] = []
         if self._state == _HEADER and self._header:
-            self._problem("output ended inside a message header")
-            self._header_without_message(None, events)
+            if self.tok.channel in self._header or "to=" in self.tok.decode(self._header):
+                # A header cut off (by max_tokens): its words are not text the model meant for anyone.
+                self._problem("output ended inside a message header; the header was dropped")
+                self._header = []
+            else:
+                self._problem("output ended inside a message header")
+                self._header_without_message(None, events)
         elif self._state == _CONTENT:
             self._problem("output ended inside a message (no end token)")
             self._close(None, events)

@@ -95,6 +95,8 @@ class Server:
         if run.response is not None:
             self.counts["prompt_tokens"] += run.response.usage.prompt_tokens
             self.counts["completion_tokens"] += run.response.usage.completion_tokens
+            if run.response.problems:  # what the parser worked around, or calls to undeclared tools
+                log.info("model output: %s", "; ".join(run.response.problems))
         self._notify()
 
     def _disconnected(self) -> None:

@@ -58,7 +58,7 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer
             earlier = store.chain(previous)
         except MissingResponseError as e:
             raise ApiError(404, str(e), param="previous_response_id", code="not_found") from None
-    messages, where = input_messages(earlier + items, instructions, sealer)
+    messages, where = input_messages(earlier + items, instructions, sealer, store)
     include = field_of(body, "include", "array", [])
     for i, entry in enumerate(include):
         if not isinstance(entry, str):
@@ -83,10 +83,12 @@ def parse_responses_request(body: Mapping[str, Any], context_length: int, sealer
                             items, previous, field_of(body, "store", "boolean", True) and store is not None)
 
 
-def input_messages(value: str | list, instructions: str | None,
-                   sealer: Sealer) -> tuple[list[dict[str, Any]], list[str]]:
+def input_messages(value: str | list, instructions: str | None, sealer: Sealer,
+                   store: ResponseStore | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Chat messages for `input`, and for each message the request field it came from (for error messages).
-    Reasoning, assistant messages and function calls in a row become one assistant message."""
+    Reasoning, assistant messages and function calls in a row become one assistant message. With a `store`, an
+    `item_reference` is the stored output item it names, and a reasoning item sent back by id alone gets its
+    stored text."""
     msgs: list[dict[str, Any]] = []
     where: list[str] = []
     if instructions is not None:
@@ -106,6 +108,9 @@ def input_messages(value: str | list, instructions: str | None,
 
     for at, item in objects_of(value, "input"):
         kind = field_of(item, "type", "string", "message", where=f"{at}.")
+        if kind == "item_reference":
+            item = _stored_output_item(field_of(item, "id", "string", required=True, where=f"{at}."), at, store)
+            kind = item.get("type")
         if kind == "message":
             role = field_of(item, "role", "string", required=True, where=f"{at}.")
             if role not in _ROLES:
@@ -128,6 +133,9 @@ def input_messages(value: str | list, instructions: str | None,
             content, summary = _reasoning_text(item, "content", at), _reasoning_text(item, "summary", at)
             sealed = field_of(item, "encrypted_content", "string", where=f"{at}.")
             text = content or (sealed is not None and sealer.open(sealed)) or summary
+            if not text and sealed is None and isinstance(item.get("id"), str) and store is not None:
+                stored = store.output_item(item["id"])  # a client that sends back only the ids of stored items
+                text = _reasoning_text(stored, "content", at) if stored and stored.get("type") == "reasoning" else ""
             if not text and sealed is not None:
                 raise ApiError(400, f"'{at}.encrypted_content' was not made by this server (or was altered): send "
                                     f"the reasoning as 'content', or leave the item out",
@@ -154,9 +162,18 @@ def input_messages(value: str | list, instructions: str | None,
             where.append(at)
         else:
             raise ApiError(400, f"'{at}': input items of type {kind!r} are not supported (message, reasoning, "
-                                f"function_call, function_call_output)", param=f"{at}.type", code="unsupported_value")
+                                f"function_call, function_call_output, item_reference)", param=f"{at}.type",
+                           code="unsupported_value")
     flush()
     return msgs, where
+
+
+def _stored_output_item(item_id: str, at: str, store: ResponseStore | None) -> dict[str, Any]:
+    stored = store.output_item(item_id) if store is not None else None
+    if stored is None:
+        why = "is not stored" if store is not None else "cannot be found: this server stores no responses (--no-store)"
+        raise ApiError(400, f"'{at}.id': item {item_id!r} {why}", param=f"{at}.id", code="invalid_value")
+    return stored
 
 
 def _text(content: str | list, at: str) -> str:

@@ -3,7 +3,8 @@
 
 Each response keeps its request's input items, its output items, the whole response object, the
 `previous_response_id` it continued and a session hint (an opaque string the server uses to find the KV cache
-holding the conversation). Input items get ids when stored: an item without an `id` gets one made from its type's
+holding the conversation). Output items are also found by their own ids (`output_item`), for clients that send a
+reasoning item back by id alone, or an `item_reference`. Input items get ids when stored: an item without an `id` gets one made from its type's
 prefix (`msg_`, `fc_`, `fco_`, `rs_`, else `item_`) and 24 random hex digits, as the server's own output ids.
 
 The store is bounded by the bytes of JSON it holds (the sum of the stored texts' UTF-8 lengths, not the file size,
@@ -31,7 +32,7 @@ from ..errors import OssrtError, ParameterError
 from ..resolve import cache_dir
 from .ids import new_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: output_items; a version 1 file gains the table (its older items stay unindexed)
 DEFAULT_MAX_BYTES = 256 * 2**20
 STORE_FILE = "responses.sqlite3"
 BUSY_TIMEOUT_MS = 5000  # another process (a second server) may hold the write lock briefly
@@ -39,7 +40,7 @@ MAX_PAGE = 100  # OpenAI's limit on input_items' page size
 ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 OTHER_ITEM_PREFIX = "item_"
 
-_SCHEMA = """
+_SCHEMA_1 = """
 CREATE TABLE responses (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order: eviction removes the lowest first
     id TEXT NOT NULL UNIQUE,
@@ -59,6 +60,13 @@ CREATE TABLE input_items (
     item TEXT NOT NULL,
     PRIMARY KEY (response_seq, position)
 );
+"""
+_SCHEMA_2 = """
+CREATE TABLE output_items (
+    item_id TEXT PRIMARY KEY,
+    response_seq INTEGER NOT NULL REFERENCES responses (seq) ON DELETE CASCADE
+);
+CREATE INDEX output_items_response ON output_items (response_seq);  -- cascading deletes find the rows
 """
 
 
@@ -126,19 +134,19 @@ class ResponseStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                    raise OssrtError(f"{self.path}: a SQLite database of something else, not a response store "
-                                     "(use another --store path)")
-                # Tables and version in one transaction: another process sees both or neither (so statement by
-                # statement: executescript would commit first).
-                for statement in _SCHEMA.split(";"):
+            if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise OssrtError(f"{self.path}: a SQLite database of something else, not a response store "
+                                 "(use another --store path)")
+            if version > SCHEMA_VERSION:
+                raise OssrtError(f"{self.path}: response store schema version {version}, this ossrt reads version "
+                                 f"{SCHEMA_VERSION} (written by a newer ossrt; use another --store path)")
+            # Tables and version in one transaction: another process sees both or neither (so statement by
+            # statement: executescript would commit first).
+            for schema in (_SCHEMA_1, _SCHEMA_2)[version:]:
+                for statement in schema.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise OssrtError(f"{self.path}: response store schema version {version}, this ossrt reads version "
-                                 f"{SCHEMA_VERSION} (written by another ossrt version; use another --store path)")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -199,6 +207,9 @@ class ResponseStore:
                 raise ParameterError(f"response {rid} is already stored") from None
             self._db.executemany("INSERT INTO input_items (response_seq, position, item_id, item) VALUES (?, ?, ?, ?)",
                                  [(seq, i, item_id, text) for i, (item_id, text) in enumerate(items)])
+            # An id already indexed (an item of a response sent again as input) keeps its first response.
+            self._db.executemany("INSERT OR IGNORE INTO output_items (item_id, response_seq) VALUES (?, ?)",
+                                 [(item["id"], seq) for item in output if isinstance(item.get("id"), str)])
             return self._evict()
 
     def _evict(self) -> list[str]:
@@ -218,6 +229,15 @@ class ResponseStore:
         with self._lock:
             row = self._db.execute("SELECT response FROM responses WHERE id = ?", (response_id,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def output_item(self, item_id: str) -> dict[str, Any] | None:
+        """The stored output item with this id (a reasoning item, a message, a function call), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT r.output FROM output_items o JOIN responses r ON r.seq = o.response_seq "
+                                   "WHERE o.item_id = ?", (item_id,)).fetchone()
+        if row is None:
+            return None
+        return next((item for item in json.loads(row[0]) if item.get("id") == item_id), None)
 
     def session_hint(self, response_id: str) -> str | None:
         """The session hint stored with the response (None when it had none or is not stored)."""
