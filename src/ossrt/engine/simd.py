@@ -45,7 +45,8 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 _KVALUES = mxfp4.KVALUES.astype(np.float32)
 _E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 128).astype(np.float32)  # 2^(e-128)
-F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # AArch64 flags the signalling NaNs it quiets
+    F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BF16_TO_F32 = bf16_to_f32(np.arange(65536, dtype=np.uint16))
 
 # "x86", "aarch64" or "portable": which table lookup decodes MXFP4 and how f16 is widened (module docstring).
