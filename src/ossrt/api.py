@@ -129,20 +129,32 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
-         kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE) -> Model:
+         kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE, prefetch: bool = True,
+         mlock: bool = False) -> Model:
     """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
     cache's precision: "f16" (as llama.cpp), "q8_0" (8-bit, about half of f16) or "f32" (exact). The thread count
     applies to every forward pass on the CPU, in whichever thread runs it. `device` is "cpu", "cuda" (an NVIDIA GPU
     through CuPy: the `cuda12`/`cuda13` extras; DeviceError says what is missing) or "auto" (CUDA when CuPy finds a
-    device, else the CPU). Bad arguments raise ParameterError naming the first one, before the file is opened (the
-    context length's upper bound, the model's, once it is)."""
+    device, else the CPU).
+
+    The file is memory-mapped, so its pages come from disk when first touched: `prefetch` (default) has the kernel
+    read the weights into the page cache in the background while loading returns, which makes the first answer after
+    a cold start much faster (skipped when the file is larger than the available RAM). `mlock` reads the whole file
+    at load and locks it in RAM, so it is never evicted (as llama.cpp's --mlock); it needs a locked-memory limit
+    (RLIMIT_MEMLOCK, `ulimit -l`) above the file size, else ParameterError says so.
+
+    Bad arguments raise ParameterError naming the first one, before the file is opened (the context length's upper
+    bound, the model's, once it is)."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise ParameterError(f"path must be a str or a path-like object naming a model, got {path!r:.80}")
     check_load_params(context_length=context_length, threads=threads, kv_type=kv_type, device=device)
-    return Model(ModelFile.open(resolve_model(path)), context_length=context_length, threads=threads,
-                 kv_type=kv_type, device=device)
+    for name, value in (("prefetch", prefetch), ("mlock", mlock)):
+        if not isinstance(value, bool):
+            raise ParameterError(f"{name} must be True or False, got {value!r:.80}")
+    return Model(ModelFile.open(resolve_model(path), prefetch=prefetch, mlock=mlock), context_length=context_length,
+                 threads=threads, kv_type=kv_type, device=device)
 
 
 def check_load_params(*, context_length: int | None, threads: int | None, kv_type: str, device: str) -> None:

@@ -81,6 +81,15 @@ _DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_D
                        help="cuda: an NVIDIA GPU (the cuda12/cuda13 extras); auto: CUDA when CuPy finds a device")
 
 
+def _memory_options(fn):
+    """How the mapped model file is kept in RAM: the flags `run`, `generate` and `serve` share."""
+    fn = click.option("--mlock", is_flag=True, help="read the whole model at start and lock it in RAM, never "
+                      "evicted (needs `ulimit -l` above the file size)")(fn)
+    return click.option("--no-prefetch", "no_prefetch", is_flag=True,
+                        help="do not read the model into the page cache in the background at start (by default "
+                             "it is, when it fits in the available RAM, for a fast first answer)")(fn)
+
+
 def _model_options(fn):
     """The loading, sampling and chat flags `run` and `generate` share, spelled as in llama.cpp."""
     options = [
@@ -101,7 +110,7 @@ def _model_options(fn):
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return _memory_options(fn)
 
 
 @main.command()
@@ -117,7 +126,8 @@ def _model_options(fn):
 @expected_errors
 def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
              top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str,
-             show_reasoning: bool, as_json: bool, raw: bool, schema_file: str | None) -> None:
+             no_prefetch: bool, mlock: bool, show_reasoning: bool, as_json: bool, raw: bool,
+             schema_file: str | None) -> None:
     """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
     import dataclasses
     import json
@@ -130,7 +140,8 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     response_format = _schema_file_format(schema_file) if schema_file is not None else None
     if prompt == "-":
         prompt = _read_stdin()
-    m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
+    m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
+                   prefetch=not no_prefetch, mlock=mlock)
     if raw:
         ids = m.tokenizer.encode(prompt)
         if not ids:
@@ -200,13 +211,14 @@ def _schema_file_format(path: str) -> dict:
 @click.option("--verbose", is_flag=True, help="tokens and tokens/s after each answer")
 @expected_errors
 def run(model: str | None, system: str | None, effort: str, max_tokens: int | None, temp: float, top_p: float,
-        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, hide_reasoning: bool,
-        verbose: bool) -> None:
+        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
+        mlock: bool, hide_reasoning: bool, verbose: bool) -> None:
     """Chat with MODEL [default: gpt-oss-20b]. Piped input is answered once; /help lists the commands."""
     import ossrt
     from ossrt.repl import Repl
 
-    m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
+    m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
+                   prefetch=not no_prefetch, mlock=mlock)
     repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
                 verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
                 max_tokens=max_tokens)
@@ -273,14 +285,15 @@ def _save_history(readline, history: Path) -> None:
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
 @click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
 @_DEVICE
+@_memory_options
 @click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
               help="SQLite file keeping responses (previous_response_id, GET /v1/responses/ID) "
                    "[default: responses.sqlite3 in the cache folder]")
 @click.option("--no-store", "no_store", is_flag=True, help="keep no responses")
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
-          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, store: str | None,
-          no_store: bool) -> None:
+          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
+          mlock: bool, store: str | None, no_store: bool) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
         from .server.serve import listen, model_names, serve as run_server
@@ -299,7 +312,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     # Opened before the model loads, so a bad file fails at once.
     with contextlib.nullcontext() if no_store else ResponseStore(store or default_store_path()) as responses:
         sock = listen(host, port)  # before loading: a taken port fails at once
-        m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device)
+        m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
+                       prefetch=not no_prefetch, mlock=mlock)
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
                        err=True)

@@ -5,16 +5,22 @@ header ourselves instead of using `gguf.GGUFReader`: that reader builds a NumPy 
 which for the 201,088-token vocabulary and 446,189 merges costs ~13 s and ~1 GB of RAM on every start. The `gguf`
 package still supplies the type constants and block sizes, and writes our files.
 
-Tensor data is never copied: each `Tensor.data` is a view into one read-only memory map of the file.
+Tensor data is never copied: each `Tensor.data` is a view into one read-only memory map of the file. Mapped pages
+are read from disk on first touch, so a cold start's first forward pass would wait on page faults: `open` can ask
+the kernel to read the tensor data ahead in the background (`prefetch`), or lock the whole map in RAM (`mlock`,
+as llama.cpp's `--mlock`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 from gguf.quants import quant_shape_to_byte_shape
 
 from .config import KEY_BLOCK_COUNT, KEY_ROPE_SCALING_TYPE, TENSORS_PER_LAYER, ModelConfig, describe_value
-from ..errors import ConfigError, ModelFileError
+from ..errors import ConfigError, ModelFileError, ParameterError
 
 _MAGIC = GGUF_MAGIC.to_bytes(4, "little")  # b"GGUF"
 
@@ -64,6 +70,10 @@ PLAIN_DTYPES = {
     GGMLQuantizationType.F16: np.float16,
     GGMLQuantizationType.BF16: np.uint16,  # bit patterns; bf16 -> f32 is a 16-bit left shift
 }
+
+# The prefetch thread's read size: the kernel's read-ahead makes the disk requests large; this only sets how often
+# the thread looks at its stop flag and how much it copies at once.
+_PREFETCH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -163,11 +173,26 @@ class ModelFile:
         self.config = self._read_config()
         self.tensors = self._map_tensors(infos, data_start, alignment)
         self._validate_tensors()
+        self._data_start = data_start
+        self.prefetch_thread: threading.Thread | None = None  # see start_prefetch
+        self._prefetch_stop = threading.Event()
+        self.locked = False
 
     # --- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "ModelFile":
-        path = Path(path)
+    def open(cls, path: str | os.PathLike, *, prefetch: bool = False, mlock: bool = False) -> "ModelFile":
+        """Open and validate `path`. `prefetch`: read the tensor data into the page cache in the background
+        (`start_prefetch`). `mlock`: read it all now and lock it in RAM (`lock_in_ram`; ParameterError when the
+        locked-memory limit is too low); prefetching is then moot."""
+        model_file = cls._open(Path(path))
+        if mlock:
+            model_file.lock_in_ram()
+        elif prefetch:
+            model_file.start_prefetch()
+        return model_file
+
+    @classmethod
+    def _open(cls, path: Path) -> "ModelFile":
         try:  # a name too long, a permission or an I/O error: the OS's words, naming the path
             if not path.exists():
                 raise ModelFileError(f"{path}: no such file")
@@ -191,8 +216,45 @@ class ModelFile:
             raise
 
     def close(self) -> None:
-        # Views into the map may still be alive in callers; the map is released when they are.
+        # Views into the map may still be alive in callers; the map (and any lock on it) is released when they are.
         self.tensors = {}
+        self._prefetch_stop.set()
+
+    # --- keeping the map in RAM --------------------------------------------------------------------------
+    def start_prefetch(self) -> threading.Thread | None:
+        """Read the tensor data into the page cache in the background, in file order (the order a forward pass
+        touches it), so the first forward pass finds it there instead of waiting on a page fault per 4 KiB piece.
+        A daemon thread reads the file sequentially, which the kernel's read-ahead turns into large requests at the
+        disk's full speed; it neither blocks loading nor keeps the process alive, holds no GIL while reading, and
+        stops at `close()`. (Measured on the 20b's 11.3 GiB file from a cold cache: reading took 11 s, the disk's
+        speed, leaving a busy Python thread 90 % of its speed; touching each mapped page from NumPy took 25 s and
+        left it 39 %, the GIL held through the faults; madvise(MADV_WILLNEED) over the map returned in 0.3 s, but
+        the kernel dropped much of the read-ahead it queued: half the file was cached.) Skipped, returning None,
+        when the data does not fit in the available RAM: it would only push out pages read earlier. The thread is
+        also kept in `prefetch_thread`."""
+        available = available_ram()
+        if available is None or self.file_size - self._data_start > available:
+            return None
+        self.prefetch_thread = threading.Thread(target=_read_ahead, name=f"prefetch {self.path.name}", daemon=True,
+                                                args=(self.path, self._data_start, self.file_size,
+                                                      self._prefetch_stop))
+        self.prefetch_thread.start()
+        return self.prefetch_thread
+
+    def lock_in_ram(self) -> None:
+        """Read the whole file and lock it in RAM (mlock(2)), so no page of it is ever evicted or read again.
+        ParameterError, naming RLIMIT_MEMLOCK and the fix, when the OS refuses."""
+        libc_name = ctypes.util.find_library("c")
+        if os.name != "posix" or libc_name is None:
+            raise ParameterError("mlock: locking a model in RAM needs a POSIX system with mlock(2)")
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        view = np.frombuffer(self._buf, dtype=np.uint8)  # for the map's address; released below
+        address = view.ctypes.data
+        del view
+        if libc.mlock(address, self.file_size) != 0:
+            raise ParameterError(_mlock_failure(self.path, self.file_size, ctypes.get_errno()))
+        self.locked = True
 
     def __enter__(self) -> "ModelFile":
         return self
@@ -318,6 +380,55 @@ class ModelFile:
             if t.type not in allowed:
                 names = ", ".join(a.name for a in allowed)
                 raise ModelFileError(f"{self.path}: tensor {spec.name!r} has type {t.type.name}, expected {names}")
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel could give without swapping (Linux's MemAvailable, which counts reclaimable page
+    cache), else the free pages sysconf reports; None where neither is known."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _read_ahead(path: Path, start: int, end: int, stop: threading.Event) -> None:
+    """The prefetch thread: read bytes start..end of `path` and drop them, until done or `stop` is set."""
+    chunk = bytearray(_PREFETCH_CHUNK)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            remaining = end - start
+            while remaining > 0 and not stop.is_set():
+                n = f.readinto(chunk)
+                if not n:
+                    return
+                remaining -= n
+    except OSError:  # only speed is lost: the map reads what it needs itself
+        pass
+
+
+def _mlock_failure(path: Path, size: int, errno_value: int) -> str:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else _bytes_text(soft)
+    available = available_ram()
+    ram = f", {_bytes_text(available)} of RAM available" if available is not None else ""
+    return (f"mlock: cannot lock {path} ({_bytes_text(size)}) in RAM: {os.strerror(errno_value)}; the locked-memory "
+            f"limit (RLIMIT_MEMLOCK) is {limit}{ram}. Raise the limit with `ulimit -l unlimited` (systemd: "
+            f"LimitMEMLOCK=infinity; or memlock in /etc/security/limits.conf), or load without mlock")
+
+
+def _bytes_text(n: int) -> str:
+    power = min(3, max(0, (n.bit_length() - 1) // 10))  # bytes, KiB, MiB or GiB
+    return f"{n} bytes" if power == 0 else f"{n / 1024**power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]}"
 
 
 def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int, int]:
