@@ -57,8 +57,11 @@ def prefetch_threads():
 
 
 @linux_only
-def test_prefetch_reads_the_whole_file_in_a_daemon_thread(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("populate", [True, False], ids=["populate", "read"])
+def test_prefetch_reads_the_whole_file_in_a_daemon_thread(tiny_gguf, tmp_path, monkeypatch, populate):
     path = evicted_copy(tiny_gguf(), tmp_path)
+    if not populate:  # as on a kernel without MADV_POPULATE_READ, or off Linux: the file is read instead
+        monkeypatch.setattr(modelfile, "_populate", lambda whole, start, stop: start)
     with ModelFile.open(path, prefetch=True) as mf:
         thread = mf.prefetch_thread
         assert thread is not None and thread.daemon  # never keeps the process alive
@@ -101,15 +104,18 @@ def test_available_ram_is_a_plausible_byte_count():
 def test_close_stops_the_prefetch(tiny_gguf):
     stop = threading.Event()
     stop.set()
-    modelfile._read_ahead(tiny_gguf(), 0, 1 << 40, stop)  # returns at once, not after 1 TiB
+    modelfile._read(tiny_gguf(), 0, 1 << 40, stop)  # returns at once, not after 1 TiB
+    whole = np.zeros(1 << 30, np.uint8)  # not touched: populating stops before its first chunk
+    assert modelfile._populate(whole, 0, stop) == len(whole)
     mf = ModelFile.open(tiny_gguf(), prefetch=True)
     mf.close()
     mf.prefetch_thread.join(timeout=60)
     assert not mf.prefetch_thread.is_alive()
 
 
-def test_prefetch_survives_a_vanished_file(tiny_gguf, tmp_path):
-    modelfile._read_ahead(tmp_path / "gone.gguf", 0, 100, threading.Event())  # no error: only speed is lost
+def test_prefetch_survives_a_vanished_file(tmp_path):
+    whole = np.zeros(mmap.PAGESIZE, np.uint8)
+    modelfile._prefetch(whole, tmp_path / "gone.gguf", 0, threading.Event())  # no error: only speed is lost
 
 
 # mlock runs in a child process: the lock lasts as long as the map, and the child can lower its limit.
