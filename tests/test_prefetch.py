@@ -61,7 +61,7 @@ def prefetch_threads():
 def test_prefetch_reads_the_whole_file_in_a_daemon_thread(tiny_gguf, tmp_path, monkeypatch, populate):
     path = evicted_copy(tiny_gguf(), tmp_path)
     if not populate:  # as on a kernel without MADV_POPULATE_READ, or off Linux: the file is read instead
-        monkeypatch.setattr(modelfile, "_populate", lambda whole, start, stop: start)
+        monkeypatch.setattr(modelfile, "_populate", lambda whole, chunks, stop: 0)
     with ModelFile.open(path, prefetch=True) as mf:
         thread = mf.prefetch_thread
         assert thread is not None and thread.daemon  # never keeps the process alive
@@ -101,21 +101,37 @@ def test_available_ram_is_a_plausible_byte_count():
         assert ram is not None and 1 << 20 < ram < 1 << 50
 
 
+def test_prefetch_goes_in_the_order_a_forward_pass_needs_the_data(tiny_gguf):
+    with ModelFile.open(tiny_gguf()) as mf:
+        ranges = mf._ranges_in_use_order()
+        base = np.frombuffer(mf._buf, np.uint8).ctypes.data
+
+        def where(name):
+            start = mf.tensors[name].data.ctypes.data - base
+            return next(i for i, (a, b) in enumerate(ranges) if a <= start and start + mf.tensors[name].nbytes <= b)
+
+        # The file holds the embeddings and the head first; the layers (contiguous) come first here.
+        assert [where(n) for n in ("blk.0.attn_norm.weight", "blk.3.ffn_down_exps.bias", "output.weight",
+                                   "token_embd.weight")] == [0, 0, 1, 2]
+        assert all(a % mmap.PAGESIZE == 0 for a, _ in ranges)
+        assert sum(b - a for a, b in ranges) < mf.file_size  # each byte once, the header not at all
+
+
 def test_close_stops_the_prefetch(tiny_gguf):
     stop = threading.Event()
     stop.set()
-    modelfile._read(tiny_gguf(), 0, 1 << 40, stop)  # returns at once, not after 1 TiB
-    whole = np.zeros(1 << 30, np.uint8)  # not touched: populating stops before its first chunk
-    assert modelfile._populate(whole, 0, stop) == len(whole)
+    chunks = [(0, 1 << 20)] * 1024
+    modelfile._read(tiny_gguf(), chunks, stop)  # returns at once, not after 1 GiB
+    assert modelfile._populate(np.zeros(1 << 20, np.uint8), chunks, stop) == len(chunks)
     mf = ModelFile.open(tiny_gguf(), prefetch=True)
     mf.close()
     mf.prefetch_thread.join(timeout=60)
     assert not mf.prefetch_thread.is_alive()
 
 
-def test_prefetch_survives_a_vanished_file(tmp_path):
-    whole = np.zeros(mmap.PAGESIZE, np.uint8)
-    modelfile._prefetch(whole, tmp_path / "gone.gguf", 0, threading.Event())  # no error: only speed is lost
+def test_prefetch_survives_a_vanished_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(modelfile, "_populate", lambda whole, chunks, stop: 0)
+    modelfile._prefetch(np.zeros(1, np.uint8), tmp_path / "gone.gguf", [(0, 1)], threading.Event())  # no error
 
 
 # mlock runs in a child process: the lock lasts as long as the map, and the child can lower its limit.

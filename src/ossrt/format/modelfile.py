@@ -176,7 +176,6 @@ class ModelFile:
         self.config = self._read_config()
         self.tensors = self._map_tensors(infos, data_start, alignment)
         self._validate_tensors()
-        self._data_start = data_start
         self.prefetch_thread: threading.Thread | None = None  # see start_prefetch
         self._prefetch_stop = threading.Event()
         self.locked = False
@@ -235,18 +234,39 @@ class ModelFile:
 
         Measured on the 20b's 11.3 GiB file from a cold cache, with other page cache competing for RAM: populating
         took 9.8 s (the disk's speed) and all of the file stayed cached; reading it took 17 s and only 6.5 GiB
-        stayed (pages read once and not mapped are the first reclaimed); touching each page from NumPy took 25 s
-        and held the GIL through the faults; MADV_WILLNEED alone returned in 0.3 s, but the kernel dropped much of
-        the read-ahead it queued."""
+        stayed (pages read once and not mapped are the first reclaimed); touching each page from NumPy took 25 s;
+        MADV_WILLNEED alone returned in 0.3 s, but the kernel dropped much of the read-ahead it queued."""
+        ranges = self._ranges_in_use_order()
         available = available_ram()
-        start = self._data_start - self._data_start % mmap.PAGESIZE  # madvise takes page-aligned addresses
-        if available is None or self.file_size - start > available:
+        if available is None or sum(end - start for start, end in ranges) > available:
             return None
         whole = np.frombuffer(self._buf, dtype=np.uint8)  # the thread's reference keeps the map alive
+        chunks = [(offset, min(_PREFETCH_CHUNK, end - offset))
+                  for start, end in ranges for offset in range(start, end, _PREFETCH_CHUNK)]
         self.prefetch_thread = threading.Thread(target=_prefetch, name=f"prefetch {self.path.name}", daemon=True,
-                                                args=(whole, self.path, start, self._prefetch_stop))
+                                                args=(whole, self.path, chunks, self._prefetch_stop))
         self.prefetch_thread.start()
         return self.prefetch_thread
+
+    def _ranges_in_use_order(self) -> list[tuple[int, int]]:
+        """The tensor data as page-aligned byte ranges, in the order a forward pass first needs it: layer by layer,
+        then the output head; the token embeddings last, as a prompt reads only its own rows of them (the file
+        holds them and the head first)."""
+        last = self.config.n_layer
+
+        def rank(name: str) -> int:
+            if name.startswith("blk."):
+                return int(name.split(".")[1])
+            return last if name.startswith("output") else last + 1
+
+        ranges: list[list[int]] = []
+        for _, start, end in sorted((rank(name), start, end) for start, end, name in self._extents):
+            start -= start % mmap.PAGESIZE  # madvise takes page-aligned addresses
+            if ranges and ranges[-1][0] <= start <= ranges[-1][1]:  # it goes on where the last range ends
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        return [(start, end) for start, end in ranges]
 
     def lock_in_ram(self) -> None:
         """Read the whole file and lock it in RAM (mlock(2)), so no page of it is ever evicted or read again.
@@ -363,6 +383,7 @@ class ModelFile:
             if start_b < end_a:
                 raise ModelFileError(f"{self.path}: tensors {a!r} (bytes {start_a}..{end_a}) and {b!r} (bytes "
                                      f"{start_b}..{end_b}) overlap")
+        self._extents = extents
         return tensors
 
     def _validate_tensors(self) -> None:
@@ -415,45 +436,42 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def _prefetch(whole: np.ndarray, path: Path, start: int, stop: threading.Event) -> None:
-    """The prefetch thread: bring bytes start.. of the mapped file `whole` into RAM, until done or `stop` is set."""
+def _prefetch(whole: np.ndarray, path: Path, chunks: list[tuple[int, int]], stop: threading.Event) -> None:
+    """The prefetch thread: bring the (offset, size) chunks of the mapped file `whole` into RAM in order, until
+    done or `stop` is set."""
     try:
-        _read(path, _populate(whole, start, stop), len(whole), stop)
+        _read(path, chunks[_populate(whole, chunks, stop):], stop)
     except OSError:  # only speed is lost: the map reads what it needs itself
         pass
 
 
-def _populate(whole: np.ndarray, start: int, stop: threading.Event) -> int:
-    """Map bytes start.. into this process (Linux 5.14+), with read-ahead queued ahead of it. Returns where it
-    stopped: the end, or the chunk the kernel refused (an older kernel, another OS)."""
+def _populate(whole: np.ndarray, chunks: list[tuple[int, int]], stop: threading.Event) -> int:
+    """Map the chunks into this process (Linux 5.14+), with read-ahead queued for those that follow. Returns how
+    many it did: all, or up to the one the kernel refused (an older kernel, another OS)."""
     libc = _libc()
     if libc is None or not sys.platform.startswith("linux"):
-        return start
-    address, end = whole.ctypes.data, len(whole)
-    advised = start
-    for offset in range(start, end, _PREFETCH_CHUNK):
+        return 0
+    address = whole.ctypes.data
+    ahead = _PREFETCH_AHEAD // _PREFETCH_CHUNK
+    for i, (offset, size) in enumerate(chunks):
         if stop.is_set():
-            return end
-        while advised < min(end, offset + _PREFETCH_AHEAD):
-            libc.madvise(address + advised, min(_PREFETCH_CHUNK, end - advised), mmap.MADV_WILLNEED)
-            advised += _PREFETCH_CHUNK
-        if libc.madvise(address + offset, min(_PREFETCH_CHUNK, end - offset), _MADV_POPULATE_READ) != 0:
-            return offset
-    return end
+            return len(chunks)
+        for later, later_size in chunks[i:i + ahead] if i == 0 else chunks[i + ahead - 1:i + ahead]:
+            libc.madvise(address + later, later_size, mmap.MADV_WILLNEED)
+        if libc.madvise(address + offset, size, _MADV_POPULATE_READ) != 0:
+            return i
+    return len(chunks)
 
 
-def _read(path: Path, start: int, end: int, stop: threading.Event) -> None:
-    """Read bytes start..end of `path` into the page cache and drop them (the kernel's read-ahead makes the disk
-    requests large), until done or `stop` is set."""
-    chunk = bytearray(_PREFETCH_CHUNK)
+def _read(path: Path, chunks: list[tuple[int, int]], stop: threading.Event) -> None:
+    """Read the (offset, size) chunks of `path` into the page cache and drop them, until done or `stop` is set."""
+    buffer = memoryview(bytearray(_PREFETCH_CHUNK))
     with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining > 0 and not stop.is_set():
-            n = f.readinto(chunk)
-            if not n:
+        for offset, size in chunks:
+            if stop.is_set():
                 return
-            remaining -= n
+            f.seek(offset)
+            f.readinto(buffer[:size])
 
 
 def _mlock_failure(path: Path, size: int, errno_value: int) -> str:
