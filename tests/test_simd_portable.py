@@ -1,7 +1,7 @@
 """The portable row functions of `ossrt.engine.simd` (what CPUs other than x86 and AArch64 run) against plain NumPy
 references: `format.mxfp4` for MXFP4, gguf's dequantizer for Q8_0, NumPy's float16 for f16. They are generic vector
-code, so they run here on any CPU; on x86 and AArch64 they must also give bit for bit what that CPU's own path gives
-(pshufb or tbl, native f16 conversion)."""
+code, so they run here on any CPU. The functions this CPU's kernels use (x86's pshufb, AArch64's tbl, or the portable
+ones) are checked beside them on the same data."""
 
 import numpy as np
 import pytest
@@ -44,9 +44,13 @@ def _dots_selected(kind, w, x):
 
 
 @njit
-def _dequant_mxfp4(w, out):
+def _dequant_mxfp4(w, out, selected=False):
+    """Rows of w decoded by the portable function, or by the one this CPU's kernels use."""
     for r in range(w.shape[0]):
-        simd.dequant_row_mxfp4_portable(w[r], out[r], out.shape[1] // simd.MXFP4_BLOCK_SIZE)
+        if selected:
+            simd.dequant_row_mxfp4(w[r], out[r], out.shape[1] // simd.MXFP4_BLOCK_SIZE)
+        else:
+            simd.dequant_row_mxfp4_portable(w[r], out[r], out.shape[1] // simd.MXFP4_BLOCK_SIZE)
 
 
 @njit
@@ -72,10 +76,12 @@ def test_mxfp4_every_byte_and_every_scale_decodes_exactly():
     rows[:, :, 0] = np.arange(256, dtype=np.uint8)[:, None]
     rows[:, :, 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)
     rows = rows.reshape(256, -1)
-    out = np.empty((256, 16 * simd.MXFP4_BLOCK_SIZE), dtype=np.float32)
-    _dequant_mxfp4(rows, out)
     with np.errstate(over="ignore"):  # the largest scales times 12 are inf in float32, in both
-        np.testing.assert_array_equal(out, mxfp4.dequantize_gguf(rows))
+        expect = mxfp4.dequantize_gguf(rows)
+    for selected in (False, True):
+        out = np.empty((256, 16 * simd.MXFP4_BLOCK_SIZE), dtype=np.float32)
+        _dequant_mxfp4(rows, out, selected)
+        np.testing.assert_array_equal(out, expect)
 
 
 @pytest.mark.parametrize("n_blocks", N_BLOCKS)
@@ -88,10 +94,8 @@ def test_mxfp4_rows(n_blocks):
     out = np.empty((13, n), dtype=np.float32)
     _dequant_mxfp4(w, out)
     np.testing.assert_array_equal(out, dense)
-    got = _dots(0, w, x)
-    _close(got, dense.astype(np.float64) @ x, n)
-    if simd.ISA != "portable":  # the same int8 values, then the same float operations as pshufb's or tbl's
-        np.testing.assert_array_equal(got, _dots_selected(0, w, x))
+    for dots in (_dots, _dots_selected):
+        _close(dots(0, w, x), dense.astype(np.float64) @ x, n)
 
 
 def test_mxfp4_row_dot_with_quantized_weights_and_extreme_scales():
@@ -121,10 +125,8 @@ def test_q8_0_rows(n_blocks):
     w = _q8_0_rows(rng, 11, n_blocks)
     n = n_blocks * simd.Q8_0_BLOCK_SIZE
     x = rng.standard_normal(n).astype(np.float32)
-    got = _dots(1, w, x)
-    _close(got, quants.dequantize(w, T.Q8_0).astype(np.float64) @ x, n)
-    if simd.ISA != "portable":  # f16 scales widened by integer arithmetic equal the CPU's conversion
-        np.testing.assert_array_equal(got, _dots_selected(1, w, x))
+    for dots in (_dots, _dots_selected):
+        _close(dots(1, w, x), quants.dequantize(w, T.Q8_0).astype(np.float64) @ x, n)
 
 
 def test_q8_0_denormal_zero_and_negative_scales():
@@ -155,10 +157,8 @@ def test_f16_rows(n):
     rng = np.random.default_rng(n)
     w = rng.standard_normal((6, n)).astype(np.float16)
     x = rng.standard_normal(n).astype(np.float32)
-    got = _dots(2, w.view(np.uint16), x)
-    _close(got, w.astype(np.float64) @ x, n)
-    if simd.ISA != "portable":
-        np.testing.assert_array_equal(got, _dots_selected(2, w.view(np.uint16), x))
+    for dots in (_dots, _dots_selected):
+        _close(dots(2, w.view(np.uint16), x), w.astype(np.float64) @ x, n)
     out = np.empty((6, n), dtype=np.float32)
     _dequant_f16(w.view(np.uint16), out)
     np.testing.assert_array_equal(out, w.astype(np.float32))

@@ -98,28 +98,29 @@ def _prefetch(builder, ptr, offset):
 
 
 # --- f16 / bf16 → f32 ---------------------------------------------------------------------------------------------
-def _like(value, scalar):
-    """`scalar` (an ir.Constant) splatted to value's vector shape, or itself for a scalar value."""
+def _shaped(value, element):
+    """The type `element`, or a vector of it as long as value's vector."""
+    return ir.VectorType(element, value.type.count) if isinstance(value.type, ir.VectorType) else element
+
+
+def _like(value, constant):
+    """An ir.Constant, splatted to value's vector shape if value is a vector."""
     if isinstance(value.type, ir.VectorType):
-        return ir.Constant(ir.VectorType(scalar.type, value.type.count), [scalar] * value.type.count)
-    return scalar
+        return ir.Constant(_shaped(value, constant.type), [constant] * value.type.count)
+    return constant
 
 
 def _as_i32(builder, bits):
-    return builder.zext(bits, ir.VectorType(_I32, bits.type.count) if isinstance(bits.type, ir.VectorType) else _I32)
+    return builder.zext(bits, _shaped(bits, _I32))
 
 
 def _as_f32(builder, value):
-    return builder.bitcast(value, ir.VectorType(_F32, value.type.count) if isinstance(value.type, ir.VectorType)
-                           else _F32)
+    return builder.bitcast(value, _shaped(value, _F32))
 
 
 def _f16_native(builder, bits):
     """f16 bit patterns (i16, scalar or vector) → float: the CPU's conversion instruction."""
-    if isinstance(bits.type, ir.VectorType):
-        n = bits.type.count
-        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), n)), ir.VectorType(_F32, n))
-    return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
+    return builder.fpext(builder.bitcast(bits, _shaped(bits, ir.HalfType())), _shaped(bits, _F32))
 
 
 def _f16_integer(builder, bits):
@@ -149,37 +150,50 @@ def _bf16_widen(builder, bits):
 _V16I8 = ir.VectorType(_I8, 16)
 
 
+_LOW4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
+_FOUR = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
+
+
 def _byte_table_lookup(name):
-    """Nibbles (<16 x i8>, 0..15) → ggml's kvalues by a 16-byte table lookup instruction `name` (table, indices)."""
-    def lookup(builder, nibbles):
+    """A block's 16 code bytes → its 32 values (two <16 x float>, unscaled kvalues: elements 0..15 from the low
+    nibbles, 16..31 from the high) by a 16-byte table lookup instruction `name` (table, indices)."""
+    def decode(builder, qs):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]), name)
         table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
-        return builder.call(fn, [table, nibbles])
-    return lookup
+        lo = builder.sitofp(builder.call(fn, [table, builder.and_(qs, _LOW4)]), _V16F)
+        hi = builder.sitofp(builder.call(fn, [table, builder.lshr(qs, _FOUR)]), _V16F)
+        return lo, hi
+    return decode
 
 
-_kvalues_pshufb = _byte_table_lookup("llvm.x86.ssse3.pshuf.b.128")
-_kvalues_tbl = _byte_table_lookup("llvm.aarch64.neon.tbl1.v16i8")
+_decode_pshufb = _byte_table_lookup("llvm.x86.ssse3.pshuf.b.128")
+_decode_tbl = _byte_table_lookup("llvm.aarch64.neon.tbl1.v16i8")
 
 
-def _kvalues_arithmetic(builder, nibbles):
-    """Nibbles (<16 x i8>, 0..15) → ggml's kvalues (sign bit 3; magnitudes 0 1 2 3 4 6 8 12), without a table:
-    for m = nibble & 7, |v| = m + max(m - 4, 0) + 2·max(m - 6, 0); the sign negates as (v ^ s) - s with s = 0 or -1.
-    Plain byte operations, so any vector ISA runs 16 of them at once."""
-    c = lambda v: ir.Constant(_V16I8, [ir.Constant(_I8, v)] * 16)  # noqa: E731
+def _decode_arithmetic(builder, qs):
+    """The same values as `_byte_table_lookup`'s (kvalues: sign bit 3, magnitudes 0 1 2 3 4 6 8 12) without a
+    table: for m = nibble & 7, |v| = m + max(m - 4, 0) + 2·max(m - 6, 0); the sign negates as (v ^ s) - s with
+    s = 0 or -1. Plain byte operations on all 32 nibbles as one vector, so any vector ISA runs them as wide as it can
+    (16 bytes at a time on NEON, 32 on AVX2)."""
+    v32i8 = ir.VectorType(_I8, 32)
+    c = lambda v: ir.Constant(v32i8, [ir.Constant(_I8, v)] * 32)  # noqa: E731
+    both = builder.shuffle_vector(builder.and_(qs, _LOW4), builder.lshr(qs, _FOUR),
+                                  ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
 
     def above(m, k):  # max(m - k, 0)
         return builder.select(builder.icmp_unsigned(">", m, c(k)), builder.sub(m, c(k)), c(0))
 
-    m = builder.and_(nibbles, c(7))
+    m = builder.and_(both, c(7))
     magnitude = builder.add(builder.add(m, above(m, 4)), builder.shl(above(m, 6), c(1)))
-    sign = builder.ashr(builder.shl(nibbles, c(4)), c(7))
-    return builder.sub(builder.xor(magnitude, sign), sign)
+    sign = builder.ashr(builder.shl(both, c(4)), c(7))
+    values = builder.sitofp(builder.sub(builder.xor(magnitude, sign), sign), ir.VectorType(_F32, 32))
+    return tuple(builder.shuffle_vector(values, values, ir.Constant(ir.VectorType(_I32, 16), list(range(k, k + 16))))
+                 for k in (0, 16))
 
 
-def _mxfp4_block(builder, wp, b, kvalues):
+def _mxfp4_block(builder, wp, b, decode):
     """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two <16 x float>
-    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `kvalues` decodes nibbles."""
+    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `decode` turns the code bytes into values."""
     base = builder.mul(b, _const(builder, b, MXFP4_BLOCK_BYTES))
     _prefetch(builder, wp, base)
     # The scale built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
@@ -188,15 +202,11 @@ def _mxfp4_block(builder, wp, b, kvalues):
     denormal = builder.shl(ir.Constant(_I32, 0x00200000), e)
     scale = builder.bitcast(builder.select(builder.icmp_unsigned("<", e, ir.Constant(_I32, 2)), denormal, normal),
                             _F32)
-    qs = _load(builder, wp, builder.add(base, _const(builder, b, 1)), _V16I8, 1)
-    low4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
-    four = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
-    lo = builder.sitofp(kvalues(builder, builder.and_(qs, low4)), _V16F)
-    hi = builder.sitofp(kvalues(builder, builder.lshr(qs, four)), _V16F)
+    lo, hi = decode(builder, _load(builder, wp, builder.add(base, _const(builder, b, 1)), _V16I8, 1))
     return scale, lo, hi
 
 
-def _row_dot_mxfp4_ir(kvalues):
+def _row_dot_mxfp4_ir(decode):
     @intrinsic
     def row_dot(typingctx, row, x, n_blocks):
         sig = types.float32(row, x, n_blocks)
@@ -206,7 +216,7 @@ def _row_dot_mxfp4_ir(kvalues):
             acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16))
             with cgutils.for_range(builder, args[2]) as loop:
                 b = loop.index
-                scale, lo, hi = _mxfp4_block(builder, wp, b, kvalues)
+                scale, lo, hi = _mxfp4_block(builder, wp, b, decode)
                 xoff = builder.mul(b, _const(builder, b, 32))
                 x0 = _load(builder, xp, xoff, _V16F, 4)
                 x1 = _load(builder, xp, builder.add(xoff, _const(builder, b, 16)), _V16F, 4)
@@ -221,7 +231,7 @@ def _row_dot_mxfp4_ir(kvalues):
     return row_dot
 
 
-def _dequant_row_mxfp4_ir(kvalues):
+def _dequant_row_mxfp4_ir(decode):
     @intrinsic
     def dequant_row(typingctx, row, out, n_blocks):
         sig = types.void(row, out, n_blocks)
@@ -230,7 +240,7 @@ def _dequant_row_mxfp4_ir(kvalues):
             wp, op = _pointers(context, builder, signature, args)
             with cgutils.for_range(builder, args[2]) as loop:
                 b = loop.index
-                scale, lo, hi = _mxfp4_block(builder, wp, b, kvalues)
+                scale, lo, hi = _mxfp4_block(builder, wp, b, decode)
                 scale = _splat(builder, scale, _V16F)
                 ooff = builder.mul(b, _const(builder, b, 32))
                 for off, v in ((ooff, lo), (builder.add(ooff, _const(builder, b, 16)), hi)):
@@ -243,13 +253,14 @@ def _dequant_row_mxfp4_ir(kvalues):
     return dequant_row
 
 
-_row_dot_mxfp4_pshufb, _dequant_row_mxfp4_pshufb = _row_dot_mxfp4_ir(_kvalues_pshufb), \
-    _dequant_row_mxfp4_ir(_kvalues_pshufb)
-_row_dot_mxfp4_tbl, _dequant_row_mxfp4_tbl = _row_dot_mxfp4_ir(_kvalues_tbl), _dequant_row_mxfp4_ir(_kvalues_tbl)
-_row_dot_mxfp4_arithmetic, _dequant_row_mxfp4_arithmetic = _row_dot_mxfp4_ir(_kvalues_arithmetic), \
-    _dequant_row_mxfp4_ir(_kvalues_arithmetic)
+_row_dot_mxfp4_pshufb, _dequant_row_mxfp4_pshufb = _row_dot_mxfp4_ir(_decode_pshufb), \
+    _dequant_row_mxfp4_ir(_decode_pshufb)
+_row_dot_mxfp4_tbl, _dequant_row_mxfp4_tbl = _row_dot_mxfp4_ir(_decode_tbl), _dequant_row_mxfp4_ir(_decode_tbl)
+_row_dot_mxfp4_arithmetic, _dequant_row_mxfp4_arithmetic = _row_dot_mxfp4_ir(_decode_arithmetic), \
+    _dequant_row_mxfp4_ir(_decode_arithmetic)
 
 
+# The formats as plain loops, one value at a time (tests/test_kernels.py checks them against gguf's dequantizer).
 @njit(cache=True, inline="always")
 def dequant_row_mxfp4_scalar(row, out, n_blocks):
     for b in range(n_blocks):
