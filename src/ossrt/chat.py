@@ -79,6 +79,7 @@ class ChatResponse:
     timing: Timing
     message: dict[str, Any]  # the assistant message to append to the history for the next turn
     problems: list[str] = field(default_factory=list)  # malformed model output the parser worked around
+    undeclared_calls: int = 0  # calls to tools the request did not declare: answered with an error, not reported
 
 
 @dataclass(frozen=True)
@@ -389,7 +390,7 @@ class ChatStream:
                       completion_tokens=generated, reasoning_tokens=reasoning_tokens)
         self.response = ChatResponse(content=message.get("content"), reasoning=message.get("reasoning"),
                                      tool_calls=calls, finish_reason=finish, usage=usage, timing=timing,
-                                     message=message, problems=problems)
+                                     message=message, problems=problems, undeclared_calls=len(hidden))
         yield Done(self.response)
 
 

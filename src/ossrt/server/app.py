@@ -95,8 +95,11 @@ class Server:
         if run.response is not None:
             self.counts["prompt_tokens"] += run.response.usage.prompt_tokens
             self.counts["completion_tokens"] += run.response.usage.completion_tokens
-            if run.response.problems:  # what the parser worked around, or calls to undeclared tools
-                log.info("model output: %s", "; ".join(run.response.problems))
+            if run.response.undeclared_calls:  # the client sees only an answer, maybe an empty one: say why here
+                log.info("the model called tools the request did not declare %d time(s): answered with an error, "
+                         "not reported", run.response.undeclared_calls)
+            if run.response.problems:
+                log.debug("model output: %s", "; ".join(run.response.problems))
         self._notify()
 
     def _disconnected(self) -> None:
