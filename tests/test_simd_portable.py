@@ -130,7 +130,7 @@ def test_q8_0_rows(n_blocks):
 
 
 def test_q8_0_denormal_zero_and_negative_scales():
-    """f16 scales the integer widening must get right: denormals (smallest, largest), ±0, negative, the largest;
+    """f16 scales the portable widening must get right: denormals (smallest, largest), ±0, negative, the largest;
     each row has one of them in all its blocks, so each is checked at its own magnitude."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal(4 * simd.Q8_0_BLOCK_SIZE).astype(np.float32)

@@ -9,8 +9,9 @@ and convert in registers; LLVM picks the widest vectors the CPU has.
 Only two steps depend on the instruction set, picked once by `platform.machine()` (`ISA`):
 - the nibble decoding: x86's byte shuffle `pshufb` and AArch64's `tbl` are a 16-entry table lookup in one
   instruction; elsewhere (`*_portable`) a few branch-free byte operations compute the same values;
-- f16 → f32: a native conversion on x86 and AArch64; elsewhere (`*_portable`) integer bit arithmetic, because
-  LLVM would lower it to a library call the JIT cannot resolve.
+- f16 → f32: a native conversion on x86 and AArch64; elsewhere (`*_portable`) integer bit arithmetic for f16 rows
+  and a table load for Q8_0's one scale a block, because LLVM would lower the conversion to a library call the JIT
+  cannot resolve.
 The portable functions are generic vector code, so they run (and are tested) on any CPU, x86 included. Numba's
 cache does not follow imports: after editing this file, delete `__pycache__/*.nbi` and `*.nbc` so the kernels that
 inline it are rebuilt.
@@ -58,6 +59,7 @@ _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatT
 # doubles the read rate (the hardware prefetcher alone leaves the loop waiting on memory).
 _PREFETCH_BYTES = 2048
 _V16F = ir.VectorType(_F32, 16)
+_F16_TABLE = "ossrt_f16_to_f32"  # the name of F16_TO_F32 in a module that loads from it (`_f16_table`)
 _FAST = ("fast",)
 
 
@@ -141,6 +143,19 @@ def _f16_integer(builder, bits):
     return _as_f32(builder, builder.or_(value, sign))
 
 
+def _f16_table(builder, bits):
+    """One f16 bit pattern (i16) → float by a load from `F16_TO_F32`, kept as a constant of the module: for a Q8_0
+    block's scale, one load costs less than the dozen operations of `_f16_integer`."""
+    try:
+        table = builder.module.get_global(_F16_TABLE)
+    except KeyError:
+        data = bytearray(F16_TO_F32.tobytes())
+        table = ir.GlobalVariable(builder.module, ir.ArrayType(_I8, len(data)), _F16_TABLE)
+        table.linkage, table.global_constant, table.align = "internal", True, 4
+        table.initializer = ir.Constant(table.type.pointee, data)
+    return builder.load(builder.gep(builder.bitcast(table, _F32.as_pointer()), [builder.zext(bits, _I32)]), align=4)
+
+
 def _bf16_widen(builder, bits):
     """bf16 bit patterns → float: bf16 is the top half of a float32."""
     return _as_f32(builder, builder.shl(_as_i32(builder, bits), _like(bits, ir.Constant(_I32, 16))))
@@ -173,8 +188,8 @@ _decode_tbl = _byte_table_lookup("llvm.aarch64.neon.tbl1.v16i8")
 def _decode_arithmetic(builder, qs):
     """The same values as `_byte_table_lookup`'s (kvalues: sign bit 3, magnitudes 0 1 2 3 4 6 8 12) without a
     table: for m = nibble & 7, |v| = m + max(m - 4, 0) + 2·max(m - 6, 0); the sign negates as (v ^ s) - s with
-    s = 0 or -1. Plain byte operations on all 32 nibbles as one vector, so any vector ISA runs them as wide as it can
-    (16 bytes at a time on NEON, 32 on AVX2)."""
+    s = 0 or -1 (on AVX-512 a select costs more mask-register operations). Plain byte operations on all 32 nibbles
+    as one vector, so any vector ISA runs them as wide as it can (16 bytes at a time on NEON, 32 on AVX2)."""
     v32i8 = ir.VectorType(_I8, 32)
     c = lambda v: ir.Constant(v32i8, [ir.Constant(_I8, v)] * 32)  # noqa: E731
     both = builder.shuffle_vector(builder.and_(qs, _LOW4), builder.lshr(qs, _FOUR),
@@ -193,7 +208,8 @@ def _decode_arithmetic(builder, qs):
 
 def _mxfp4_block(builder, wp, b, decode):
     """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two <16 x float>
-    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `decode` turns the code bytes into values."""
+    (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `decode` turns the code bytes
+    into values."""
     base = builder.mul(b, _const(builder, b, MXFP4_BLOCK_BYTES))
     _prefetch(builder, wp, base)
     # The scale built as float bits: e >= 2 → (e-1) << 23; e < 2 → the denormal 0x00200000 << e.
@@ -316,7 +332,7 @@ def _row_dot_q8_0_ir(f16):
     return row_dot
 
 
-_row_dot_q8_0_native, _row_dot_q8_0_integer = _row_dot_q8_0_ir(_f16_native), _row_dot_q8_0_ir(_f16_integer)
+_row_dot_q8_0_native, _row_dot_q8_0_table = _row_dot_q8_0_ir(_f16_native), _row_dot_q8_0_ir(_f16_table)
 
 
 @njit(cache=True, inline="always")
@@ -495,7 +511,7 @@ def _row_dot_q8_0_f16_native(row, x, n_blocks):
 
 @njit(cache=True, inline="always")
 def row_dot_q8_0_portable(row, x, n_blocks):
-    return _row_dot_q8_0_integer(row, x, n_blocks)
+    return _row_dot_q8_0_table(row, x, n_blocks)
 
 
 @njit(cache=True, inline="always")
