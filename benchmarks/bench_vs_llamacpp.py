@@ -1,17 +1,24 @@
-"""ossrt and llama.cpp side by side on the same GGUF file, same machine, same thread count.
+"""ossrt and a native llama.cpp side by side on the same GGUF file, same machine, same thread count.
 
-    pip install llama-cpp-python          # benchmark only; pip builds it from source
-    python benchmarks/bench_vs_llamacpp.py MODEL.gguf [MODEL2.gguf ...] [--threads 2] [--runs 3]
+    benchmarks/build_llamacpp.sh          # llama-cpp-python built natively in /work/llama-venv (once)
+    python benchmarks/bench_vs_llamacpp.py MODEL.gguf [--threads 2] [--runs 3] [--llama-python PATH]
 
-Each engine runs in its own child process (so each has its own peak RSS): decode tokens/s after a 128-token prompt
-(greedy, median of `--runs` runs of 16 tokens), prefill tokens/s on 512 tokens, peak RSS. ossrt's child also
-measures its MXFP4 matvec (G weights/s, GB/s) and the machine's read bandwidth over the same mapped file with the
-same threads, in the same run, and its peak RSS once a KV cache for the model's whole context is filled.
+The engines run alternately, each run in a fresh child process (ossrt, llama.cpp, ossrt, llama.cpp, ...), so noise
+from other work on the machine hits both; each figure is printed as the median and the min-max spread over the
+runs, with the ratio of the medians. A run measures: decode tok/s (greedy, 16 tokens after a 128-token prompt),
+prefill tok/s on 512 tokens, and the time to first token for a 60- and a 2,000-token prompt (prefill of the prompt,
+then one decode step). Prompts are random token ids (the same ids for both engines): the time does not depend on
+the text.
 
-llama.cpp runs without its extra buffer types (AMX tiles, repacked weights) unless `--extra-bufts`: a stock
-llama-cpp-python build on an AMX-capable CPU in these sandboxes segfaults in its AMX path. To measure the repacked
-path, build llama-cpp-python without AMX (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON ... -DGGML_AMX_TILE=OFF
--DGGML_AMX_INT8=OFF") in its own venv and pass `--llama-python that/venv/bin/python --extra-bufts`.
+ossrt's runs also measure the machine's read bandwidth over the mapped file (every byte read, profile_decode's
+`read_bandwidth`) and its MXFP4 matvec; decode is printed as a share of the bandwidth limit, the weight bytes a
+token reads divided by that bandwidth. Last, one more ossrt child prints ossrt's per-operation decode profile
+(profile_decode's `Profile`).
+
+llama.cpp is what `--llama-python` imports (default: build_llamacpp.sh's venv); the benchmark prints its version,
+its system_info (the CPU features it was compiled for: AVX512, AMX, ...) and the weight buffers it loaded (CPU_REPACK
+or AMX = repacked weights, llama.cpp's default; `--no-extra-bufts` turns them off). Without a llama-cpp-python the
+benchmark measures ossrt alone and says why.
 """
 
 from __future__ import annotations
@@ -24,10 +31,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 PROMPT, DECODE, PREFILL = 128, 16, 512
+TTFT_PROMPTS = (60, 2000)
+PROFILE_DECODE = 32
+LLAMA_VENV = Path("/work/llama-venv")  # where build_llamacpp.sh builds it
+# llama.cpp's own defaults (llama-cli, llama-server): logical batch 2048, physical batch 512.
+LLAMA_BATCH, LLAMA_UBATCH = 2048, 512
+HERE = Path(__file__).resolve().parent
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -38,32 +52,70 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
+def weight_bytes_per_token(model_file) -> float:
+    """Weight bytes a decode step reads: every dense tensor, n_expert_used of n_expert experts' share of the expert
+    tensors, one row of the token embeddings. The same for every engine reading this file."""
+    cfg = model_file.config
+    total = 0.0
+    for name, t in model_file.tensors.items():
+        if name.endswith("_exps.weight"):
+            total += t.nbytes * cfg.n_expert_used / cfg.n_expert
+        elif name == "token_embd.weight":
+            total += t.nbytes / t.shape[0]
+        else:
+            total += t.nbytes
+    return total
+
+
+def timed_runs(prefill, decode_step, reset, ttft_prompts: list[int]) -> dict:
+    """The measurements of one run, through three engine callbacks: `prefill(ids)` appends ids to the sequence and
+    returns the last logits, `decode_step(logits)` appends their argmax and returns the next logits, `reset()`
+    empties the sequence. Time to first token for prompts of each length in `ttft_prompts`."""
+    out = {}
+    reset()
+    t0 = time.perf_counter()
+    prefill(tokens(PREFILL, 1))
+    out["prefill"] = PREFILL / (time.perf_counter() - t0)
+
+    reset()
+    logits = prefill(tokens(PROMPT, 2))
+    t0 = time.perf_counter()
+    for _ in range(DECODE):
+        logits = decode_step(logits)
+    out["decode"] = DECODE / (time.perf_counter() - t0)
+
+    for n in ttft_prompts:
+        reset()
+        t0 = time.perf_counter()
+        decode_step(prefill(tokens(n, 3)))
+        out[f"ttft{n}"] = time.perf_counter() - t0
+    return out
+
+
+def ossrt_model(path: str, threads: int, context: int):
+    import ossrt
+
+    model = ossrt.load(path, context_length=context, threads=threads)
+    if model.model_file.prefetch_thread is not None:  # the file's pages in before anything is timed
+        model.model_file.prefetch_thread.join()
+    return model
+
+
+def child_ossrt(path: str, threads: int, context: int, ttft_prompts: list[int]) -> dict:
     import numba
-    from numba import njit, prange
 
     import ossrt
     from ossrt.engine import kernels
     from ossrt.format.modelfile import Tensor
 
-    model = ossrt.load(path, context_length=context, threads=threads)
+    sys.path.insert(0, str(HERE))
+    from profile_decode import read_bandwidth
+
+    model = ossrt_model(path, threads, context)
     tr = model.engine.transformer
+    bandwidth = read_bandwidth(list(model.model_file.tensors.values()))
 
-    @njit(parallel=True, cache=True)
-    def read_all(a):
-        total = np.uint64(0)
-        for i in prange(a.shape[0] // 64):
-            total += a[i * 64]  # one byte per cache line: the time is the memory traffic
-        return total
-
-    experts = [t for n, t in model.model_file.tensors.items() if n.endswith("_exps.weight")]
-    for t in experts:  # map every page once so neither measurement pays first-touch faults
-        read_all(t.data.reshape(-1))
-    t0 = time.perf_counter()
-    for t in experts:
-        read_all(t.data.reshape(-1))
-    bandwidth = sum(t.nbytes for t in experts) / (time.perf_counter() - t0) / 1e9
-
+    # One layer's gate experts as one MXFP4 matrix: the matvec's own rate against that bandwidth.
     gate = model.model_file.tensors["blk.0.ffn_gate_exps.weight"]
     flat = Tensor(gate.name, gate.type, (gate.shape[0] * gate.shape[1], gate.shape[2]),
                   gate.data.reshape(-1, gate.data.shape[-1]))
@@ -76,63 +128,75 @@ def child_ossrt(path: str, threads: int, runs: int, context: int) -> dict:
         times.append(time.perf_counter() - t0)
     matvec_s = min(times)
 
-    cache = tr.new_cache(PREFILL)
-    tr.forward(tokens(4, 9), cache)  # compile every kernel before timing
-    cache = tr.new_cache(PREFILL)
-    t0 = time.perf_counter()
-    tr.forward(tokens(PREFILL, 1), cache)
-    prefill = PREFILL / (time.perf_counter() - t0)
+    cache = [tr.new_cache(context)]
 
-    cache = tr.new_cache(PROMPT + runs * DECODE + 1)
+    def reset():
+        cache[0] = tr.new_cache(context)
+
+    def prefill(ids):
+        return tr.forward(ids, cache[0])[-1]
+
+    def decode_step(logits):
+        return tr.forward([int(np.argmax(logits))], cache[0])[-1]
+
+    decode_step(prefill(tokens(4, 9)))  # every kernel compiled before timing
+    result = timed_runs(prefill, decode_step, reset, ttft_prompts)
+    result.update(engine=f"ossrt {ossrt.__version__} (numba {numba.__version__}, KV cache {model.kv_type})",
+                  rss=peak_rss_gib(), bandwidth=bandwidth, matvec_gb=flat.nbytes / matvec_s / 1e9,
+                  matvec_gw=flat.n_elements / matvec_s / 1e9,
+                  weights_per_token=weight_bytes_per_token(model.model_file))
+    return result
+
+
+def child_profile(path: str, threads: int) -> dict:
+    """ossrt's decode with every operation timed (profile_decode's Profile), after a 128-token prompt."""
+    sys.path.insert(0, str(HERE))
+    from profile_decode import Profile, read_bandwidth
+
+    model = ossrt_model(path, threads, PROMPT + PROFILE_DECODE + 8)
+    tr = model.engine.transformer
+    cache = tr.new_cache(PROMPT + PROFILE_DECODE + 8)
     logits = tr.forward(tokens(PROMPT, 2), cache)[-1]
-    decode = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(DECODE):
-            logits = tr.forward([int(np.argmax(logits))], cache)[-1]
-        decode.append(DECODE / (time.perf_counter() - t0))
-    rss = peak_rss_gib()
-    # The memory a conversation at the model's whole context needs: a KV cache of that size with every page
-    # written (the cache's pages are committed as positions fill). Smaller type first, as RSS is a peak.
-    full = {}
-    for kv_type in ("q8_0", "f16"):
-        cache = tr.new_cache(model.config.n_ctx_train, kv_type)
-        for a in (a for layer in cache.layers for a in layer.arrays):
-            a.fill(1)
-        full[kv_type] = (cache.nbytes / 2**30, peak_rss_gib())
-        del cache
-    return {"engine": f"ossrt {ossrt.__version__} (numba {numba.__version__})", "decode": statistics.median(decode),
-            "decode_runs": decode, "prefill": prefill, "rss": rss, "bandwidth": bandwidth,
-            "matvec_gw": flat.n_elements / matvec_s / 1e9, "matvec_gb": flat.nbytes / matvec_s / 1e9,
-            "rss_full": full, "n_ctx_train": model.config.n_ctx_train}
+    tr.forward([int(np.argmax(logits))], cache)  # every decode kernel compiled
+    profile = Profile(tr.ops, tr.config)
+    t0 = time.perf_counter()
+    for _ in range(PROFILE_DECODE):
+        logits = tr.forward([int(np.argmax(logits))], cache)[-1]
+    total = time.perf_counter() - t0
+    return {"total": total, "tokens": PROFILE_DECODE, "seconds": dict(profile.seconds),
+            "bytes": dict(profile.bytes), "bandwidth": read_bandwidth(list(model.model_file.tensors.values()))}
 
 
-def child_llama(path: str, threads: int, runs: int, context: int, extra_bufts: bool) -> dict:
+def child_llama(path: str, threads: int, context: int, extra_bufts: bool, ttft_prompts: list[int]) -> dict:
     import llama_cpp
     import llama_cpp.llama as high_level
 
     if not extra_bufts:
         params = high_level.llama_cpp.llama_model_default_params  # what `Llama` calls
         high_level.llama_cpp.llama_model_default_params = lambda: _no_extra_bufts(params())
+    # verbose: llama.cpp logs its weight buffers (CPU_Mapped, CPU_REPACK, AMX) on stderr, which the parent reads.
     llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                          n_batch=PREFILL, n_ubatch=PREFILL, verbose=False)
-    llm.eval(tokens(4, 9))
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(tokens(PREFILL, 1))
-    prefill = PREFILL / (time.perf_counter() - t0)
+                          n_batch=LLAMA_BATCH, n_ubatch=LLAMA_UBATCH, verbose=True)
+    n_vocab = llm.n_vocab()
 
-    llm.reset()
-    llm.eval(tokens(PROMPT, 2))
-    decode = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(DECODE):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        decode.append(DECODE / (time.perf_counter() - t0))
-    bufts = "with" if extra_bufts else "without"
-    return {"engine": f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, {bufts} extra buffer types",
-            "decode": statistics.median(decode), "decode_runs": decode, "prefill": prefill, "rss": peak_rss_gib()}
+    def last_logits():
+        # Llama.eval keeps no logits unless logits_all; read the last position's from the context.
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
+    def prefill(ids):
+        llm.eval(ids)
+        return last_logits()
+
+    def decode_step(logits):
+        llm.eval([int(np.argmax(logits))])
+        return last_logits()
+
+    decode_step(prefill(tokens(4, 9)))
+    result = timed_runs(prefill, decode_step, llm.reset, ttft_prompts)
+    result.update(engine=f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
+                  system_info=llama_cpp.llama_print_system_info().decode().strip(),
+                  extra_bufts=extra_bufts, rss=peak_rss_gib())
+    return result
 
 
 def _no_extra_bufts(p):
@@ -140,53 +204,141 @@ def _no_extra_bufts(p):
     return p
 
 
-def run_child(engine: str, path: str, args) -> dict:
+def run_child(engine: str, path: str, args, ttft_prompts: tuple[int, ...] = ()) -> dict:
+    """One measurement in a fresh process; {"error": ...} if the child fails (llama.cpp's AMX path has crashed)."""
     python = args.llama_python if engine == "llama" else sys.executable
-    cmd = [python, __file__, path, "--child", engine, "--threads", str(args.threads), "--runs",
-           str(args.runs), "--context", str(args.context)] + (["--extra-bufts"] if args.extra_bufts else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    cmd = [python, __file__, path, "--child", engine, "--threads", str(args.threads), "--context",
+           str(args.context), "--ttft", *map(str, ttft_prompts)] + ([] if args.extra_bufts else ["--no-extra-bufts"])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        return {"error": f"{engine} child exited with {proc.returncode}:\n{tail}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if engine == "llama":  # the weight buffers llama.cpp put the model in, from its load log
+        result["buffers"] = sorted({line.split(":", 1)[-1].strip() for line in proc.stderr.splitlines()
+                                    if "model buffer size" in line})
+    return result
+
+
+def llama_python(args) -> tuple[str | None, str]:
+    """The Python with llama-cpp-python to use, or None and why not."""
+    python = args.llama_python or str(LLAMA_VENV / "bin" / "python")
+    if not Path(python).exists():
+        return None, f"{python} does not exist: run benchmarks/build_llamacpp.sh or pass --llama-python"
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, f"{python} cannot import llama_cpp: {probe.stderr.strip().splitlines()[-1]}"
+    return python, ""
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def print_profile(p: dict) -> None:
+    n, total, bandwidth = p["tokens"], p["total"], p["bandwidth"]
+    print(f"# ossrt decode profile: {n} tokens after {PROMPT}, {n / total:.2f} tok/s, {total / n * 1e3:.1f} ms/token, "
+          f"read bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'operation':<28} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
+    for key, s in sorted(p["seconds"].items(), key=lambda kv: -kv[1]):
+        nbytes = p["bytes"].get(key, 0)
+        cells = ""
+        if nbytes:
+            rate = nbytes / s / 1e9
+            cells = f"{nbytes / n / 1e6:>9.0f} {rate:>6.1f} {rate / bandwidth:>6.0%}"
+        print(f"{key:<28} {s / n * 1e3:>9.2f} {s / total:>6.0%} {cells}")
+    other = total - sum(p["seconds"].values())
+    print(f"{'other (Python, adds, ...)':<28} {other / n * 1e3:>9.2f} {other / total:>6.0%}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=3, help="decode runs of 16 tokens (median)")
-    ap.add_argument("--context", type=int, default=8192, help="context length both engines are loaded with")
-    ap.add_argument("--llama-python", default=sys.executable,
-                    help="the Python that has llama-cpp-python (e.g. a venv with a custom build)")
-    ap.add_argument("--extra-bufts", action="store_true",
-                    help="let llama.cpp use its extra buffer types (AMX, repacked weights)")
-    ap.add_argument("--child", choices=["ossrt", "llama"], help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=3, help="runs per engine, alternating (median and spread)")
+    ap.add_argument("--context", type=int, default=4096, help="context length both engines are loaded with")
+    ap.add_argument("--llama-python", help=f"the Python that has llama-cpp-python (default {LLAMA_VENV}/bin/python)")
+    ap.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false",
+                    help="llama.cpp without its extra buffer types (repacked weights, AMX); on by default, as "
+                         "llama.cpp's users get it")
+    ap.add_argument("--long-runs", type=int,
+                    help=f"measure the {max(TTFT_PROMPTS)}-token time to first token in only the first N runs per "
+                         "engine (default: every run)")
+    ap.add_argument("--ttft", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip ossrt's decode profile")
+    ap.add_argument("--child", choices=["ossrt", "llama", "profile"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.runs < 1 or args.threads < 1:
+        ap.error("--runs and --threads must be at least 1")
+    if args.context < max(TTFT_PROMPTS) + 1 or args.context < PROMPT + DECODE + 1:
+        ap.error(f"--context must hold the {max(TTFT_PROMPTS)}-token prompt and one more token")
     if args.child:
         if args.child == "ossrt":
-            result = child_ossrt(args.models[0], args.threads, args.runs, args.context)
+            result = child_ossrt(args.model, args.threads, args.context, args.ttft)
+        elif args.child == "profile":
+            result = child_profile(args.model, args.threads)
         else:
-            result = child_llama(args.models[0], args.threads, args.runs, args.context, args.extra_bufts)
+            result = child_llama(args.model, args.threads, args.context, args.extra_bufts, args.ttft)
         print(json.dumps(result))
         return
 
-    for path in args.models:
-        o = run_child("ossrt", path, args)
-        ll = run_child("llama", path, args)
-        print(f"# {os.path.basename(path)}: {args.threads} threads, context {args.context}")
-        print(f"#   {o['engine']}; {ll['engine']}")
-        print(f"{'':34}{'ossrt':>12}{'llama.cpp':>12}{'ratio':>9}")
-        for label, key, unit in (("decode after a 128-token prompt", "decode", "tok/s"),
-                                 ("prefill 512 tokens", "prefill", "tok/s")):
-            print(f"{label + ' (' + unit + ')':34}{o[key]:12.2f}{ll[key]:12.2f}{o[key] / ll[key]:8.2f}x")
-        print(f"{'peak RSS (GiB)':34}{o['rss']:12.2f}{ll['rss']:12.2f}")
-        for kv_type, (kv, rss) in o["rss_full"].items():
-            print(f"ossrt peak RSS with a full {o['n_ctx_train']}-token {kv_type} KV cache ({kv:.2f} GiB): "
-                  f"{rss:.2f} GiB = {rss * 2**30 / 1e9:.1f} GB")
-        print(f"ossrt decode runs (tok/s): {', '.join(f'{v:.2f}' for v in o['decode_runs'])}; "
-              f"llama.cpp: {', '.join(f'{v:.2f}' for v in ll['decode_runs'])}")
-        print(f"ossrt MXFP4 matvec: {o['matvec_gw']:.1f} G weights/s = {o['matvec_gb']:.1f} GB/s, "
-              f"read bandwidth over the mapped experts: {o['bandwidth']:.1f} GB/s "
-              f"({o['matvec_gb'] / o['bandwidth']:.0%})")
+    args.llama_python, why_not = llama_python(args)
+    engines = ["ossrt", "llama"] if args.llama_python else ["ossrt"]
+    print(f"# {os.path.basename(args.model)}: {args.threads} threads, context {args.context}, {args.runs} runs per "
+          f"engine, alternating ({', '.join(engines * 2)}, ...)", flush=True)
+    if why_not:
+        print(f"# llama.cpp not measured: {why_not}")
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    long_runs = args.runs if args.long_runs is None else args.long_runs
+    for i in range(args.runs):
+        ttft_prompts = TTFT_PROMPTS if i < long_runs else tuple(n for n in TTFT_PROMPTS if n < max(TTFT_PROMPTS))
+        for engine in engines:
+            r = run_child(engine, args.model, args, ttft_prompts)
+            print(f"#   run {i + 1} {engine}: " + (r["error"] if "error" in r else ", ".join(
+                f"{k} {r[k]:.2f}" for k in ("decode", "prefill", *(f"ttft{n}" for n in ttft_prompts)))), flush=True)
+            if "error" not in r:
+                runs[engine].append(r)
+    o, ll = runs["ossrt"], runs.get("llama", [])
+    if not o:
+        sys.exit("ossrt failed in every run")
+
+    print(f"# ossrt: {o[0]['engine']}")
+    if ll:
+        print(f"# llama.cpp: {ll[0]['engine']}, python {args.llama_python}")
+        print(f"#   system_info: {ll[0]['system_info']}")
+        print(f"#   extra buffer types (repacked weights) {'on' if ll[0]['extra_bufts'] else 'off'}; "
+              f"weight buffers: {'; '.join(ll[0]['buffers'])}")
+    rows = [("decode after 128 tokens (tok/s)", "decode"), ("prefill 512 tokens (tok/s)", "prefill")]
+    rows += [(f"time to first token, {n} tokens (s)", f"ttft{n}") for n in TTFT_PROMPTS]
+    print(f"{'':38}{'ossrt median (min-max)':>26}{'llama.cpp median (min-max)':>28}{'ratio':>8}")
+    for label, key in rows:
+        ov = [r[key] for r in o if key in r]
+        if not ov:
+            continue
+        line = f"{label:38}{spread(ov):>26}"
+        lv = [r[key] for r in ll if key in r]
+        if lv:
+            # Ratios say how much faster ossrt is: rates divide ossrt by llama.cpp, times the other way round.
+            ratio = statistics.median(ov) / statistics.median(lv)
+            line += f"{spread(lv):>28}{(ratio if key in ('decode', 'prefill') else 1 / ratio):7.2f}x"
+        print(line)
+    print(f"{'peak RSS (GiB)':38}{statistics.median(r['rss'] for r in o):>26.2f}"
+          + (f"{statistics.median(r['rss'] for r in ll):>28.2f}" if ll else ""))
+
+    bandwidth = statistics.median(r["bandwidth"] for r in o)
+    weights = o[0]["weights_per_token"]
+    limit = bandwidth * 1e9 / weights
+    print(f"read bandwidth over the mapped file (every byte): {spread([r['bandwidth'] for r in o]).strip()} GB/s; "
+          f"a decode step reads {weights / 1e9:.2f} GB of weights: limit {limit:.2f} tok/s")
+    print(f"decode as a share of that limit: ossrt {statistics.median(r['decode'] for r in o) / limit:.0%}"
+          + (f", llama.cpp {statistics.median(r['decode'] for r in ll) / limit:.0%}" if ll else ""))
+    matvec = statistics.median(r["matvec_gb"] for r in o)
+    print(f"ossrt MXFP4 matvec (one layer's gate experts): {statistics.median(r['matvec_gw'] for r in o):.1f} "
+          f"G weights/s = {matvec:.1f} GB/s ({matvec / bandwidth:.0%} of the bandwidth)")
+    if args.profile:
+        p = run_child("profile", args.model, args)
         print()
+        print(p["error"]) if "error" in p else print_profile(p)
 
 
 if __name__ == "__main__":
