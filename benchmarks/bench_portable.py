@@ -1,7 +1,7 @@
 """Decode speed of the x86 row functions vs the portable ones (what CPUs other than x86 and AArch64 run), side by side
 on this x86 machine.
 
-    python benchmarks/bench_portable.py MODEL.gguf [--threads 2] [--prompt 8] [--decode 8] [--rounds 3]
+    python benchmarks/bench_portable.py MODEL.gguf [--threads 2] [--prompt 8] [--decode 8] [--rounds 3] [--mlock]
 
 Each measurement is a child process that patches `platform.machine()` before importing ossrt, so `simd.ISA` is
 "x86" (machine "x86_64") or "portable" (machine "riscv64": any name that is neither x86 nor ARM; "arm64" would
@@ -9,7 +9,8 @@ select the AArch64 path, whose NEON `tbl` LLVM cannot compile for x86). Each pat
 directory, new at the start, so no kernel compiled for one path is loaded by the other. The children run
 alternately (x86, portable, x86, ...) so noise from other work on the machine hits both; decode is timed after a
 warm-up pass that compiles the kernels, with the same random prompt and greedy decoding in every child, and the
-generated tokens of the two paths are compared.
+generated tokens of the two paths are compared. On a machine whose other work evicts the model's pages, `--mlock`
+keeps them in RAM (ossrt.load(mlock=True)), so both paths read the weights from memory, not from disk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import numpy as np
 import ossrt
 from ossrt.engine import simd
 
-model = ossrt.load(sys.argv[1], context_length=256, threads=int(sys.argv[3]), prefetch=False)
+model = ossrt.load(sys.argv[1], context_length=256, threads=int(sys.argv[3]), prefetch=False,
+                   mlock=sys.argv[6] == "mlock")
 prompt_len, decode = int(sys.argv[4]), int(sys.argv[5])
 warm = model.engine.transformer.new_cache(256)
 model.engine.transformer.forward([1, 2, 3], warm)  # compiles the prefill kernels
@@ -49,7 +51,8 @@ print(json.dumps({"isa": simd.ISA, "decode": s.decode_tokens_per_second, "prefil
 def run(path: str, machine: str, cache_dir: str, args) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     out = subprocess.run([sys.executable, "-c", CHILD, path, machine, str(args.threads), str(args.prompt),
-                          str(args.decode)], env=env, check=True, capture_output=True, text=True).stdout
+                          str(args.decode), "mlock" if args.mlock else "map"], env=env, check=True,
+                         capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=8, help="prompt tokens before decoding")
     ap.add_argument("--decode", type=int, default=8, help="tokens to decode, timed")
     ap.add_argument("--rounds", type=int, default=3, help="children per path, run alternately")
+    ap.add_argument("--mlock", action="store_true", help="lock the model file in RAM in each child")
     args = ap.parse_args()
 
     results: dict[str, list[dict]] = {name: [] for name in MACHINES}
@@ -74,7 +78,7 @@ def main() -> None:
                       flush=True)
 
     print(f"# {os.path.basename(args.model)}, {args.threads} threads, {args.prompt}-token prompt, "
-          f"{args.decode} decode tokens, {args.rounds} alternating rounds")
+          f"{args.decode} decode tokens, {args.rounds} alternating rounds{', mlock' if args.mlock else ''}")
     medians = {}
     for name, runs in results.items():
         decode = [r["decode"] for r in runs]
