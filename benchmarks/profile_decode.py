@@ -1,0 +1,130 @@
+"""Where a decode token's time goes: every operation of the forward pass timed over a run of decode steps, with
+the bytes of weights each one reads and the rate it reads them at, beside the machine's read bandwidth over the
+same mapped file measured in the same run.
+
+    python benchmarks/profile_decode.py MODEL.gguf [--threads 2] [--prompt 128] [--decode 32]
+
+Operations are timed by wrapping the CPU backend's methods (the Numba kernels run synchronously, so wall time is
+theirs); `linear` is split by weight (attention projections, router, unembedding). "other" is the rest of the token:
+Python between operations, residual adds, reshapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import numpy as np
+from numba import njit, prange
+
+import ossrt
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _xor_words(words):
+    """Every 8-byte word XORed: each byte is read, in vector registers, with no other work."""
+    chunk = 1 << 16
+    n = words.shape[0] // chunk
+    partial = np.zeros(n, dtype=np.uint64)
+    for c in prange(n):
+        acc = np.uint64(0)
+        for i in range(c * chunk, (c + 1) * chunk):
+            acc ^= words[i]
+        partial[c] = acc
+    return partial
+
+
+def read_bandwidth(tensors) -> float:
+    """GB/s reading `tensors`' mapped bytes once through with every thread (after a first pass that maps every
+    page): the rate a weight stream could reach at best."""
+    views = [t.data.reshape(-1).view(np.uint8) for t in tensors if t.nbytes >= 8 << 16]
+    words = [v[:v.size // 8 * 8].view(np.uint64) for v in views]
+    for w in words:
+        _xor_words(w)
+    t0 = time.perf_counter()
+    for w in words:
+        _xor_words(w)
+    return sum(w.nbytes // (8 << 16) * (8 << 16) for w in words) / (time.perf_counter() - t0) / 1e9
+
+
+def linear_kind(name: str) -> str:
+    if name == "output.weight":
+        return "linear: unembedding"
+    if "ffn_gate_inp" in name:
+        return "linear: router"
+    return "linear: attention q/k/v/o"
+
+
+class Profile:
+    """Wraps an Ops object's methods: seconds and bytes read per operation."""
+
+    def __init__(self, ops, config):
+        self.seconds = collections.Counter()
+        self.bytes = collections.Counter()
+        self.calls = collections.Counter()
+        self.config = config
+        for name in ("embed", "rms_norm", "rotation", "rope", "router", "store", "attend"):
+            self._wrap(ops, name, lambda *a, name=name: (name, 0))
+        self._wrap(ops, "linear", lambda w, x, *rest: (linear_kind(w.name), w.nbytes))
+        self._wrap(ops, "moe", self._moe_bytes)
+
+    def _moe_bytes(self, gate, up, down, gate_b, up_b, down_b, x, ids, *rest):
+        experts = len(np.unique(ids))
+        return "moe (fused experts)", experts * (gate.nbytes + up.nbytes + down.nbytes) // gate.shape[0]
+
+    def _wrap(self, ops, name, describe):
+        method = getattr(ops, name)
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = method(*args)
+            key, nbytes = describe(*args)
+            self.seconds[key] += time.perf_counter() - t0
+            self.bytes[key] += nbytes
+            self.calls[key] += 1
+            return out
+
+        setattr(ops, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    args = ap.parse_args()
+
+    model = ossrt.load(args.model, context_length=args.prompt + args.decode + 8, threads=args.threads)
+    tr = model.engine.transformer
+    rng = np.random.default_rng(0)
+    cache = tr.new_cache(args.prompt + args.decode + 8)
+    logits = tr.forward([int(t) for t in rng.integers(1000, 199000, args.prompt)], cache)[-1]
+    tr.forward([int(np.argmax(logits))], cache)  # every decode kernel compiled and its pages mapped
+    profile = Profile(tr.ops, tr.config)
+    t0 = time.perf_counter()
+    for _ in range(args.decode):
+        logits = tr.forward([int(np.argmax(logits))], cache)[-1]
+    total = time.perf_counter() - t0
+    bandwidth = read_bandwidth(list(model.model_file.tensors.values()))
+
+    n = args.decode
+    print(f"# {args.model}, {args.threads} threads, {n} decode tokens after {args.prompt}: "
+          f"{n / total:.2f} tok/s, {total / n * 1e3:.1f} ms/token; read bandwidth over the file {bandwidth:.1f} GB/s")
+    print(f"{'operation':<28} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
+    timed = 0.0
+    for key, s in sorted(profile.seconds.items(), key=lambda kv: -kv[1]):
+        timed += s
+        mb = profile.bytes[key] / n / 1e6
+        rate = profile.bytes[key] / s / 1e9 if profile.bytes[key] else 0.0
+        cells = f"{mb:>9.0f} {rate:>6.1f} {rate / bandwidth:>6.0%}" if mb else f"{'':>9} {'':>6} {'':>6}"
+        print(f"{key:<28} {s / n * 1e3:>9.2f} {s / total:>6.0%} {cells}")
+    weights = sum(profile.bytes.values()) / n
+    print(f"{'other (Python, adds, ...)':<28} {(total - timed) / n * 1e3:>9.2f} {(total - timed) / total:>6.0%}")
+    print(f"weights read per token {weights / 1e9:.2f} GB: at the measured bandwidth the token would take "
+          f"{weights / bandwidth / 1e6:.1f} ms ({weights / bandwidth / 1e9 / (total / n):.0%} of the time taken)")
+
+
+if __name__ == "__main__":
+    main()
