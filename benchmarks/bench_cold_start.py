@@ -8,7 +8,7 @@ one token (greedy). `--delay S` waits S seconds between load and prompt, as a us
 A cold run first evicts the file's pages with posix_fadvise(POSIX_FADV_DONTNEED), which needs no privilege (unlike
 /proc/sys/vm/drop_caches) but spares pages that another process has mapped: the table shows how much of the file
 was still cached when each run started. Configurations alternate, run after run, so noise hits them all; a warm
-run follows a run that read the whole file. Numba's compiled kernels load from its cache in every child (a first
+run first reads the whole file. Numba's compiled kernels load from its cache in every child (a first
 child compiles them if needed), so start-up compile time is equal across rows.
 
 Last run (2 cores Sapphire Rapids, 24 GiB RAM, a virtio disk reading ~1.1 GB/s, the 11.3 GiB q8_0 20b, 79 prompt
