@@ -141,8 +141,9 @@ def test_set_num_threads():
         kernels.set_num_threads(0)
 
 
-def test_scalar_fallbacks_match_the_reference():
-    """The plain loops used where the SIMD code cannot run (non-x86 CPUs) give the same values."""
+def test_portable_row_functions_match_the_reference():
+    """The vector code used off x86 and AArch64 (tests/test_simd_portable.py checks it in depth) gives the same
+    values inside a kernel."""
     from numba import njit
 
     from ossrt.engine import simd
@@ -152,16 +153,16 @@ def test_scalar_fallbacks_match_the_reference():
         out = np.empty(w.shape[0], dtype=np.float32)
         for r in range(w.shape[0]):
             if kind == 0:
-                out[r] = simd.row_dot_mxfp4_scalar(w[r], x, x.shape[0] // 32)
+                out[r] = simd.row_dot_mxfp4_portable(w[r], x, x.shape[0] // 32)
             else:
-                out[r] = simd.row_dot_q8_0_scalar(w[r], x, x.shape[0] // 32)
+                out[r] = simd.row_dot_q8_0_portable(w[r], x, x.shape[0] // 32)
         return out
 
     @njit
     def dequant(w, n):
         out = np.empty((w.shape[0], n), dtype=np.float32)
         for r in range(w.shape[0]):
-            simd.dequant_row_mxfp4_scalar(w[r], out[r], n // 32)
+            simd.dequant_row_mxfp4_portable(w[r], out[r], n // 32)
         return out
 
     rng = np.random.default_rng(6)
@@ -173,15 +174,15 @@ def test_scalar_fallbacks_match_the_reference():
     np.testing.assert_array_equal(dequant(w.data, 96), reference(w))
 
 
-@pytest.mark.parametrize("simd_path", [True, False], ids=["simd", "scalar"])
-def test_kv_cache_row_decoders(simd_path):
-    """The row decoders attention uses on f16 and q8_0 caches (vector code with a scalar tail; plain loops off x86)
-    give the exact float32 values."""
+@pytest.mark.parametrize("portable", [False, True], ids=["this-cpu", "portable"])
+def test_kv_cache_row_decoders(portable):
+    """The row decoders attention uses on f16 and q8_0 caches (vector code with a scalar tail; the f16 one widened
+    by integer arithmetic off x86 and AArch64) give the exact float32 values."""
     from ossrt.engine import simd
     from ossrt.engine.kv_cache import quantize_q8_0
 
-    f16 = simd.dequant_row_f16 if simd_path else (lambda row, out: simd.dequant_row_f16_scalar(row, out, 0))
-    q8 = simd.dequant_row_q8_split if simd_path else simd.dequant_row_q8_split_scalar
+    f16 = simd.dequant_row_f16_portable if portable else simd.dequant_row_f16
+    q8 = simd.dequant_row_q8_split
     rng = np.random.default_rng(7)
     for n in (8, 16, 40, 64):  # 40: two chunks of 16 and a tail of 8
         x = rng.standard_normal(n).astype(np.float16)

@@ -44,8 +44,6 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-_KVALUES = mxfp4.KVALUES.astype(np.float32)
-_E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 128).astype(np.float32)  # 2^(e-128)
 with np.errstate(invalid="ignore"):  # AArch64 flags the signalling NaNs it quiets
     F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BF16_TO_F32 = bf16_to_f32(np.arange(65536, dtype=np.uint16))
@@ -276,31 +274,6 @@ _row_dot_mxfp4_arithmetic, _dequant_row_mxfp4_arithmetic = _row_dot_mxfp4_ir(_de
     _dequant_row_mxfp4_ir(_decode_arithmetic)
 
 
-# The formats as plain loops, one value at a time (tests/test_kernels.py checks them against gguf's dequantizer).
-@njit(cache=True, inline="always")
-def dequant_row_mxfp4_scalar(row, out, n_blocks):
-    for b in range(n_blocks):
-        o = b * MXFP4_BLOCK_BYTES
-        d = _E8M0_HALF[row[o]]
-        for j in range(16):
-            q = row[o + 1 + j]
-            out[b * MXFP4_BLOCK_SIZE + j] = _KVALUES[q & 15] * d
-            out[b * MXFP4_BLOCK_SIZE + 16 + j] = _KVALUES[q >> 4] * d
-
-
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def row_dot_mxfp4_scalar(row, x, n_blocks):
-    acc = np.float32(0.0)
-    for b in range(n_blocks):
-        o = b * MXFP4_BLOCK_BYTES
-        s = np.float32(0.0)
-        for j in range(16):
-            q = row[o + 1 + j]
-            s += _KVALUES[q & 15] * x[b * MXFP4_BLOCK_SIZE + j] + _KVALUES[q >> 4] * x[b * MXFP4_BLOCK_SIZE + 16 + j]
-        acc += s * _E8M0_HALF[row[o]]
-    return acc
-
-
 # --- Q8_0 -----------------------------------------------------------------------------------------------------------
 def _row_dot_q8_0_ir(f16):
     @intrinsic
@@ -341,18 +314,6 @@ def _q8_0_scale(row, o):
     return F16_TO_F32[np.int64(row[o]) | (np.int64(row[o + 1]) << 8)]
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH)
-def row_dot_q8_0_scalar(row, x, n_blocks):
-    acc = np.float32(0.0)
-    for b in range(n_blocks):
-        o = b * Q8_0_BLOCK_BYTES
-        s = np.float32(0.0)
-        for j in range(Q8_0_BLOCK_SIZE):
-            s += np.float32(np.int8(row[o + 2 + j])) * x[b * Q8_0_BLOCK_SIZE + j]
-        acc += s * _q8_0_scale(row, o)
-    return acc
-
-
 @intrinsic
 def _dequant_q8_split_vector(typingctx, values, scales, out):
     """out[32b + i] = values[32b + i] · scales[b] over the whole row (int8 values, float32 scales)."""
@@ -375,13 +336,6 @@ def _dequant_q8_split_vector(typingctx, values, scales, out):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-@njit(cache=True, inline="always")
-def dequant_row_q8_split_scalar(values, scales, out):
-    for b in range(scales.shape[0]):
-        for i in range(b * Q8_0_BLOCK_SIZE, (b + 1) * Q8_0_BLOCK_SIZE):
-            out[i] = np.float32(values[i]) * scales[b]
 
 
 @njit(cache=True, inline="always")
