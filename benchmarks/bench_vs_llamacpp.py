@@ -7,8 +7,8 @@ The engines run alternately, each run in a fresh child process (ossrt, llama.cpp
 from other work on the machine hits both; each figure is printed as the median and the min-max spread over the
 runs, with the ratio of the medians. A run measures: decode tok/s (greedy, 16 tokens after a 128-token prompt),
 prefill tok/s on 512 tokens, and the time to first token for a 60- and a 2,000-token prompt (prefill of the prompt,
-then one decode step). Prompts are random token ids (the same ids for both engines): the time does not depend on
-the text.
+then one decode step). Prompts are random token ids, the same for both engines (work per token is the same for any
+text but for which experts each token routes to).
 
 ossrt's runs also measure the machine's read bandwidth over the mapped file (every byte read, profile_decode's
 `read_bandwidth`) and its MXFP4 matvec; decode is printed as a share of the bandwidth limit, the weight bytes a
@@ -17,13 +17,17 @@ token reads divided by that bandwidth. Last, one more ossrt child prints ossrt's
 
 llama.cpp is what `--llama-python` imports (default: build_llamacpp.sh's venv); the benchmark prints its version,
 its system_info (the CPU features it was compiled for: AVX512, AMX, ...) and the weight buffers it loaded (CPU_REPACK
-or AMX = repacked weights, llama.cpp's default; `--no-extra-bufts` turns them off). Without a llama-cpp-python the
-benchmark measures ossrt alone and says why.
+or AMX = repacked weights, llama.cpp's default; `--no-extra-bufts` turns them off). Where the CPU has AMX but the
+sandbox does not enable its tile state, a stock native build dies (SIGSEGV, a general protection fault at
+`ldtilecfg` in ggml_backend_amx_mul_mat) on its first batch: build with `build_llamacpp.sh --no-amx` there; a child
+that crashes is reported and the other runs go on. Without a llama-cpp-python the benchmark measures ossrt alone and
+says why.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -175,8 +179,9 @@ def child_llama(path: str, threads: int, context: int, extra_bufts: bool, ttft_p
         params = high_level.llama_cpp.llama_model_default_params  # what `Llama` calls
         high_level.llama_cpp.llama_model_default_params = lambda: _no_extra_bufts(params())
     # verbose: llama.cpp logs its weight buffers (CPU_Mapped, CPU_REPACK, AMX) on stderr, which the parent reads.
+    # flash_attn: llama.cpp's own default ("auto") turns it on for the CPU; llama-cpp-python's turns it off.
     llm = llama_cpp.Llama(model_path=path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                          n_batch=LLAMA_BATCH, n_ubatch=LLAMA_UBATCH, verbose=True)
+                          n_batch=LLAMA_BATCH, n_ubatch=LLAMA_UBATCH, flash_attn=True, verbose=True)
     n_vocab = llm.n_vocab()
 
     def last_logits():
@@ -193,7 +198,10 @@ def child_llama(path: str, threads: int, context: int, extra_bufts: bool, ttft_p
 
     decode_step(prefill(tokens(4, 9)))
     result = timed_runs(prefill, decode_step, llm.reset, ttft_prompts)
-    result.update(engine=f"llama.cpp via llama-cpp-python {llama_cpp.__version__}",
+    ggml = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
+    ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
+    result.update(engine=f"llama.cpp via llama-cpp-python {llama_cpp.__version__} (ggml "
+                         f"{ggml.ggml_version().decode()}, commit {ggml.ggml_commit().decode()}; flash attention on)",
                   system_info=llama_cpp.llama_print_system_info().decode().strip(),
                   extra_bufts=extra_bufts, rss=peak_rss_gib())
     return result
@@ -215,9 +223,14 @@ def run_child(engine: str, path: str, args, ttft_prompts: tuple[int, ...] = ()) 
         return {"error": f"{engine} child exited with {proc.returncode}:\n{tail}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if engine == "llama":  # the weight buffers llama.cpp put the model in, from its load log
-        result["buffers"] = sorted({line.split(":", 1)[-1].strip() for line in proc.stderr.splitlines()
-                                    if "model buffer size" in line})
+        result["buffers"] = sorted({_buffer(line) for line in proc.stderr.splitlines() if "model buffer size" in line})
     return result
+
+
+def _buffer(log_line: str) -> str:
+    """'load_tensors:   CPU_REPACK model buffer size =  9682.03 MiB' -> 'CPU_REPACK 9682 MiB'."""
+    name, size = log_line.split(":", 1)[1].split("model buffer size =")
+    return f"{name.strip()} {float(size.split()[0]):.0f} {size.split()[1]}"
 
 
 def llama_python(args) -> tuple[str | None, str]:
@@ -305,11 +318,16 @@ def main() -> None:
     print(f"# ossrt: {o[0]['engine']}")
     if ll:
         print(f"# llama.cpp: {ll[0]['engine']}, python {args.llama_python}")
+        build = Path(args.llama_python).parent.parent / "llamacpp-build.txt"  # written by build_llamacpp.sh
+        if build.exists():
+            print("".join(f"#   {line}\n" for line in build.read_text().splitlines()), end="")
         print(f"#   system_info: {ll[0]['system_info']}")
         print(f"#   extra buffer types (repacked weights) {'on' if ll[0]['extra_bufts'] else 'off'}; "
               f"weight buffers: {'; '.join(ll[0]['buffers'])}")
     rows = [("decode after 128 tokens (tok/s)", "decode"), ("prefill 512 tokens (tok/s)", "prefill")]
     rows += [(f"time to first token, {n} tokens (s)", f"ttft{n}") for n in TTFT_PROMPTS]
+    print("# ratio: ossrt's speed over llama.cpp's, from the medians (> 1: ossrt is faster; for times, llama.cpp's "
+          "time over ossrt's)")
     print(f"{'':38}{'ossrt median (min-max)':>26}{'llama.cpp median (min-max)':>28}{'ratio':>8}")
     for label, key in rows:
         ov = [r[key] for r in o if key in r]
