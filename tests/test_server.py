@@ -651,3 +651,10 @@ def test_stored_items_sent_back_by_id(scripted_gguf, tmp_path, o200k_tokenizer):
         with pytest.raises(openai.BadRequestError) as e:
             prompt_tokens({"type": "item_reference", "id": "rs_unknown"})
         assert e.value.body["param"] == "input[1].id" and "not stored" in e.value.body["message"]
+
+
+def test_an_item_reference_needs_stored_responses(answer):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(answer).responses.create(model=ID, input=[{"type": "item_reference", "id": "rs_x"},
+                                                         {"role": "user", "content": "Hi"}])
+    assert e.value.body["param"] == "input[0].id" and "stores no responses (--no-store)" in e.value.body["message"]
