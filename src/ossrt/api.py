@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from .chat import ChatResponse, ChatSession, ChatStream
+from .constrain import JsonFormat
 from .engine.cpu import CpuOps
 from .engine.engine import Engine, as_token_ids
 from .engine.generate import Generation, check_max_tokens
@@ -94,12 +95,13 @@ class Model:
              reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
              stream: bool = False, current_date: str | None = None,
-             response_format: Mapping[str, Any] | None = None,
+             response_format: Mapping[str, Any] | JsonFormat | None = None,
              tool_choice: str | Mapping[str, Any] = "auto") -> ChatResponse | ChatStream:
         """Answer OpenAI-style chat `messages` (with function `tools`): render them in Harmony, generate, parse.
 
         `response_format` (OpenAI's: `{"type": "json_object"}`, `{"type": "json_schema", "json_schema": {"name",
-        "schema", "strict"}}`) makes the final answer JSON of that form, and `tool_choice` "required" or
+        "schema", "strict"}}`, or a `constrain.JsonFormat` already checked) makes the final answer JSON of that form,
+        and `tool_choice` "required" or
         `{"type": "function", "function": {"name": ...}}` makes the model call a tool: both are enforced while
         sampling (the reasoning stays free). Calls to tools not in `tools` are answered with an error and the model
         goes on, so they never reach `tool_calls`.

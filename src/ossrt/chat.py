@@ -32,7 +32,7 @@ from .engine.sampling import Sampler
 from .errors import ParameterError
 from .harmony import (DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, ContentDelta, Event, HarmonyParser, PreambleDelta,
                       ReasoningDelta, ResponseFormat, ToolCall, ToolCallBegin, ToolCallDelta, completion_to_message,
-                      render_conversation, render_tool_result, tool_functions)
+                      render_conversation, render_tool_result, tool_functions, tool_recipient)
 
 __all__ = ["ChatRequest", "ChatResponse", "ChatSession", "ChatStream", "Done", "FinishReason", "Usage", "Timing",
            "ReasoningDelta", "ContentDelta", "PreambleDelta", "ToolCallBegin", "ToolCallDelta", "ToolCall",
@@ -201,10 +201,9 @@ def _forced_calls(tool_choice: Any, functions: Mapping[str, Any]) -> list[str]:
                              f"'function': {{'name': ...}}}}, got {tool_choice!r:.80}")
     fn = tool_choice.get("function", tool_choice)
     name = fn.get("name") if isinstance(fn, Mapping) else None
-    recipient = name if isinstance(name, str) and "." in name else f"functions.{name}"
-    if recipient not in functions:
+    if not isinstance(name, str) or tool_recipient(name) not in functions:
         raise ParameterError(f"tool_choice names function {name!r}, which is not in tools")
-    return [recipient]
+    return [tool_recipient(name)]
 
 
 class ChatSession:
@@ -250,7 +249,7 @@ class ChatSession:
              reasoning_effort: str = DEFAULT_REASONING_EFFORT, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, max_tokens: int | None = None, seed: int | None = None,
              stream: bool = False, current_date: str | None = None,
-             response_format: Mapping[str, Any] | None = None,
+             response_format: Mapping[str, Any] | JsonFormat | None = None,
              tool_choice: str | Mapping[str, Any] = "auto") -> "ChatResponse | ChatStream":
         """See `Model.chat`."""
         if not isinstance(stream, bool):

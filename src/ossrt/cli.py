@@ -186,8 +186,8 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
             click.echo()
 
 
-def _schema_file_format(path: str) -> dict:
-    """`--json-schema FILE`: a strict json_schema response format named after the file."""
+def _schema_file_format(path: str):
+    """`--json-schema FILE`: a strict json_schema response format named after the file, checked."""
     import json
     import re
 
@@ -200,8 +200,7 @@ def _schema_file_format(path: str) -> dict:
     except (UnicodeDecodeError, ValueError) as e:
         raise ParameterError(f"--json-schema: {path} is not JSON: {e}") from None
     spec = {"name": re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)[:64] or "schema", "schema": schema, "strict": True}
-    json_schema_format(spec, field=f"--json-schema {path}")  # a bad schema fails here, named
-    return {"type": "json_schema", "json_schema": spec}
+    return json_schema_format(spec, field=f"--json-schema {path}")
 
 
 @main.command()

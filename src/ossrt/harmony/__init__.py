@@ -21,13 +21,14 @@ from .parse import (
     parse_completion,
 )
 from .render import (KNOWLEDGE_CUTOFF, MODEL_IDENTITY, HarmonyMessage, ResponseFormat, render_conversation,
-                     render_tool_result, to_harmony_messages, tool_functions)
+                     render_tool_result, to_harmony_messages, tool_functions,
+                     tool_recipient)
 from .schema import json_text, schema_to_typescript
 
 __all__ = [
     "CHANNELS", "CONSTRAIN", "DEFAULT_REASONING_EFFORT", "REASONING_EFFORTS", "ROLES",
     "KNOWLEDGE_CUTOFF", "MODEL_IDENTITY", "HarmonyMessage", "ResponseFormat", "render_conversation", "render_tool_result",
-    "to_harmony_messages", "tool_functions",
+    "to_harmony_messages", "tool_functions", "tool_recipient",
     "json_text", "schema_to_typescript",
     "ContentDelta", "Event", "HarmonyParser", "ParsedMessage", "PreambleDelta", "ReasoningDelta", "ToolCall",
     "ToolCallBegin", "ToolCallDelta", "completion_to_message", "parse_completion",

@@ -251,7 +251,7 @@ def _assistant(m: Mapping[str, Any], i: int, keep_reasoning: bool, calls: dict[s
         if call.get("id") is not None:
             calls[str(call["id"])] = name
         called.add(name)
-        out.append(HarmonyMessage("assistant", args, recipient=_recipient(name), channel="commentary",
+        out.append(HarmonyMessage("assistant", args, recipient=tool_recipient(name), channel="commentary",
                                   content_type=f"{CONSTRAIN}json"))
     return out
 
@@ -272,7 +272,7 @@ def _tool_result(m: Mapping[str, Any], i: int, calls: dict[str, str], called: se
         raise ChatFormatError(f"messages[{i}] (tool): needs 'tool_call_id' (or 'name')")
     elif name not in called:
         raise ChatFormatError(f"messages[{i}] (tool): no earlier assistant tool call to {name!r}")
-    return HarmonyMessage("tool", _text(m, i), name=_recipient(name), recipient="assistant", channel="commentary")
+    return HarmonyMessage("tool", _text(m, i), name=tool_recipient(name), recipient="assistant", channel="commentary")
 
 
 def _drop_analysis(msgs: list[HarmonyMessage]) -> list[HarmonyMessage]:
@@ -343,7 +343,7 @@ class ToolNamespace(NamedTuple):
     functions: list[FunctionTool]
 
 
-def _recipient(name: str) -> str:
+def tool_recipient(name: str) -> str:
     """Where a call to tool `name` goes: NAMESPACE.NAME as it is, a plain name into `functions`."""
     return name if "." in name else f"{FUNCTIONS}.{name}"
 
