@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -59,3 +59,18 @@ def live_server(model, *, header_timeout: float = HEADER_TIMEOUT, **app_options)
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def servers_per_text(model_for: Callable[[str], Any], **app_options) -> Iterator[Callable[[str], str]]:
+    """text -> the URL of a live server of `model_for(text)` (a scripted model that writes `text`), started on first
+    use and kept until the block ends: one server per scripted text, shared by a module's tests."""
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+
+        def url(text: str) -> str:
+            if text not in urls:
+                urls[text] = stack.enter_context(live_server(model_for(text), **app_options)).url
+            return urls[text]
+
+        yield url

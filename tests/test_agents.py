@@ -8,7 +8,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 import ossrt  # noqa: E402
-from server_support import live_server  # noqa: E402
+from server_support import servers_per_text  # noqa: E402
 
 ID = "gpt-oss-20b"
 ANSWER = "<|channel|>final<|message|>Hello there, friend!<|return|>"
@@ -18,19 +18,9 @@ MODEL_KINDS = {"responses": agents.OpenAIResponsesModel, "chat_completions": age
 
 @pytest.fixture(scope="module")
 def serving(scripted_gguf):
-    """text -> the URL of a live server whose model writes `text` (one server per text, for the module)."""
-    servers, stack = {}, []
-
-    def url(text: str) -> str:
-        if text not in servers:
-            live = live_server(ossrt.load(scripted_gguf(text), context_length=1024), model_id=ID)
-            servers[text] = live.__enter__().url + "/v1"
-            stack.append(live)
-        return servers[text]
-
-    yield url
-    for live in stack:
-        live.__exit__(None, None, None)
+    """text -> the base URL of a live server whose model writes `text` (one server per text, for the module)."""
+    with servers_per_text(lambda text: ossrt.load(scripted_gguf(text), context_length=1024), model_id=ID) as url:
+        yield lambda text: url(text) + "/v1"
 
 
 def agent_model(kind: str, url: str):

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("uvicorn")
 
 import ossrt  # noqa: E402
-from server_support import live_server  # noqa: E402
+from server_support import servers_per_text  # noqa: E402
 
 JS = Path(__file__).parent / "js"
 NODE = shutil.which("node")
@@ -33,18 +33,8 @@ RUN_TIMEOUT = 120  # seconds: a bound for a failing script on a loaded machine, 
 @pytest.fixture(scope="module")
 def serving(scripted_gguf):
     """text -> the URL of a live server whose model writes `text` (one server per text, for the module)."""
-    servers, stack = {}, []
-
-    def url(text: str) -> str:
-        if text not in servers:
-            live = live_server(ossrt.load(scripted_gguf(text), context_length=1024), model_id=ID)
-            servers[text] = live.__enter__().url
-            stack.append(live)
-        return servers[text]
-
-    yield url
-    for live in stack:
-        live.__exit__(None, None, None)
+    with servers_per_text(lambda text: ossrt.load(scripted_gguf(text), context_length=1024), model_id=ID) as url:
+        yield url
 
 
 def run_script(script: str, url: str, *args: str) -> dict:

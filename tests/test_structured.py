@@ -143,20 +143,10 @@ def test_without_tools_every_call_is_undeclared(model):
 @pytest.fixture(scope="module")
 def served(model):
     pytest.importorskip("uvicorn")
-    from server_support import live_server
+    from server_support import servers_per_text
 
-    servers, stack = {}, []
-
-    def client(text: str):
-        if text not in servers:
-            live = live_server(model(text), model_id="gpt-oss-20b")
-            servers[text] = openai.OpenAI(base_url=live.__enter__().url + "/v1", api_key="x", max_retries=0)
-            stack.append(live)
-        return servers[text]
-
-    yield client
-    for live in stack:
-        live.__exit__(None, None, None)
+    with servers_per_text(model, model_id="gpt-oss-20b") as url:
+        yield lambda text: openai.OpenAI(base_url=url(text) + "/v1", api_key="x", max_retries=0)
 
 
 class City(pydantic.BaseModel):
