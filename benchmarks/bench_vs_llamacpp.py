@@ -155,18 +155,10 @@ def child_ossrt(path: str, threads: int, context: int, ttft_prompts: list[int]) 
 def child_profile(path: str, threads: int) -> dict:
     """ossrt's decode with every operation timed (profile_decode's Profile), after a 128-token prompt."""
     sys.path.insert(0, str(HERE))
-    from profile_decode import Profile, read_bandwidth
+    from profile_decode import decode_profiled, read_bandwidth
 
     model = ossrt_model(path, threads, PROMPT + PROFILE_DECODE + 8)
-    tr = model.engine.transformer
-    cache = tr.new_cache(PROMPT + PROFILE_DECODE + 8)
-    logits = tr.forward(tokens(PROMPT, 2), cache)[-1]
-    tr.forward([int(np.argmax(logits))], cache)  # every decode kernel compiled
-    profile = Profile(tr.ops, tr.config)
-    t0 = time.perf_counter()
-    for _ in range(PROFILE_DECODE):
-        logits = tr.forward([int(np.argmax(logits))], cache)[-1]
-    total = time.perf_counter() - t0
+    profile, total = decode_profiled(model.engine.transformer, tokens(PROMPT, 2), PROFILE_DECODE)
     return {"total": total, "tokens": PROFILE_DECODE, "seconds": dict(profile.seconds),
             "bytes": dict(profile.bytes), "bandwidth": read_bandwidth(list(model.model_file.tensors.values()))}
 
@@ -249,19 +241,13 @@ def spread(values: list[float]) -> str:
 
 
 def print_profile(p: dict) -> None:
+    sys.path.insert(0, str(HERE))
+    from profile_decode import print_table
+
     n, total, bandwidth = p["tokens"], p["total"], p["bandwidth"]
     print(f"# ossrt decode profile: {n} tokens after {PROMPT}, {n / total:.2f} tok/s, {total / n * 1e3:.1f} ms/token, "
           f"read bandwidth {bandwidth:.1f} GB/s")
-    print(f"{'operation':<28} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
-    for key, s in sorted(p["seconds"].items(), key=lambda kv: -kv[1]):
-        nbytes = p["bytes"].get(key, 0)
-        cells = ""
-        if nbytes:
-            rate = nbytes / s / 1e9
-            cells = f"{nbytes / n / 1e6:>9.0f} {rate:>6.1f} {rate / bandwidth:>6.0%}"
-        print(f"{key:<28} {s / n * 1e3:>9.2f} {s / total:>6.0%} {cells}")
-    other = total - sum(p["seconds"].values())
-    print(f"{'other (Python, adds, ...)':<28} {other / n * 1e3:>9.2f} {other / total:>6.0%}")
+    print_table(p["seconds"], p["bytes"], n, total, bandwidth)
 
 
 def main() -> None:

@@ -88,6 +88,33 @@ class Profile:
         setattr(ops, name, timed)
 
 
+def decode_profiled(tr, prompt: list[int], n: int) -> tuple[Profile, float]:
+    """Decode `n` greedy tokens after `prompt` on a fresh cache with every operation of those tokens timed (the
+    prompt and a first token run before, so every kernel is compiled and its pages mapped): the profile and the
+    seconds the `n` tokens took."""
+    cache = tr.new_cache(len(prompt) + n + 8)
+    logits = tr.forward(prompt, cache)[-1]
+    logits = tr.forward([int(np.argmax(logits))], cache)[-1]
+    profile = Profile(tr.ops, tr.config)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = tr.forward([int(np.argmax(logits))], cache)[-1]
+    return profile, time.perf_counter() - t0
+
+
+def print_table(seconds: dict[str, float], nbytes: dict[str, int], n: int, total: float, bandwidth: float) -> None:
+    """The per-operation rows of `n` tokens that took `total` seconds, slowest first, then the rest of the time."""
+    print(f"{'operation':<28} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
+    for key, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        cells = ""
+        if nbytes.get(key):
+            rate = nbytes[key] / s / 1e9
+            cells = f"{nbytes[key] / n / 1e6:>9.0f} {rate:>6.1f} {rate / bandwidth:>6.0%}"
+        print(f"{key:<28} {s / n * 1e3:>9.2f} {s / total:>6.0%} {cells}")
+    other = total - sum(seconds.values())
+    print(f"{'other (Python, adds, ...)':<28} {other / n * 1e3:>9.2f} {other / total:>6.0%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -97,31 +124,15 @@ def main() -> None:
     args = ap.parse_args()
 
     model = ossrt.load(args.model, context_length=args.prompt + args.decode + 8, threads=args.threads)
-    tr = model.engine.transformer
-    rng = np.random.default_rng(0)
-    cache = tr.new_cache(args.prompt + args.decode + 8)
-    logits = tr.forward([int(t) for t in rng.integers(1000, 199000, args.prompt)], cache)[-1]
-    tr.forward([int(np.argmax(logits))], cache)  # every decode kernel compiled and its pages mapped
-    profile = Profile(tr.ops, tr.config)
-    t0 = time.perf_counter()
-    for _ in range(args.decode):
-        logits = tr.forward([int(np.argmax(logits))], cache)[-1]
-    total = time.perf_counter() - t0
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1000, 199000, args.prompt)]
+    profile, total = decode_profiled(model.engine.transformer, prompt, args.decode)
     bandwidth = read_bandwidth(list(model.model_file.tensors.values()))
 
     n = args.decode
     print(f"# {args.model}, {args.threads} threads, {n} decode tokens after {args.prompt}: "
           f"{n / total:.2f} tok/s, {total / n * 1e3:.1f} ms/token; read bandwidth over the file {bandwidth:.1f} GB/s")
-    print(f"{'operation':<28} {'ms/token':>9} {'share':>6} {'MB/token':>9} {'GB/s':>6} {'of bw':>6}")
-    timed = 0.0
-    for key, s in sorted(profile.seconds.items(), key=lambda kv: -kv[1]):
-        timed += s
-        mb = profile.bytes[key] / n / 1e6
-        rate = profile.bytes[key] / s / 1e9 if profile.bytes[key] else 0.0
-        cells = f"{mb:>9.0f} {rate:>6.1f} {rate / bandwidth:>6.0%}" if mb else f"{'':>9} {'':>6} {'':>6}"
-        print(f"{key:<28} {s / n * 1e3:>9.2f} {s / total:>6.0%} {cells}")
+    print_table(profile.seconds, profile.bytes, n, total, bandwidth)
     weights = sum(profile.bytes.values()) / n
-    print(f"{'other (Python, adds, ...)':<28} {(total - timed) / n * 1e3:>9.2f} {(total - timed) / total:>6.0%}")
     print(f"weights read per token {weights / 1e9:.2f} GB: at the measured bandwidth the token would take "
           f"{weights / bandwidth / 1e6:.1f} ms ({weights / bandwidth / 1e9 / (total / n):.0%} of the time taken)")
 
