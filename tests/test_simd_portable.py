@@ -16,30 +16,20 @@ N_BLOCKS = [1, 2, 3, 7, 90]  # 90 blocks: a row of the 20b's 2880 inputs
 
 
 @njit(fastmath=simd.FASTMATH)
-def _dots(kind, w, x):
-    """Each row of w dotted with x by the portable function `kind` (0 MXFP4, 1 Q8_0, 2 F16), as kernels call them."""
+def _dots(kind, w, x, selected=False):
+    """Each row of w dotted with x by the portable function `kind` (0 MXFP4, 1 Q8_0, 2 F16), or by the one this
+    CPU's kernels use (`selected`: x86's or AArch64's), as kernels call them."""
     out = np.empty(w.shape[0], dtype=np.float32)
     for r in range(w.shape[0]):
         if kind == 0:
-            out[r] = simd.row_dot_mxfp4_portable(w[r], x, x.shape[0] // simd.MXFP4_BLOCK_SIZE)
+            n_blocks = x.shape[0] // simd.MXFP4_BLOCK_SIZE
+            out[r] = simd.row_dot_mxfp4(w[r], x, n_blocks) if selected else \
+                simd.row_dot_mxfp4_portable(w[r], x, n_blocks)
         elif kind == 1:
-            out[r] = simd.row_dot_q8_0_portable(w[r], x, x.shape[0] // simd.Q8_0_BLOCK_SIZE)
+            n_blocks = x.shape[0] // simd.Q8_0_BLOCK_SIZE
+            out[r] = simd.row_dot_q8_0(w[r], x, n_blocks) if selected else simd.row_dot_q8_0_portable(w[r], x, n_blocks)
         else:
-            out[r] = simd.row_dot_f16_portable(w[r], x)
-    return out
-
-
-@njit(fastmath=simd.FASTMATH)
-def _dots_selected(kind, w, x):
-    """The same through the functions this CPU's kernels use (x86's or AArch64's)."""
-    out = np.empty(w.shape[0], dtype=np.float32)
-    for r in range(w.shape[0]):
-        if kind == 0:
-            out[r] = simd.row_dot_mxfp4(w[r], x, x.shape[0] // simd.MXFP4_BLOCK_SIZE)
-        elif kind == 1:
-            out[r] = simd.row_dot_q8_0(w[r], x, x.shape[0] // simd.Q8_0_BLOCK_SIZE)
-        else:
-            out[r] = simd.row_dot_f16(w[r], x)
+            out[r] = simd.row_dot_f16(w[r], x) if selected else simd.row_dot_f16_portable(w[r], x)
     return out
 
 
@@ -94,8 +84,8 @@ def test_mxfp4_rows(n_blocks):
     out = np.empty((13, n), dtype=np.float32)
     _dequant_mxfp4(w, out)
     np.testing.assert_array_equal(out, dense)
-    for dots in (_dots, _dots_selected):
-        _close(dots(0, w, x), dense.astype(np.float64) @ x, n)
+    for selected in (False, True):
+        _close(_dots(0, w, x, selected), dense.astype(np.float64) @ x, n)
 
 
 def test_mxfp4_row_dot_with_quantized_weights_and_extreme_scales():
@@ -125,8 +115,8 @@ def test_q8_0_rows(n_blocks):
     w = _q8_0_rows(rng, 11, n_blocks)
     n = n_blocks * simd.Q8_0_BLOCK_SIZE
     x = rng.standard_normal(n).astype(np.float32)
-    for dots in (_dots, _dots_selected):
-        _close(dots(1, w, x), quants.dequantize(w, T.Q8_0).astype(np.float64) @ x, n)
+    for selected in (False, True):
+        _close(_dots(1, w, x, selected), quants.dequantize(w, T.Q8_0).astype(np.float64) @ x, n)
 
 
 def test_q8_0_denormal_zero_and_negative_scales():
@@ -158,8 +148,8 @@ def test_f16_rows(n):
     rng = np.random.default_rng(n)
     w = rng.standard_normal((6, n)).astype(np.float16)
     x = rng.standard_normal(n).astype(np.float32)
-    for dots in (_dots, _dots_selected):
-        _close(dots(2, w.view(np.uint16), x), w.astype(np.float64) @ x, n)
+    for selected in (False, True):
+        _close(_dots(2, w.view(np.uint16), x, selected), w.astype(np.float64) @ x, n)
     out = np.empty((6, n), dtype=np.float32)
     _dequant_f16(w.view(np.uint16), out)
     np.testing.assert_array_equal(out, w.astype(np.float32))

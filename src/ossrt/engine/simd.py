@@ -284,7 +284,7 @@ def _dequant_row_mxfp4_ir(decode):
 _row_dot_mxfp4_pshufb, _dequant_row_mxfp4_pshufb = _row_dot_mxfp4_ir(_decode_pshufb), \
     _dequant_row_mxfp4_ir(_decode_pshufb)
 _row_dot_mxfp4_tbl, _dequant_row_mxfp4_tbl = _row_dot_mxfp4_ir(_decode_tbl), _dequant_row_mxfp4_ir(_decode_tbl)
-_row_dot_mxfp4_arithmetic, _dequant_row_mxfp4_arithmetic = _row_dot_mxfp4_ir(_decode_arithmetic), \
+row_dot_mxfp4_portable, dequant_row_mxfp4_portable = _row_dot_mxfp4_ir(_decode_arithmetic), \
     _dequant_row_mxfp4_ir(_decode_arithmetic)
 
 
@@ -319,7 +319,7 @@ def _row_dot_q8_0_ir(f16):
     return row_dot
 
 
-_row_dot_q8_0_native, _row_dot_q8_0_table = _row_dot_q8_0_ir(_f16_native), _row_dot_q8_0_ir(_f16_table)
+_row_dot_q8_0_native, row_dot_q8_0_portable = _row_dot_q8_0_ir(_f16_native), _row_dot_q8_0_ir(_f16_table)
 
 
 @njit(cache=True, inline="always")
@@ -443,46 +443,6 @@ def dequant_row_q8_split(values, scales, out):
 
 
 @njit(cache=True, inline="always")
-def _row_dot_mxfp4_x86(row, x, n_blocks):
-    return _row_dot_mxfp4_pshufb(row, x, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def _dequant_row_mxfp4_x86(row, out, n_blocks):
-    _dequant_row_mxfp4_pshufb(row, out, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def _row_dot_mxfp4_aarch64(row, x, n_blocks):
-    return _row_dot_mxfp4_tbl(row, x, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def _dequant_row_mxfp4_aarch64(row, out, n_blocks):
-    _dequant_row_mxfp4_tbl(row, out, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def row_dot_mxfp4_portable(row, x, n_blocks):
-    return _row_dot_mxfp4_arithmetic(row, x, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def dequant_row_mxfp4_portable(row, out, n_blocks):
-    _dequant_row_mxfp4_arithmetic(row, out, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def _row_dot_q8_0_f16_native(row, x, n_blocks):
-    return _row_dot_q8_0_native(row, x, n_blocks)
-
-
-@njit(cache=True, inline="always")
-def row_dot_q8_0_portable(row, x, n_blocks):
-    return _row_dot_q8_0_table(row, x, n_blocks)
-
-
-@njit(cache=True, inline="always")
 def _row_dot_f16_native(row, x):
     n = x.shape[0] // 16
     return _row_dot_f16_chunks_native(row, x, n) + row_dot_16bit_scalar(row, F16_TO_F32, x, n * 16)
@@ -509,12 +469,12 @@ def dequant_row_f16_portable(row, out):
 
 
 if ISA == "x86":
-    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_x86, _dequant_row_mxfp4_x86
+    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_pshufb, _dequant_row_mxfp4_pshufb
 elif ISA == "aarch64":
-    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_aarch64, _dequant_row_mxfp4_aarch64
+    row_dot_mxfp4, dequant_row_mxfp4 = _row_dot_mxfp4_tbl, _dequant_row_mxfp4_tbl
 else:
     row_dot_mxfp4, dequant_row_mxfp4 = row_dot_mxfp4_portable, dequant_row_mxfp4_portable
 if ISA == "portable":
     row_dot_q8_0, row_dot_f16, dequant_row_f16 = row_dot_q8_0_portable, row_dot_f16_portable, dequant_row_f16_portable
 else:
-    row_dot_q8_0, row_dot_f16, dequant_row_f16 = _row_dot_q8_0_f16_native, _row_dot_f16_native, _dequant_row_f16_native
+    row_dot_q8_0, row_dot_f16, dequant_row_f16 = _row_dot_q8_0_native, _row_dot_f16_native, _dequant_row_f16_native
