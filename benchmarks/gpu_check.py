@@ -338,7 +338,9 @@ def check_tiny(tiny: Tiny, workdir: Path, rows: list[Row]) -> None:
                 continue
             what = f"{outtype} weights, {kv_type} KV: GPU vs CPU logits"
             try:
-                with ossrt.load(path, device="cpu", context_length=context, kv_type=kv_type) as cpu_model:
+                # The CPU's float32 path: the GPU's activations are float32 too.
+                with ossrt.load(path, device="cpu", context_length=context, kv_type=kv_type,
+                                int8_activations=False) as cpu_model:
                     expected, ids = run_sequence(cpu_model, prompt, block, None, tiny.decode)
                 with ossrt.load(path, device="cuda", context_length=context, kv_type=kv_type) as gpu_model:
                     got, _ = run_sequence(gpu_model, prompt, block, ids, tiny.decode)

@@ -77,7 +77,7 @@ def micro(tmp_path_factory):
                            progress=False)
             mf = ModelFile.open(path)
             files.append(mf)
-            made[outtype] = mf, Transformer(mf, CpuOps(1)), Transformer(mf, CudaOps())
+            made[outtype] = mf, Transformer(mf, CpuOps(1, int8_activations=False)), Transformer(mf, CudaOps())
         return made[outtype]
 
     yield make

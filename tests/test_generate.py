@@ -14,7 +14,7 @@ from ossrt.errors import ContextLengthError, ModelFileError, ParameterError
 
 @pytest.fixture(scope="module")
 def model(tiny_gguf):
-    with ossrt.load(tiny_gguf(), context_length=64, threads=2, kv_type="f32") as m:
+    with ossrt.load(tiny_gguf(), context_length=64, threads=2, kv_type="f32", int8_activations=False) as m:
         yield m
 
 

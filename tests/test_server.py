@@ -34,8 +34,9 @@ ASK = [{"role": "user", "content": "What's the weather in Berlin right now?"}]
 MAX_BODY = 16384
 
 
-def serving(path, context_length=512, **kwargs):
-    return live_server(ossrt.load(path, context_length=context_length), model_id=ID, aliases=["tiny"], **kwargs)
+def serving(path, context_length=512, int8_activations=True, **kwargs):
+    return live_server(ossrt.load(path, context_length=context_length, int8_activations=int8_activations),
+                       model_id=ID, aliases=["tiny"], **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,10 @@ def endless(scripted_gguf):
 
 @pytest.fixture(scope="module")
 def random_model(tiny_gguf):
-    with serving(tiny_gguf(), parallel=2) as live:
+    """Float32 prompts: a request whose prompt another left in the session pool computes only its last token, in
+    a float32 decode step, where a fresh prefill computes it with 8-bit activations, and on this random model's
+    nearly flat logits that can change what a seed samples (as llama.cpp's cache_prompt can)."""
+    with serving(tiny_gguf(), parallel=2, int8_activations=False) as live:
         yield live
 
 

@@ -2,7 +2,7 @@
 
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
-accumulation are float32. Every public function checks shapes and types in Python before a kernel touches memory.
+accumulation are float32, unless the caller asks for 8-bit activations in prefill (`int8`). Every public function checks shapes and types in Python before a kernel touches memory.
 Attention, which reads the KV cache rather than weights, is in `attention`.
 
 `w` arguments are `ossrt.format.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
+from . import int8
 from .simd import (BF16_TO_F32, F16_TO_F32, FASTMATH, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_SIZE, bf16_to_f32,
                    dequant_row_mxfp4, dequant_row_q8_0, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0)
 
@@ -254,22 +255,26 @@ def _matmul_rows(w, data: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
             _matmul_f32(data, Xt, Ot)
 
 
-def matmul(w, X: np.ndarray) -> np.ndarray:
-    """`X @ W.T` for X float32 [T, in] → float32 [T, out]."""
+def matmul(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
+    """`X @ W.T` for X float32 [T, in] → float32 [T, out]. With `int8_activations`, where the CPU and the weight
+    type allow (`int8.supports`), X is quantized to 8 bits a value, 32 values a scale, and the products are integer
+    (`int8`); else float32 throughout."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"{w.name}: matmul needs a matrix of activations, got shape {X.shape}")
     _check_matrix(w, X.shape[1])
+    if int8_activations and int8.supports(w.type):
+        return int8.matmul(w.data, w.type, int8.Panel(X, w.type))
     out = np.empty((X.shape[0], w.shape[0]), dtype=np.float32)
     _matmul_rows(w, w.data, X, out)
     return out
 
 
-def linear(w, X: np.ndarray) -> np.ndarray:
-    """`X @ W.T` for X [T, in]: the decode kernel for one row, the prefill kernels for more."""
+def linear(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
+    """`X @ W.T` for X [T, in]: the decode kernel for one row, the prefill kernels for more (`matmul`)."""
     if X.ndim == 2 and X.shape[0] == 1:
         return matvec(w, X[0])[None]
-    return matmul(w, X)
+    return matmul(w, X, int8_activations=int8_activations)
 
 
 # --- mixture of experts ---------------------------------------------------------------------------------------------
@@ -311,13 +316,14 @@ def _swiglu_rows(G, U, alpha, limit, out):
 
 def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, X: np.ndarray,
         expert_ids: np.ndarray, expert_weights: np.ndarray, *, alpha: float, limit: float,
-        dense_min_tokens: int = 2) -> np.ndarray:
+        dense_min_tokens: int = 2, int8_activations: bool = False) -> np.ndarray:
     """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d), the
     SwiGLU clamped at `limit` with slope `alpha` (the model's `swiglu_limit`, `swiglu_alpha`; spec §2.6).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
     An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
-    once for all its tokens); the rest through the fused decode kernel (all of decode).
+    once for all its tokens; with `int8_activations` the integer ones, as `matmul`); the rest through the fused
+    decode kernel (all of decode).
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -339,6 +345,7 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     alpha, limit = np.float32(alpha), np.float32(limit)
     gate_b, up_b, down_b = (np.ascontiguousarray(b, dtype=np.float32) for b in (gate_b, up_b, down_b))
 
+    use_int8 = int8_activations and int8.supports(GGMLType.MXFP4)
     out = np.zeros((T, H), dtype=np.float32)
     tok = np.repeat(np.arange(T, dtype=np.int64), expert_ids.shape[1])
     exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
@@ -350,14 +357,22 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     for e in np.flatnonzero(counts >= dense_min_tokens):
         sel = np.flatnonzero(exp == e)
         rows = tok[sel]
-        xe = X[rows]
-        g = np.empty((len(rows), I), dtype=np.float32)
-        u = np.empty((len(rows), I), dtype=np.float32)
-        _matmul_rows(gate_exps, gate_exps.data[e], xe, g)
-        _matmul_rows(up_exps, up_exps.data[e], xe, u)
+        g, u = _expert_matmuls((gate_exps, up_exps), e, X[rows], use_int8)
         act = np.empty_like(g)
         _swiglu_rows(g + gate_b[e], u + up_b[e], alpha, limit, act)
-        y = np.empty((len(rows), H), dtype=np.float32)
-        _matmul_rows(down_exps, down_exps.data[e], act, y)
+        y, = _expert_matmuls((down_exps,), e, act, use_int8)
         out[rows] += wt[sel, None] * (y + down_b[e])  # rows are distinct: a token picks an expert at most once
     return out
+
+
+def _expert_matmuls(weights, e: int, X: np.ndarray, use_int8: bool) -> list[np.ndarray]:
+    """X @ W[e].T for each expert tensor W of `weights` (same input size), X quantized once if `use_int8`."""
+    if use_int8:
+        panel = int8.Panel(X, GGMLType.MXFP4)
+        return [int8.matmul(w.data[e], GGMLType.MXFP4, panel) for w in weights]
+    outs = []
+    for w in weights:
+        out = np.empty((X.shape[0], w.shape[1]), dtype=np.float32)
+        _matmul_rows(w, w.data[e], X, out)
+        outs.append(out)
+    return outs

@@ -1,0 +1,311 @@
+"""Prefill matmuls with 8-bit activations on CPUs with VNNI's `vpdpbusd` (u8 × s8, four products summed into each
+int32 lane): about three times the multiply rate of float32 FMAs.
+
+Activations are quantized per 32-value block, as llama.cpp's Q8_0 (scale = max |x| / 127, values rounded), and laid
+out as a panel with `LANES` tokens side by side: for each block and each group of four values, one vector holds the
+four int8 values of every token. Weight rows are decoded once each into unsigned bytes (MXFP4: E2M1 ×2 + 12, in
+0..24; Q8_0: value + 128) with a float scale a block. Then one `vpdpbusd` takes four bytes of one weight row,
+broadcast, against a panel vector, and adds four products into each token's lane: no transposes, no horizontal sums.
+After a block's eight, the int32 lanes less the offset's share (offset × Σ of the token's block, computed with the
+panel) become float32, scaled by weight scale × token scale, and are summed. Accumulation is float32 across blocks,
+int32 within one, exactly.
+
+Only the prefill uses this (`CpuOps(int8=True)`, the default): decode stays on the float32 kernels, which are
+bound by memory, not arithmetic. Which instructions exist is read once from the CPU (`DOT4`).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as GGMLType
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..format import mxfp4
+from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _load, _splat)
+
+BLOCK = 32  # values a scale covers, for activations as for both weight types
+_GROUPS = BLOCK // 4  # groups of four values in a block: one vpdpbusd each
+
+# Bytes of a weight decoded for vpdpbusd's unsigned operand are value + offset; the offset's share is taken back
+# with the activation sums.
+MXFP4_OFFSET, Q8_0_OFFSET = 12, 128
+
+
+def _cpu_features() -> dict:
+    """What Numba compiles for: the host CPU unless NUMBA_CPU_NAME names another."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        flags = numba.config.CPU_FEATURES or ""
+        return {f[1:]: f[0] == "+" for f in flags.split(",") if f}
+    features = llvm_binding.get_host_cpu_features()
+    return {name: features[name] for name in features}
+
+
+def _dot4_kind() -> str | None:
+    f = _cpu_features()
+    if f.get("avx512vnni") and f.get("avx512vl") and f.get("avx512bw"):
+        return "avx512vnni"
+    if f.get("avxvnni"):
+        return "avxvnni"
+    return None
+
+
+# "avx512vnni" (tokens 16 or 8 to a vector), "avxvnni" (8) or None: no int8 path, float32 everywhere.
+DOT4 = _dot4_kind()
+
+_F32_MAX = np.finfo(np.float32).max
+_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16I8 = ir.VectorType(_I8, 16)
+
+
+# --- activations ----------------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _quantize_panel(X, lanes, offset, panel, scales, corrections):
+    """X [T, H] → panel [groups, blocks, 8, lanes, 4] int8, scales and corrections [groups, blocks, lanes] (tokens
+    past T: zeros). corrections = -offset · Σ of the block's int8 values. A block holding inf or NaN gets a NaN
+    scale, so the products it enters are NaN, as in float32."""
+    T, H = X.shape
+    n_blocks = H // BLOCK
+    for gb in prange(panel.shape[0] * n_blocks):
+        group, b = gb // n_blocks, gb % n_blocks
+        for lane in range(lanes):
+            t = group * lanes + lane
+            if t >= T:
+                panel[group, b, :, lane, :] = 0
+                scales[group, b, lane] = 0.0
+                corrections[group, b, lane] = 0
+                continue
+            x = X[t, b * BLOCK:(b + 1) * BLOCK]
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(BLOCK):
+                amax = max(amax, abs(x[j]))
+                finite &= abs(x[j]) <= _F32_MAX  # False for inf and NaN, which max() passes over
+            d = amax / np.float32(127.0)
+            total = 0
+            if finite and amax > 0:  # x / d: 127 / amax overflows for denormal blocks
+                for j in range(BLOCK):
+                    v = np.int8(np.rint(x[j] / d))
+                    panel[group, b, j // 4, lane, j % 4] = v
+                    total += v
+            else:
+                panel[group, b, :, lane, :] = 0
+                d = d if amax == 0 else np.float32(np.nan)
+            scales[group, b, lane] = d
+            corrections[group, b, lane] = -offset * total
+
+
+def quantize_panel(X: np.ndarray, lanes: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X float32 [T, H] (H whole blocks) as the kernels' panel, scales and corrections for weights whose bytes
+    carry `offset`."""
+    groups = -(-X.shape[0] // lanes)
+    n_blocks = X.shape[1] // BLOCK
+    panel = np.empty((groups, n_blocks, _GROUPS, lanes, 4), dtype=np.int8)
+    scales = np.empty((groups, n_blocks, lanes), dtype=np.float32)
+    corrections = np.empty((groups, n_blocks, lanes), dtype=np.int32)
+    _quantize_panel(X, lanes, offset, panel, scales, corrections)
+    return panel, scales, corrections
+
+
+# --- weight rows → unsigned bytes and block scales ------------------------------------------------------------------
+def _row_pointers(context, builder, signature, args):
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3])]
+    return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _I8.as_pointer()),
+            builder.bitcast(arrays[2].data, _F32.as_pointer()))
+
+
+@intrinsic
+def _decode_row_mxfp4_u8(typingctx, row, out, scales, n_blocks):
+    """out[32b + j] = E2M1 value ×2 + 12 of element j of block b (j < 16: low nibbles, else high), scales[b] = the
+    block's 2^(e-128)."""
+    sig = types.void(row, out, scales, n_blocks)
+
+    def codegen(context, builder, signature, args):
+        wp, op, sp = _row_pointers(context, builder, signature, args)
+        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]),
+                                                "llvm.x86.ssse3.pshuf.b.128")
+        table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) + MXFP4_OFFSET) for v in mxfp4.KVALUES])
+        low4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
+        four = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
+        with cgutils.for_range(builder, args[3]) as loop:
+            b = loop.index
+            base = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_BYTES))
+            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
+            builder.store(builder.load(builder.gep(_e8m0_table(builder), [ir.Constant(_I32, 0), e])),
+                          builder.gep(sp, [b]))
+            qs = _load(builder, wp, builder.add(base, ir.Constant(b.type, 1)), _V16I8, 1)
+            out_at = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_SIZE))
+            for half, nibbles in ((0, builder.and_(qs, low4)), (16, builder.lshr(qs, four))):
+                ptr = builder.gep(op, [builder.add(out_at, ir.Constant(b.type, half))])
+                builder.store(builder.call(pshufb, [table, nibbles]), builder.bitcast(ptr, _V16I8.as_pointer()),
+                              align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _decode_row_q8_0_u8(typingctx, row, out, scales, n_blocks):
+    """out[32b + j] = int8 value j of block b + 128, scales[b] = its f16 scale."""
+    sig = types.void(row, out, scales, n_blocks)
+
+    def codegen(context, builder, signature, args):
+        wp, op, sp = _row_pointers(context, builder, signature, args)
+        v32i8 = ir.VectorType(_I8, 32)
+        sign = ir.Constant(v32i8, [ir.Constant(_I8, 0x80)] * 32)
+        with cgutils.for_range(builder, args[3]) as loop:
+            b = loop.index
+            base = builder.mul(b, ir.Constant(b.type, Q8_0_BLOCK_BYTES))
+            bits = builder.load(builder.bitcast(builder.gep(wp, [base]), ir.IntType(16).as_pointer()), align=1)
+            builder.store(_f16_native(builder, bits), builder.gep(sp, [b]))
+            values = _load(builder, wp, builder.add(base, ir.Constant(b.type, 2)), v32i8, 1)
+            ptr = builder.gep(op, [builder.mul(b, ir.Constant(b.type, BLOCK))])
+            builder.store(builder.xor(values, sign), builder.bitcast(ptr, v32i8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# --- the kernel -----------------------------------------------------------------------------------------------------
+ROWS = 4  # weight rows a kernel call takes; with two token groups: eight int32 and eight float32 accumulators
+TASK_ROWS = 16  # rows a thread decodes at once (46 KB for the 20b)
+TILE_GROUPS = 8  # token groups whose panel (368 KB for the 20b) stays in L2 while a task's rows pass over it
+
+
+def _gemm(lanes: int, token_groups: int):
+    """An intrinsic out[(g0 + i)·lanes + lane, r0 + k] = Σ over blocks of row k of `wq` against token group g0 + i
+    of the panel, for k < ROWS, i < token_groups. wq [ROWS, H] uint8 and wd [ROWS, blocks] float32 from the row
+    decoders; panel, scales and corrections from quantize_panel; out float32 [groups · lanes, rows]."""
+    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[lanes]
+
+    @intrinsic
+    def gemm(typingctx, wq, wd, panel, scales, corrections, out, r0, g0):
+        sig = types.void(wq, wd, panel, scales, corrections, out, r0, g0)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:6], args[:6])]
+            wq_p = builder.bitcast(arrays[0].data, _I32.as_pointer())  # four bytes at a time
+            wd_p = builder.bitcast(arrays[1].data, _F32.as_pointer())
+            panel_p = builder.bitcast(arrays[2].data, _I32.as_pointer())
+            scales_p = builder.bitcast(arrays[3].data, _F32.as_pointer())
+            corr_p = builder.bitcast(arrays[4].data, _I32.as_pointer())
+            out_p = builder.bitcast(arrays[5].data, _F32.as_pointer())
+            n_blocks = builder.extract_value(arrays[1].shape, 1)
+            width = builder.extract_value(arrays[5].shape, 1)  # out's row length: rows of weights
+            r0, g0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[6:8])
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
+            zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(ROWS)]
+            with cgutils.for_range(builder, n_blocks) as loop:
+                b = loop.index
+                # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·lanes.
+                starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(lanes))
+                          for i in range(token_groups)]
+                x_scale = [_load(builder, scales_p, s, vf32, 4) for s in starts]
+                sums = [[_load(builder, corr_p, s, vi32, 4) for s in starts] for _ in range(ROWS)]
+                for g in range(_GROUPS):
+                    xs = [_load(builder, panel_p, builder.add(builder.mul(s, c(_GROUPS)), c(g * lanes)), vi32, 4)
+                          for s in starts]
+                    for k in range(ROWS):
+                        w4 = builder.load(builder.gep(wq_p, [builder.add(builder.mul(n_blocks, c(k * _GROUPS)),
+                                                                         builder.add(builder.mul(b, c(_GROUPS)),
+                                                                                     c(g)))]), align=1)
+                        w = _splat(builder, w4, vi32)
+                        for i in range(token_groups):
+                            sums[k][i] = builder.call(dot4, [sums[k][i], w, xs[i]])
+                for k in range(ROWS):
+                    w_scale = _splat(builder, builder.load(builder.gep(wd_p, [builder.add(builder.mul(n_blocks, c(k)),
+                                                                                          b)])), vf32)
+                    for i in range(token_groups):
+                        scale = builder.fmul(w_scale, x_scale[i])
+                        total = builder.fadd(builder.load(acc[k][i]),
+                                             builder.fmul(builder.sitofp(sums[k][i], vf32), scale, flags=("fast",)),
+                                             flags=("fast",))
+                        builder.store(total, acc[k][i])
+            # out is [tokens, rows]: each lane is one token's value of row k, stored in its own row of out (once a
+            # call, a vector store and a transpose would cost more).
+            for k in range(ROWS):
+                for i in range(token_groups):
+                    sums_k = builder.load(acc[k][i])
+                    first = builder.add(builder.mul(builder.mul(builder.add(g0, c(i)), c(lanes)), width),
+                                        builder.add(r0, c(k)))
+                    for lane in range(lanes):
+                        builder.store(builder.extract_element(sums_k, ir.Constant(_I32, lane)),
+                                      builder.gep(out_p, [builder.add(first, builder.mul(c(lane), width))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+def _driver(decode_row, gemm_pair, gemm_one):
+    """A parallel kernel over packed weights w [R, bytes] against a whole panel: each task decodes TASK_ROWS rows
+    once, then multiplies them with every token group, two at a time, ROWS rows at a time (the panel is read once a
+    task, from cache). out [groups · lanes, R rounded up to TASK_ROWS]."""
+
+    @njit(parallel=True, cache=True)
+    def run(w, panel, scales, corrections, out):
+        R = w.shape[0]
+        n_blocks = panel.shape[1]
+        groups = panel.shape[0]
+        for task in prange(out.shape[1] // TASK_ROWS):
+            r0 = task * TASK_ROWS
+            wq = np.zeros((TASK_ROWS, n_blocks * BLOCK), dtype=np.uint8)
+            wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
+            for k in range(min(TASK_ROWS, R - r0)):
+                decode_row(w[r0 + k], wq[k], wd[k], n_blocks)
+            for tile in range(0, groups, TILE_GROUPS):
+                end = min(tile + TILE_GROUPS, groups)
+                for k in range(0, TASK_ROWS, ROWS):
+                    for g in range(tile, end - 1, 2):
+                        gemm_pair(wq[k:k + ROWS], wd[k:k + ROWS], panel, scales, corrections, out, r0 + k, g)
+                    if (end - tile) % 2:
+                        gemm_one(wq[k:k + ROWS], wd[k:k + ROWS], panel, scales, corrections, out, r0 + k, end - 1)
+
+    return run
+
+
+_KERNELS = {}
+if DOT4 is not None:
+    for _lanes in ((16, 8) if DOT4 == "avx512vnni" else (8,)):
+        _pair, _one = _gemm(_lanes, 2), _gemm(_lanes, 1)
+        _KERNELS[GGMLType.MXFP4, _lanes] = _driver(_decode_row_mxfp4_u8, _pair, _one)
+        _KERNELS[GGMLType.Q8_0, _lanes] = _driver(_decode_row_q8_0_u8, _pair, _one)
+_OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
+
+
+def supports(weight_type) -> bool:
+    """Whether this CPU has an int8 kernel for weights of this type."""
+    return DOT4 is not None and weight_type in _OFFSETS
+
+
+def lanes_for(n_tokens: int) -> int:
+    """Tokens to a vector: 16 with AVX-512 unless so few tokens that most lanes would be padding."""
+    return 16 if DOT4 == "avx512vnni" and n_tokens > 8 else 8
+
+
+class Panel:
+    """Activations X [T, H] quantized once for any number of matmuls with weights of one type."""
+
+    def __init__(self, X: np.ndarray, weight_type):
+        self.n_tokens = X.shape[0]
+        self.lanes = lanes_for(X.shape[0])
+        self.weight_type = weight_type
+        self.arrays = quantize_panel(X, self.lanes, _OFFSETS[weight_type])
+
+
+def matmul(data: np.ndarray, weight_type, panel: Panel) -> np.ndarray:
+    """panel's X @ W.T for raw weight rows `data` [R, bytes] of `weight_type`: float32 [T, R]. The caller has
+    checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
+    R = data.shape[0]
+    out = np.empty((panel.arrays[0].shape[0] * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
+    _KERNELS[weight_type, panel.lanes](data, *panel.arrays, out)
+    out = out[:panel.n_tokens, :R]
+    return out if out.flags.c_contiguous else out.copy()
