@@ -26,7 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _load, _splat)
+from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _load, _prefetch,
+                   _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
 _GROUPS = BLOCK // 4  # groups of four values in a block: one vpdpbusd each
@@ -134,6 +135,7 @@ def _decode_row_mxfp4_u8(typingctx, row, out, scales, n_blocks):
         with cgutils.for_range(builder, args[3]) as loop:
             b = loop.index
             base = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_BYTES))
+            _prefetch(builder, wp, base)
             e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
             builder.store(builder.load(builder.gep(_e8m0_table(builder), [ir.Constant(_I32, 0), e])),
                           builder.gep(sp, [b]))
@@ -160,6 +162,7 @@ def _decode_row_q8_0_u8(typingctx, row, out, scales, n_blocks):
         with cgutils.for_range(builder, args[3]) as loop:
             b = loop.index
             base = builder.mul(b, ir.Constant(b.type, Q8_0_BLOCK_BYTES))
+            _prefetch(builder, wp, base)
             bits = builder.load(builder.bitcast(builder.gep(wp, [base]), ir.IntType(16).as_pointer()), align=1)
             builder.store(_f16_native(builder, bits), builder.gep(sp, [b]))
             values = _load(builder, wp, builder.add(base, ir.Constant(b.type, 2)), v32i8, 1)
@@ -171,21 +174,24 @@ def _decode_row_q8_0_u8(typingctx, row, out, scales, n_blocks):
 
 
 # --- the kernel -----------------------------------------------------------------------------------------------------
-ROWS = 4  # weight rows a kernel call takes; with two token groups: eight int32 and eight float32 accumulators
+# Weight rows a kernel call takes: enough independent vpdpbusd chains (rows × token groups) to hide its latency,
+# few enough accumulators (two vectors a chain) for the registers.
+ROWS_PAIR, ROWS_ONE = 4, 8
 TASK_ROWS = 16  # rows a thread decodes at once (46 KB for the 20b)
 TILE_GROUPS = 8  # token groups whose panel (368 KB for the 20b) stays in L2 while a task's rows pass over it
 
 
-def _gemm(lanes: int, token_groups: int):
+def _gemm(lanes: int, token_groups: int, rows: int):
     """An intrinsic out[(g0 + i)·lanes + lane, r0 + k] = Σ over blocks of row k of `wq` against token group g0 + i
-    of the panel, for k < ROWS, i < token_groups. wq [ROWS, H] uint8 and wd [ROWS, blocks] float32 from the row
-    decoders; panel, scales and corrections from quantize_panel; out float32 [groups · lanes, rows]."""
+    of the panel, for k < rows, i < token_groups. wq [rows, H] uint8 and wd [rows, blocks] float32 from the row
+    decoders; panel, scales and corrections from quantize_panel; out float32 [groups · lanes, rows]. `ahead`
+    (rows of packed weights) is prefetched along the way."""
     vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[lanes]
 
     @intrinsic
-    def gemm(typingctx, wq, wd, panel, scales, corrections, out, r0, g0):
-        sig = types.void(wq, wd, panel, scales, corrections, out, r0, g0)
+    def gemm(typingctx, wq, wd, panel, scales, corrections, out, r0, g0, ahead):
+        sig = types.void(wq, wd, panel, scales, corrections, out, r0, g0, ahead)
 
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:6], args[:6])]
@@ -199,27 +205,40 @@ def _gemm(lanes: int, token_groups: int):
             width = builder.extract_value(arrays[5].shape, 1)  # out's row length: rows of weights
             r0, g0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[6:8])
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            ahead = context.make_array(signature.args[8])(context, builder, args[8])
+            ahead_p = builder.bitcast(ahead.data, _I8.as_pointer())
+            ahead_lines = builder.udiv(builder.mul(*(builder.extract_value(ahead.shape, i) for i in (0, 1))), c(64))
+            prefetch = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
             dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(ROWS)]
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(rows)]
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
+                # A share of `ahead` a block, into L2: the rows decoded next arrive while these multiply.
+                first_line = builder.udiv(builder.mul(b, ahead_lines), n_blocks)
+                end_line = builder.udiv(builder.mul(builder.add(b, c(1)), ahead_lines), n_blocks)
+                with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
+                    at = builder.mul(builder.add(first_line, line.index), c(64))
+                    builder.call(prefetch, [builder.gep(ahead_p, [at]), ir.Constant(_I32, 0), ir.Constant(_I32, 2),
+                                            ir.Constant(_I32, 1)])
                 # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·lanes.
                 starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(lanes))
                           for i in range(token_groups)]
                 x_scale = [_load(builder, scales_p, s, vf32, 4) for s in starts]
-                sums = [[_load(builder, corr_p, s, vi32, 4) for s in starts] for _ in range(ROWS)]
+                sums = [[_load(builder, corr_p, s, vi32, 4) for s in starts] for _ in range(rows)]
                 for g in range(_GROUPS):
                     xs = [_load(builder, panel_p, builder.add(builder.mul(s, c(_GROUPS)), c(g * lanes)), vi32, 4)
                           for s in starts]
-                    for k in range(ROWS):
+                    for k in range(rows):
                         w4 = builder.load(builder.gep(wq_p, [builder.add(builder.mul(n_blocks, c(k * _GROUPS)),
                                                                          builder.add(builder.mul(b, c(_GROUPS)),
                                                                                      c(g)))]), align=1)
                         w = _splat(builder, w4, vi32)
                         for i in range(token_groups):
                             sums[k][i] = builder.call(dot4, [sums[k][i], w, xs[i]])
-                for k in range(ROWS):
+                for k in range(rows):
                     w_scale = _splat(builder, builder.load(builder.gep(wd_p, [builder.add(builder.mul(n_blocks, c(k)),
                                                                                           b)])), vf32)
                     for i in range(token_groups):
@@ -230,7 +249,7 @@ def _gemm(lanes: int, token_groups: int):
                         builder.store(total, acc[k][i])
             # out is [tokens, rows]: each lane is one token's value of row k, stored in its own row of out (once a
             # call, a vector store and a transpose would cost more).
-            for k in range(ROWS):
+            for k in range(rows):
                 for i in range(token_groups):
                     sums_k = builder.load(acc[k][i])
                     first = builder.add(builder.mul(builder.mul(builder.add(g0, c(i)), c(lanes)), width),
@@ -261,13 +280,20 @@ def _driver(decode_row, gemm_pair, gemm_one):
             wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
             for k in range(min(TASK_ROWS, R - r0)):
                 decode_row(w[r0 + k], wq[k], wd[k], n_blocks)
+            nothing = w[:0]
             for tile in range(0, groups, TILE_GROUPS):
                 end = min(tile + TILE_GROUPS, groups)
-                for k in range(0, TASK_ROWS, ROWS):
+                for k in range(0, TASK_ROWS, ROWS_PAIR):
                     for g in range(tile, end - 1, 2):
-                        gemm_pair(wq[k:k + ROWS], wd[k:k + ROWS], panel, scales, corrections, out, r0 + k, g)
-                    if (end - tile) % 2:
-                        gemm_one(wq[k:k + ROWS], wd[k:k + ROWS], panel, scales, corrections, out, r0 + k, end - 1)
+                        # the first pass over the rows fetches the next task's (the rows this thread decodes next)
+                        ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_PAIR] if g == 0 else nothing
+                        gemm_pair(wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k,
+                                  g, ahead)
+                if (end - tile) % 2:
+                    for k in range(0, TASK_ROWS, ROWS_ONE):
+                        ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_ONE] if groups == 1 else nothing
+                        gemm_one(wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out, r0 + k,
+                                 end - 1, ahead)
 
     return run
 
@@ -275,7 +301,7 @@ def _driver(decode_row, gemm_pair, gemm_one):
 _KERNELS = {}
 if DOT4 is not None:
     for _lanes in ((16, 8) if DOT4 == "avx512vnni" else (8,)):
-        _pair, _one = _gemm(_lanes, 2), _gemm(_lanes, 1)
+        _pair, _one = _gemm(_lanes, 2, ROWS_PAIR), _gemm(_lanes, 1, ROWS_ONE)
         _KERNELS[GGMLType.MXFP4, _lanes] = _driver(_decode_row_mxfp4_u8, _pair, _one)
         _KERNELS[GGMLType.Q8_0, _lanes] = _driver(_decode_row_q8_0_u8, _pair, _one)
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
