@@ -42,6 +42,9 @@ import numpy as np
 PROMPT, DECODE, PREFILL = 128, 16, 512
 TTFT_PROMPTS = (60, 2000)
 PROFILE_DECODE = 32
+# Both engines warm up on a prompt this long before anything is timed: enough tokens to run every kernel width (an
+# expert chosen by more than 8 of its tokens, attention projections of more than 8).
+WARMUP = 40
 LLAMA_VENV = Path("/work/llama-venv")  # where build_llamacpp.sh builds it
 # llama.cpp's own defaults (llama-cli, llama-server): logical batch 2048, physical batch 512.
 LLAMA_BATCH, LLAMA_UBATCH = 2048, 512
@@ -143,7 +146,7 @@ def child_ossrt(path: str, threads: int, context: int, ttft_prompts: list[int]) 
     def decode_step(logits):
         return tr.forward([int(np.argmax(logits))], cache[0])[-1]
 
-    decode_step(prefill(tokens(4, 9)))  # every kernel compiled before timing
+    decode_step(prefill(tokens(WARMUP, 9)))  # every kernel compiled or loaded before timing
     result = timed_runs(prefill, decode_step, reset, ttft_prompts)
     result.update(engine=f"ossrt {ossrt.__version__} (numba {numba.__version__}, KV cache {model.kv_type})",
                   rss=peak_rss_gib(), bandwidth=bandwidth, matvec_gb=flat.nbytes / matvec_s / 1e9,
@@ -188,7 +191,7 @@ def child_llama(path: str, threads: int, context: int, extra_bufts: bool, ttft_p
         llm.eval([int(np.argmax(logits))])
         return last_logits()
 
-    decode_step(prefill(tokens(4, 9)))
+    decode_step(prefill(tokens(WARMUP, 9)))
     result = timed_runs(prefill, decode_step, llm.reset, ttft_prompts)
     ggml = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
     ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p

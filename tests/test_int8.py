@@ -72,6 +72,17 @@ def test_kernel_is_the_exact_product_of_the_quantized_values(qtype, n_tokens, sh
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
 
 
+def test_avx_vnni_cpus_take_eight_tokens_a_vector(monkeypatch):
+    """Without AVX-512 (AVX-VNNI: Alder Lake and later cores) every panel has 8 lanes; the numbers are the same."""
+    rng = np.random.default_rng(6)
+    w = make_tensor(rng.standard_normal((40, 96)), T.MXFP4)
+    X = rng.standard_normal((37, 96)).astype(np.float32)
+    wide = kernels.matmul(w, X, int8_activations=True)
+    monkeypatch.setattr(int8, "DOT4", "avxvnni")
+    assert int8.Panel(X, w.type).lanes == 8
+    np.testing.assert_array_equal(kernels.matmul(w, X, int8_activations=True), wide)
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.MXFP4])
 def test_quantization_error_against_float32(qtype):
     """The error 8-bit activations add, on Gaussian data at the 20b's width: below 1 % of the outputs' largest

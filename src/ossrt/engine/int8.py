@@ -264,46 +264,64 @@ def _gemm(lanes: int, token_groups: int, rows: int):
     return gemm
 
 
-def _driver(decode_row, gemm_pair, gemm_one):
-    """A parallel kernel over packed weights w [R, bytes] against a whole panel: each task decodes TASK_ROWS rows
-    once, then multiplies them with every token group, two at a time, ROWS rows at a time (the panel is read once a
-    task, from cache). out [groups · lanes, R rounded up to TASK_ROWS]."""
-
-    @njit(parallel=True, cache=True)
-    def run(w, panel, scales, corrections, out):
-        R = w.shape[0]
-        n_blocks = panel.shape[1]
-        groups = panel.shape[0]
-        for task in prange(out.shape[1] // TASK_ROWS):
-            r0 = task * TASK_ROWS
-            wq = np.zeros((TASK_ROWS, n_blocks * BLOCK), dtype=np.uint8)
-            wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
-            for k in range(min(TASK_ROWS, R - r0)):
-                decode_row(w[r0 + k], wq[k], wd[k], n_blocks)
-            nothing = w[:0]
-            for tile in range(0, groups, TILE_GROUPS):
-                end = min(tile + TILE_GROUPS, groups)
-                for k in range(0, TASK_ROWS, ROWS_PAIR):
-                    for g in range(tile, end - 1, 2):
-                        # the first pass over the rows fetches the next task's (the rows this thread decodes next)
-                        ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_PAIR] if g == 0 else nothing
-                        gemm_pair(wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k,
-                                  g, ahead)
-                if (end - tile) % 2:
-                    for k in range(0, TASK_ROWS, ROWS_ONE):
-                        ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_ONE] if groups == 1 else nothing
-                        gemm_one(wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out, r0 + k,
-                                 end - 1, ahead)
-
-    return run
+# Without AVX-512 the 16-lane names stand for the 8-lane kernels (never called with 16 lanes: `lanes_for`), so the
+# driver compiles on every VNNI CPU.
+_gemm8_pair, _gemm8_one = _gemm(8, 2, ROWS_PAIR), _gemm(8, 1, ROWS_ONE)
+_gemm16_pair, _gemm16_one = (_gemm(16, 2, ROWS_PAIR), _gemm(16, 1, ROWS_ONE)) if DOT4 == "avx512vnni" else \
+    (_gemm8_pair, _gemm8_one)
 
 
-_KERNELS = {}
-if DOT4 is not None:
-    for _lanes in ((16, 8) if DOT4 == "avx512vnni" else (8,)):
-        _pair, _one = _gemm(_lanes, 2, ROWS_PAIR), _gemm(_lanes, 1, ROWS_ONE)
-        _KERNELS[GGMLType.MXFP4, _lanes] = _driver(_decode_row_mxfp4_u8, _pair, _one)
-        _KERNELS[GGMLType.Q8_0, _lanes] = _driver(_decode_row_q8_0_u8, _pair, _one)
+@njit(cache=True, inline="always")
+def _gemm_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead):
+    if panel.shape[3] == 16:
+        _gemm16_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+    else:
+        _gemm8_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+
+
+@njit(cache=True, inline="always")
+def _gemm_one(wq, wd, panel, scales, corrections, out, r0, g, ahead):
+    if panel.shape[3] == 16:
+        _gemm16_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+    else:
+        _gemm8_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out):
+    """Packed weights w [R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a whole panel, in parallel over
+    tasks of TASK_ROWS rows: a task decodes its rows once, then multiplies them with every token group, two at a
+    time, a few rows at a time (the panel is read from cache). out [groups · lanes, R rounded up to TASK_ROWS].
+    One function for every weight type and width, not a factory of closures, which Numba's cache cannot tell
+    apart."""
+    R = w.shape[0]
+    n_blocks = panel.shape[1]
+    groups = panel.shape[0]
+    for task in prange(out.shape[1] // TASK_ROWS):
+        r0 = task * TASK_ROWS
+        wq = np.zeros((TASK_ROWS, n_blocks * BLOCK), dtype=np.uint8)
+        wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
+        for k in range(min(TASK_ROWS, R - r0)):
+            if mxfp4_rows:
+                _decode_row_mxfp4_u8(w[r0 + k], wq[k], wd[k], n_blocks)
+            else:
+                _decode_row_q8_0_u8(w[r0 + k], wq[k], wd[k], n_blocks)
+        nothing = w[:0]
+        for tile in range(0, groups, TILE_GROUPS):
+            end = min(tile + TILE_GROUPS, groups)
+            for k in range(0, TASK_ROWS, ROWS_PAIR):
+                for g in range(tile, end - 1, 2):
+                    # the first pass over the rows fetches the next task's (the rows this thread decodes next)
+                    ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_PAIR] if g == 0 else nothing
+                    _gemm_pair(wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k, g,
+                               ahead)
+            if (end - tile) % 2:
+                for k in range(0, TASK_ROWS, ROWS_ONE):
+                    ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_ONE] if groups == 1 else nothing
+                    _gemm_one(wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out, r0 + k,
+                              end - 1, ahead)
+
+
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
 
 
@@ -332,6 +350,6 @@ def matmul(data: np.ndarray, weight_type, panel: Panel) -> np.ndarray:
     checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
     R = data.shape[0]
     out = np.empty((panel.arrays[0].shape[0] * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
-    _KERNELS[weight_type, panel.lanes](data, *panel.arrays, out)
+    _matmul_panel(data, weight_type == GGMLType.MXFP4, *panel.arrays, out)
     out = out[:panel.n_tokens, :R]
     return out if out.flags.c_contiguous else out.copy()
