@@ -2,7 +2,7 @@
 int32 lane): about three times the multiply rate of float32 FMAs.
 
 Activations are quantized per 32-value block, as llama.cpp's Q8_0 (scale = max |x| / 127, values rounded), and laid
-out as a panel with `LANES` tokens side by side: for each block and each group of four values, one vector holds the
+out as a panel with 16 or 8 tokens side by side: for each block and each group of four values, one vector holds the
 four int8 values of every token. Weight rows are decoded once each into unsigned bytes (MXFP4: E2M1 ×2 + 12, in
 0..24; Q8_0: value + 128) with a float scale a block. Then one `vpdpbusd` takes four bytes of one weight row,
 broadcast, against a panel vector, and adds four products into each token's lane: no transposes, no horizontal sums.
@@ -10,8 +10,8 @@ After a block's eight, the int32 lanes less the offset's share (offset × Σ of 
 panel) become float32, scaled by weight scale × token scale, and are summed. Accumulation is float32 across blocks,
 int32 within one, exactly.
 
-Only the prefill uses this (`CpuOps(int8=True)`, the default): decode stays on the float32 kernels, which are
-bound by memory, not arithmetic. Which instructions exist is read once from the CPU (`DOT4`).
+Only the prefill uses this (`CpuOps(int8_activations=True)`, the default): decode stays on the float32 kernels,
+which are bound by memory, not arithmetic. Which instructions exist is read once from the CPU (`DOT4`).
 """
 
 from __future__ import annotations
