@@ -2,8 +2,9 @@
 
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
-accumulation are float32, unless the caller asks for 8-bit activations in prefill (`int8`). Every public function checks shapes and types in Python before a kernel touches memory.
-Attention, which reads the KV cache rather than weights, is in `attention`.
+accumulation are float32, unless the caller asks for 8-bit activations in prefill (`int8`). Every public function
+checks shapes and types in Python before a kernel touches memory. Attention, which reads the KV cache rather than
+weights, is in `attention`.
 
 `w` arguments are `ossrt.format.modelfile.Tensor`s (`.type`, NumPy-order `.shape`, raw memory-mapped `.data`).
 """
