@@ -47,7 +47,8 @@ def main() -> None:
     dense = rng.standard_normal((args.rows, N_EMBD)).astype(np.float32)
     print(f"# {args.rows} x {N_EMBD} weights, {args.threads} threads, int8 kernels: {int8.DOT4}")
     print(f"{'weights':8}{'tokens':>7}{'float32 GFLOP/s':>17}{'int8 GFLOP/s':>14}{'ratio':>7}")
-    for qtype, data in ((GGMLType.MXFP4, mxfp4.quantize_gguf(dense)), (GGMLType.Q8_0, quants.quantize(dense, GGMLType.Q8_0))):
+    packed = {GGMLType.MXFP4: mxfp4.quantize_gguf(dense), GGMLType.Q8_0: quants.quantize(dense, GGMLType.Q8_0)}
+    for qtype, data in packed.items():
         w = Tensor("w", qtype, dense.shape, data)
         for n in TOKENS:
             X = rng.standard_normal((n, N_EMBD)).astype(np.float32)
