@@ -272,16 +272,14 @@ _gemm16_pair, _gemm16_one = (_gemm(16, 2, ROWS_PAIR), _gemm(16, 1, ROWS_ONE)) if
 
 
 @njit(cache=True, inline="always")
-def _gemm_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead):
-    if panel.shape[3] == 16:
+def _gemm_call(two_groups, wq, wd, panel, scales, corrections, out, r0, g, ahead):
+    """The kernel for the panel's width, over token groups g and g + 1 (`two_groups`) or g alone."""
+    wide = panel.shape[3] == 16
+    if two_groups and wide:
         _gemm16_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
-    else:
+    elif two_groups:
         _gemm8_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
-
-
-@njit(cache=True, inline="always")
-def _gemm_one(wq, wd, panel, scales, corrections, out, r0, g, ahead):
-    if panel.shape[3] == 16:
+    elif wide:
         _gemm16_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
     else:
         _gemm8_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
@@ -313,13 +311,13 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out):
                 for g in range(tile, end - 1, 2):
                     # the first pass over the rows fetches the next task's (the rows this thread decodes next)
                     ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_PAIR] if g == 0 else nothing
-                    _gemm_pair(wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k, g,
-                               ahead)
+                    _gemm_call(True, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k,
+                               g, ahead)
             if (end - tile) % 2:
                 for k in range(0, TASK_ROWS, ROWS_ONE):
                     ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_ONE] if groups == 1 else nothing
-                    _gemm_one(wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out, r0 + k,
-                              end - 1, ahead)
+                    _gemm_call(False, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
+                               r0 + k, end - 1, ahead)
 
 
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
