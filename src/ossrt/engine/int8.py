@@ -26,8 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _load, _prefetch,
-                   _splat)
+from .simd import (MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _f16_native, _load, _mxfp4_block, _nibble_lookup,
+                   _prefetch, _prefetch_line, _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
 _GROUPS = BLOCK // 4  # groups of four values in a block: one vpdpbusd each
@@ -119,6 +119,11 @@ def _row_pointers(context, builder, signature, args):
             builder.bitcast(arrays[2].data, _F32.as_pointer()))
 
 
+def _offset_bytes(builder, qs):
+    """A block's code bytes → its values as vpdpbusd's unsigned bytes: E2M1 ×2 + MXFP4_OFFSET, two <16 x i8>."""
+    return _nibble_lookup(builder, qs, "llvm.x86.ssse3.pshuf.b.128", mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET)
+
+
 @intrinsic
 def _decode_row_mxfp4_u8(typingctx, row, out, scales, n_blocks):
     """out[32b + j] = E2M1 value ×2 + 12 of element j of block b (j < 16: low nibbles, else high), scales[b] = the
@@ -127,24 +132,14 @@ def _decode_row_mxfp4_u8(typingctx, row, out, scales, n_blocks):
 
     def codegen(context, builder, signature, args):
         wp, op, sp = _row_pointers(context, builder, signature, args)
-        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]),
-                                                "llvm.x86.ssse3.pshuf.b.128")
-        table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) + MXFP4_OFFSET) for v in mxfp4.KVALUES])
-        low4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
-        four = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
         with cgutils.for_range(builder, args[3]) as loop:
             b = loop.index
-            base = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_BYTES))
-            _prefetch(builder, wp, base)
-            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-            builder.store(builder.load(builder.gep(_e8m0_table(builder), [ir.Constant(_I32, 0), e])),
-                          builder.gep(sp, [b]))
-            qs = _load(builder, wp, builder.add(base, ir.Constant(b.type, 1)), _V16I8, 1)
+            scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
+            builder.store(scale, builder.gep(sp, [b]))
             out_at = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_SIZE))
-            for half, nibbles in ((0, builder.and_(qs, low4)), (16, builder.lshr(qs, four))):
+            for half, values in ((0, lo), (16, hi)):
                 ptr = builder.gep(op, [builder.add(out_at, ir.Constant(b.type, half))])
-                builder.store(builder.call(pshufb, [table, nibbles]), builder.bitcast(ptr, _V16I8.as_pointer()),
-                              align=1)
+                builder.store(values, builder.bitcast(ptr, _V16I8.as_pointer()), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -208,9 +203,6 @@ def _gemm(lanes: int, token_groups: int, rows: int):
             ahead = context.make_array(signature.args[8])(context, builder, args[8])
             ahead_p = builder.bitcast(ahead.data, _I8.as_pointer())
             ahead_lines = builder.udiv(builder.mul(*(builder.extract_value(ahead.shape, i) for i in (0, 1))), c(64))
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-                "llvm.prefetch.p0")
             dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(rows)]
@@ -221,13 +213,13 @@ def _gemm(lanes: int, token_groups: int, rows: int):
                 end_line = builder.udiv(builder.mul(builder.add(b, c(1)), ahead_lines), n_blocks)
                 with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
                     at = builder.mul(builder.add(first_line, line.index), c(64))
-                    builder.call(prefetch, [builder.gep(ahead_p, [at]), ir.Constant(_I32, 0), ir.Constant(_I32, 2),
-                                            ir.Constant(_I32, 1)])
+                    _prefetch_line(builder, builder.gep(ahead_p, [at]), locality=2)
                 # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·lanes.
                 starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(lanes))
                           for i in range(token_groups)]
                 x_scale = [_load(builder, scales_p, s, vf32, 4) for s in starts]
-                sums = [[_load(builder, corr_p, s, vi32, 4) for s in starts] for _ in range(rows)]
+                corrections_b = [_load(builder, corr_p, s, vi32, 4) for s in starts]
+                sums = [list(corrections_b) for _ in range(rows)]  # each row's int32 sums start from them
                 for g in range(_GROUPS):
                     xs = [_load(builder, panel_p, builder.add(builder.mul(s, c(_GROUPS)), c(g * lanes)), vi32, 4)
                           for s in starts]
@@ -334,7 +326,8 @@ def lanes_for(n_tokens: int) -> int:
 
 
 class Panel:
-    """Activations X [T, H] quantized once for any number of matmuls with weights of one type."""
+    """Activations X [T, H] quantized once for any number of matmuls with weights of one type (the offset of
+    their decoded bytes is in the corrections)."""
 
     def __init__(self, X: np.ndarray, weight_type):
         self.n_tokens = X.shape[0]
@@ -343,11 +336,11 @@ class Panel:
         self.arrays = quantize_panel(X, self.lanes, _OFFSETS[weight_type])
 
 
-def matmul(data: np.ndarray, weight_type, panel: Panel) -> np.ndarray:
-    """panel's X @ W.T for raw weight rows `data` [R, bytes] of `weight_type`: float32 [T, R]. The caller has
-    checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
+def matmul(data: np.ndarray, panel: Panel) -> np.ndarray:
+    """panel's X @ W.T for raw weight rows `data` [R, bytes] of the panel's weight type: float32 [T, R]. The
+    caller has checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
     R = data.shape[0]
     out = np.empty((panel.arrays[0].shape[0] * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
-    _matmul_panel(data, weight_type == GGMLType.MXFP4, *panel.arrays, out)
+    _matmul_panel(data, panel.weight_type == GGMLType.MXFP4, *panel.arrays, out)
     out = out[:panel.n_tokens, :R]
     return out if out.flags.c_contiguous else out.copy()

@@ -265,7 +265,7 @@ def matmul(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
         raise ValueError(f"{w.name}: matmul needs a matrix of activations, got shape {X.shape}")
     _check_matrix(w, X.shape[1])
     if int8_activations and int8.supports(w.type):
-        return int8.matmul(w.data, w.type, int8.Panel(X, w.type))
+        return int8.matmul(w.data, int8.Panel(X, w.type))
     out = np.empty((X.shape[0], w.shape[0]), dtype=np.float32)
     _matmul_rows(w, w.data, X, out)
     return out
@@ -370,7 +370,7 @@ def _expert_matmuls(weights, e: int, X: np.ndarray, use_int8: bool) -> list[np.n
     """X @ W[e].T for each expert tensor W of `weights` (same input size), X quantized once if `use_int8`."""
     if use_int8:
         panel = int8.Panel(X, GGMLType.MXFP4)
-        return [int8.matmul(w.data[e], GGMLType.MXFP4, panel) for w in weights]
+        return [int8.matmul(w.data[e], panel) for w in weights]
     outs = []
     for w in weights:
         out = np.empty((X.shape[0], w.shape[1]), dtype=np.float32)

@@ -89,12 +89,17 @@ def _const(builder, n, value):
     return ir.Constant(n.type, value)
 
 
-def _prefetch(builder, ptr, offset):
-    """Prefetch (read, keep in all cache levels) `_PREFETCH_BYTES` past ptr + offset; never faults."""
+def _prefetch_line(builder, address, locality=3):
+    """Prefetch for reading the cache line at `address` (an i8*): `locality` 3 keeps it in every cache level, 2
+    in L2 and beyond; never faults."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32,
                                                                                         _I32]), "llvm.prefetch.p0")
-    target = builder.gep(ptr, [builder.add(offset, ir.Constant(offset.type, _PREFETCH_BYTES))])
-    builder.call(fn, [target, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+    builder.call(fn, [address, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+
+
+def _prefetch(builder, ptr, offset):
+    """Prefetch (read, keep in all cache levels) `_PREFETCH_BYTES` past ptr + offset."""
+    _prefetch_line(builder, builder.gep(ptr, [builder.add(offset, ir.Constant(offset.type, _PREFETCH_BYTES))]))
 
 
 # --- f16 / bf16 → f32 ---------------------------------------------------------------------------------------------
@@ -167,15 +172,18 @@ _LOW4 = ir.Constant(_V16I8, [ir.Constant(_I8, 15)] * 16)
 _FOUR = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
 
 
+def _nibble_lookup(builder, qs, name, values):
+    """A block's 16 code bytes → two <16 x i8> of values[nibble] (elements 0..15 from the low nibbles, 16..31 from
+    the high) by a 16-byte table lookup instruction `name` (table, indices)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]), name)
+    table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) & 0xFF) for v in values])
+    return builder.call(fn, [table, builder.and_(qs, _LOW4)]), builder.call(fn, [table, builder.lshr(qs, _FOUR)])
+
+
 def _byte_table_lookup(name):
-    """A block's 16 code bytes → its 32 values (two <16 x float>, unscaled kvalues: elements 0..15 from the low
-    nibbles, 16..31 from the high) by a 16-byte table lookup instruction `name` (table, indices)."""
+    """A block's 16 code bytes → its 32 values as two <16 x float> (unscaled kvalues) by `_nibble_lookup`."""
     def decode(builder, qs):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]), name)
-        table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) & 0xFF) for v in mxfp4.KVALUES])
-        lo = builder.sitofp(builder.call(fn, [table, builder.and_(qs, _LOW4)]), _V16F)
-        hi = builder.sitofp(builder.call(fn, [table, builder.lshr(qs, _FOUR)]), _V16F)
-        return lo, hi
+        return tuple(builder.sitofp(v, _V16F) for v in _nibble_lookup(builder, qs, name, mxfp4.KVALUES))
     return decode
 
 
@@ -223,9 +231,9 @@ def _e8m0_table(builder):
 
 
 def _mxfp4_block(builder, wp, b, decode):
-    """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two <16 x float>
+    """Block b of a block_mxfp4 row at wp: its scale 2^(e-128) (float) and its 32 values as two vectors of 16
     (elements 0..15 from the low nibbles, 16..31 from the high), before scaling; `decode` turns the code bytes
-    into values."""
+    into values (floats here; int8's bytes for vpdpbusd)."""
     base = builder.mul(b, _const(builder, b, MXFP4_BLOCK_BYTES))
     _prefetch(builder, wp, base)
     e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
