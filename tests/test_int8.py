@@ -118,6 +118,37 @@ def test_moe_with_int8_activations_stays_close_to_float32():
     assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("n_tokens", [13, 70])  # 8 and 16 tokens a vector
+def test_moe_takes_all_experts_in_one_pass_as_if_one_by_one(n_tokens):
+    """The integer MoE sorts the tokens by expert into one panel, each expert's in whole token groups, and runs
+    every expert in one pass a matrix: the same as quantizing and multiplying each expert's tokens on their own.
+    Experts with one token and with more than a vector's width of them."""
+    rng = np.random.default_rng(n_tokens)
+    E, I, H, k = 6, 96, 64, 2
+    gate, up = (make_tensor(rng.standard_normal((E, I, H)), T.MXFP4, name) for name in ("gate", "up"))
+    down = make_tensor(rng.standard_normal((E, H, I)), T.MXFP4, "down")
+    gate_b, up_b, down_b = (rng.standard_normal(s).astype(np.float32) for s in ((E, I), (E, I), (E, H)))
+    X = rng.standard_normal((n_tokens, H)).astype(np.float32)
+    ids = np.stack([rng.choice(5, size=k, replace=False, p=[0.5, 0.3, 0.1, 0.06, 0.04]) for _ in range(n_tokens)])
+    ids[0, 1] = 5  # expert 5: one token
+    weights = rng.dirichlet([1, 1], n_tokens).astype(np.float32)
+    got = kernels.moe(gate, up, down, gate_b, up_b, down_b, X, ids, weights, alpha=1.702, limit=7.0,
+                      dense_min_tokens=1, int8_activations=True)
+    want = np.zeros_like(X)
+    for e in range(E):
+        assigned = np.flatnonzero(ids.reshape(-1) == e)
+        rows = assigned // k
+        panel = int8.Panel(X[rows], T.MXFP4)
+        g, u = (int8.matmul(w.data[e], panel) + b[e] for w, b in ((gate, gate_b), (up, up_b)))
+        g, u = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
+        act = (g / (1 + np.exp(-1.702 * g)) * (u + 1)).astype(np.float32)
+        y = int8.matmul(down.data[e], int8.Panel(act, T.MXFP4))
+        want[rows] += weights.reshape(-1)[assigned, None] * (y + down_b[e])
+    assert np.bincount(ids.reshape(-1), minlength=E)[5] == 1
+    # The same up to a rounding of SwiGLU's exp that may move one quantized activation by one step.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
 def relative_error(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     """Per position: the largest logit error over the range of the reference's logits."""
     return np.abs(got - want).max(axis=-1) / (want.max(axis=-1) - want.min(axis=-1))

@@ -278,38 +278,47 @@ def _gemm_call(two_groups, wq, wd, panel, scales, corrections, out, r0, g, ahead
 
 
 @njit(parallel=True, cache=True)
-def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out):
-    """Packed weights w [R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a whole panel, in parallel over
-    tasks of TASK_ROWS rows: a task decodes its rows once, then multiplies them with every token group, two at a
-    time, a few rows at a time (the panel is read from cache). out [groups · lanes, R rounded up to TASK_ROWS].
-    One function for every weight type and width, not a factory of closures, which Numba's cache cannot tell
-    apart."""
-    R = w.shape[0]
+def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, seg_group, seg_groups, threads):
+    """Packed weights w [E, R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a panel in segments: segment s
+    multiplies the rows of w[seg_expert[s]] with token groups seg_group[s] ... + seg_groups[s] - 1 (a plain matmul
+    is one segment of all groups; a mixture of experts, one segment per expert over the tokens it was given).
+    out [groups · lanes, R rounded up to TASK_ROWS]. The work is split in tasks of TASK_ROWS rows of one segment: a
+    task decodes its rows once, then multiplies them with its token groups, two at a time, a few rows at a time
+    (the panel is read from cache). One function for every weight type and width, not a factory of closures,
+    which Numba's cache cannot tell apart. `threads`: Numba's thread count (read in Python: reading it here
+    would keep the function from the cache)."""
+    R = w.shape[1]
     n_blocks = panel.shape[1]
-    groups = panel.shape[0]
-    for task in prange(out.shape[1] // TASK_ROWS):
-        r0 = task * TASK_ROWS
+    n_seg = seg_expert.shape[0]
+    n_tasks = out.shape[1] // TASK_ROWS * n_seg
+    for thread in prange(threads):
         wq = np.zeros((TASK_ROWS, n_blocks * BLOCK), dtype=np.uint8)
         wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
-        for k in range(min(TASK_ROWS, R - r0)):
-            if mxfp4_rows:
-                _decode_row_mxfp4_u8(w[r0 + k], wq[k], wd[k], n_blocks)
-            else:
-                _decode_row_q8_0_u8(w[r0 + k], wq[k], wd[k], n_blocks)
-        nothing = w[:0]
-        for tile in range(0, groups, TILE_GROUPS):
-            end = min(tile + TILE_GROUPS, groups)
-            for k in range(0, TASK_ROWS, ROWS_PAIR):
-                for g in range(tile, end - 1, 2):
-                    # the first pass over the rows fetches the next task's (the rows this thread decodes next)
-                    ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_PAIR] if g == 0 else nothing
-                    _gemm_call(True, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out, r0 + k,
-                               g, ahead)
-            if (end - tile) % 2:
-                for k in range(0, TASK_ROWS, ROWS_ONE):
-                    ahead = w[r0 + TASK_ROWS + k:r0 + TASK_ROWS + k + ROWS_ONE] if groups == 1 else nothing
-                    _gemm_call(False, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
-                               r0 + k, end - 1, ahead)
+        nothing = w[0, :0]
+        # Tasks go row range by row range, each over every segment, so each thread's share holds every segment.
+        for task in range(thread * n_tasks // threads, (thread + 1) * n_tasks // threads):
+            r0, s = task // n_seg * TASK_ROWS, task % n_seg
+            e = seg_expert[s]
+            for k in range(min(TASK_ROWS, R - r0)):
+                if mxfp4_rows:
+                    _decode_row_mxfp4_u8(w[e, r0 + k], wq[k], wd[k], n_blocks)
+                else:
+                    _decode_row_q8_0_u8(w[e, r0 + k], wq[k], wd[k], n_blocks)
+            # The first pass over the rows fetches the next task's (the rows this thread decodes next).
+            r_next, e_next = (task + 1) // n_seg * TASK_ROWS, seg_expert[(task + 1) % n_seg]
+            first, groups = seg_group[s], seg_groups[s]
+            for tile in range(first, first + groups, TILE_GROUPS):
+                end = min(tile + TILE_GROUPS, first + groups)
+                for k in range(0, TASK_ROWS, ROWS_PAIR):
+                    for g in range(tile, end - 1, 2):
+                        ahead = w[e_next, r_next + k:r_next + k + ROWS_PAIR] if g == first else nothing
+                        _gemm_call(True, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out,
+                                   r0 + k, g, ahead)
+                if (end - tile) % 2:
+                    for k in range(0, TASK_ROWS, ROWS_ONE):
+                        ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if groups == 1 else nothing
+                        _gemm_call(False, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
+                                   r0 + k, end - 1, ahead)
 
 
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
@@ -320,27 +329,47 @@ def supports(weight_type) -> bool:
     return DOT4 is not None and weight_type in _OFFSETS
 
 
-def lanes_for(n_tokens: int) -> int:
+def lanes_for(n_tokens: float) -> int:
     """Tokens to a vector: 16 with AVX-512 unless so few tokens that most lanes would be padding."""
     return 16 if DOT4 == "avx512vnni" and n_tokens > 8 else 8
 
 
 class Panel:
     """Activations X [T, H] quantized once for any number of matmuls with weights of one type (the offset of
-    their decoded bytes is in the corrections)."""
+    their decoded bytes is in the corrections), `lanes` tokens to a vector (default: `lanes_for(T)`)."""
 
-    def __init__(self, X: np.ndarray, weight_type):
+    def __init__(self, X: np.ndarray, weight_type, lanes: int | None = None):
         self.n_tokens = X.shape[0]
-        self.lanes = lanes_for(X.shape[0])
+        self.lanes = lanes_for(X.shape[0]) if lanes is None else lanes
         self.weight_type = weight_type
         self.arrays = quantize_panel(X, self.lanes, _OFFSETS[weight_type])
+
+    @property
+    def groups(self) -> int:
+        return self.arrays[0].shape[0]
+
+
+def _run(data: np.ndarray, panel: Panel, segments: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    R = data.shape[1]
+    out = np.empty((panel.groups * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
+    _matmul_panel(data, panel.weight_type == GGMLType.MXFP4, *panel.arrays, out, *segments,
+                  numba.get_num_threads())
+    return out
 
 
 def matmul(data: np.ndarray, panel: Panel) -> np.ndarray:
     """panel's X @ W.T for raw weight rows `data` [R, bytes] of the panel's weight type: float32 [T, R]. The
     caller has checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
-    R = data.shape[0]
-    out = np.empty((panel.arrays[0].shape[0] * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
-    _matmul_panel(data, panel.weight_type == GGMLType.MXFP4, *panel.arrays, out)
-    out = out[:panel.n_tokens, :R]
+    one = np.zeros(1, dtype=np.int64)
+    out = _run(data[None], panel, (one, one, np.full(1, panel.groups, dtype=np.int64)))
+    out = out[:panel.n_tokens, :data.shape[0]]
     return out if out.flags.c_contiguous else out.copy()
+
+
+def matmul_experts(data: np.ndarray, panel: Panel, experts: np.ndarray, first_group: np.ndarray,
+                   groups: np.ndarray) -> np.ndarray:
+    """For each i, the panel's token groups first_group[i] ... + groups[i] - 1 times expert experts[i]'s rows of
+    `data` [E, R, bytes], in one parallel pass over all of them: float32 [panel groups · lanes, R or more] (rows of
+    groups no segment names are left unwritten). The caller has checked shapes and that segments lie within the
+    panel and expert ids below E."""
+    return _run(data, panel, (experts, first_group, groups))

@@ -346,7 +346,6 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     alpha, limit = np.float32(alpha), np.float32(limit)
     gate_b, up_b, down_b = (np.ascontiguousarray(b, dtype=np.float32) for b in (gate_b, up_b, down_b))
 
-    use_int8 = int8_activations and int8.supports(GGMLType.MXFP4)
     out = np.zeros((T, H), dtype=np.float32)
     tok = np.repeat(np.arange(T, dtype=np.int64), expert_ids.shape[1])
     exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
@@ -355,25 +354,82 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     if sparse.any():
         _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
                          gate_b, up_b, down_b, alpha, limit, out)
-    for e in np.flatnonzero(counts >= dense_min_tokens):
+    dense = np.flatnonzero(counts >= dense_min_tokens)
+    if not dense.size:
+        return out
+    if int8_activations and int8.supports(GGMLType.MXFP4):
+        _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, wt, counts, dense, alpha, limit,
+                  out)
+        return out
+    for e in dense:
         sel = np.flatnonzero(exp == e)
         rows = tok[sel]
-        g, u = _expert_matmuls((gate_exps, up_exps), e, X[rows], use_int8)
+        g, u = (_expert_matmul(w, e, X[rows]) for w in (gate_exps, up_exps))
         act = np.empty_like(g)
         _swiglu_rows(g + gate_b[e], u + up_b[e], alpha, limit, act)
-        y, = _expert_matmuls((down_exps,), e, act, use_int8)
+        y = _expert_matmul(down_exps, e, act)
         out[rows] += wt[sel, None] * (y + down_b[e])  # rows are distinct: a token picks an expert at most once
     return out
 
 
-def _expert_matmuls(weights, e: int, X: np.ndarray, use_int8: bool) -> list[np.ndarray]:
-    """X @ W[e].T for each expert tensor W of `weights` (same input size), X quantized once if `use_int8`."""
-    if use_int8:
-        panel = int8.Panel(X, GGMLType.MXFP4)
-        return [int8.matmul(w.data[e], panel) for w in weights]
-    outs = []
-    for w in weights:
-        out = np.empty((X.shape[0], w.shape[1]), dtype=np.float32)
-        _matmul_rows(w, w.data[e], X, out)
-        outs.append(out)
-    return outs
+def _expert_matmul(w, e: int, X: np.ndarray) -> np.ndarray:
+    """X @ W[e].T in float32."""
+    out = np.empty((X.shape[0], w.shape[1]), dtype=np.float32)
+    _matmul_rows(w, w.data[e], X, out)
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _swiglu_experts(G, U, row_expert, gate_b, up_b, alpha, limit, out):
+    """out[i] = swiglu(G[i] + gate_b[row_expert[i]], U[i] + up_b[...]) over out's width."""
+    for i in prange(out.shape[0]):
+        e = row_expert[i]
+        for j in range(out.shape[1]):
+            out[i, j] = _swiglu(G[i, j] + gate_b[e, j], U[i, j] + up_b[e, j], alpha, limit)
+
+
+@njit(cache=True)
+def _rows_by_expert(X, tok, exp, first_of, lanes, Xs):
+    """Each assignment's row in Xs, the tokens sorted by expert: expert e's tokens take rows first_of[e] · lanes,
+    + 1, ... in the order they come (-1: an expert not in Xs, first_of[e] < 0); X[tok[a]] is copied there."""
+    taken = np.zeros(first_of.shape[0], dtype=np.int64)
+    slot = np.empty(exp.shape[0], dtype=np.int64)
+    for a in range(exp.shape[0]):
+        e = exp[a]
+        slot[a] = -1
+        if first_of[e] >= 0:
+            slot[a] = first_of[e] * lanes + taken[e]
+            taken[e] += 1
+            Xs[slot[a]] = X[tok[a]]
+    return slot
+
+
+@njit(cache=True)
+def _add_expert_outputs(Y, slot, tok, exp, wt, down_b, out):
+    """out[tok[a]] += wt[a] · (Y[slot[a]] + down_b[exp[a]]) for each assignment a with a row in Y, in order."""
+    for a in range(slot.shape[0]):
+        if slot[a] >= 0:
+            for j in range(out.shape[1]):
+                out[tok[a], j] += wt[a] * (Y[slot[a], j] + down_b[exp[a], j])
+
+
+def _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, wt, counts, experts, alpha, limit,
+              out) -> None:
+    """The assignments to `experts` through the integer kernels, one parallel pass over all experts a matrix: the
+    tokens sorted by expert, each expert's in whole token groups of one panel, so the threads share the work of
+    every expert and no expert waits on Python."""
+    H, I = X.shape[1], gate_exps.shape[1]
+    lanes = int8.lanes_for(counts[experts].mean())
+    groups = -(-counts[experts] // lanes)
+    first = np.cumsum(groups) - groups
+    first_of = np.full(len(counts), -1, dtype=np.int64)
+    first_of[experts] = first
+    Xs = np.zeros((groups.sum() * lanes, H), dtype=np.float32)
+    slot = _rows_by_expert(X, tok, exp, first_of, lanes, Xs)
+    segments = (experts.astype(np.int64), first, groups)
+    panel = int8.Panel(Xs, GGMLType.MXFP4, lanes)
+    G, U = (int8.matmul_experts(w.data, panel, *segments) for w in (gate_exps, up_exps))
+    act = np.empty((len(Xs), I), dtype=np.float32)
+    _swiglu_experts(G, U, np.repeat(experts, groups * lanes), gate_b, up_b, alpha, limit, act)
+    Y = int8.matmul_experts(down_exps.data, int8.Panel(act, GGMLType.MXFP4, lanes), *segments)
+    _add_expert_outputs(Y, slot, tok, exp, wt, down_b, out)
