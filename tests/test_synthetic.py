@@ -15,6 +15,7 @@ from ossrt.testing import synthetic
 from ossrt.tokenizer import O200K_PATTERN, SPECIAL_TOKENS, unicode_token_to_bytes
 from ossrt.format.config import ModelConfig
 from ossrt.format.checkpoint import Checkpoint
+from ossrt.format.convert import convert
 from ossrt.format.safetensors import read_shard
 
 
@@ -163,3 +164,15 @@ def test_weights_are_sane(tiny_checkpoint):
         h = h + out
         assert 0.3 < _rms(h) < 3, f"layer {i}: residual RMS {_rms(h):.3f}"
     ck.close()
+
+
+def test_gguf_written_directly_is_the_converted_checkpoint(tmp_path):
+    """write_gguf makes each tensor as the converter reads it, never writing the checkpoint: the same bytes as
+    converting write_checkpoint's, also when every tensor is dropped after each read and made again."""
+    cfg = synthetic.hf_config("tiny")
+    converted = convert(synthetic.write_checkpoint(tmp_path / "ckpt", cfg, seed=3), tmp_path / "a.gguf", name="m")
+    direct = synthetic.write_gguf(tmp_path / "b.gguf", cfg, seed=3, name="m")
+    remade = synthetic.write_gguf(tmp_path / "c.gguf", cfg, seed=3, name="m", budget=0)
+    assert direct.read_bytes() == converted.read_bytes() == remade.read_bytes()
+    assert synthetic.write_gguf(tmp_path / "d.gguf", cfg, seed=4, name="m").read_bytes() != direct.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "c.gguf", "ckpt", "d.gguf"]

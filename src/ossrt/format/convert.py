@@ -209,30 +209,40 @@ def convert(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, outtype:
     """
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+    _check_output(Path(out_path))
+    ckpt = Checkpoint(src_dir)
+    try:
+        return convert_checkpoint(ckpt, out_path, outtype=outtype, progress=progress, name=name)
+    finally:
+        ckpt.close()
+
+
+def convert_checkpoint(ckpt: Checkpoint, out_path: str | os.PathLike, *, outtype: str = "q8_0",
+                       progress: bool | None = None, name: str | None = None) -> Path:
+    """`convert` from an open checkpoint (one read from shards, or one whose tensors are made as they are read);
+    the caller closes it."""
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     qtype = OUTTYPES[outtype]
     out = Path(out_path)
     _check_output(out)
-    ckpt = Checkpoint(src_dir)
-    try:
-        tensors = plan(ckpt, qtype)
-        vocab = read_vocab(ckpt)
-        vocab_arrays = _vocab_arrays(vocab)
-        for t in tensors:  # row length must hold whole blocks of the output type
-            block = GGML_QUANT_SIZES[t.qtype][0]
-            if t.shape[-1] % block:
-                raise ConvertError(f"{t.name}: row length {t.shape[-1]} is not a multiple of {block} ({t.qtype.name})")
-        data_bytes = sum(t.nbytes + gguf.GGUF_DEFAULT_ALIGNMENT for t in tensors)
-        header_bytes = sum(len(a.raw) for a in vocab_arrays.values()) + (1 << 20)  # 1 MB: the rest, generously
-        need = data_bytes + header_bytes
-        free = shutil.disk_usage(out.parent).free
-        if free < need:
-            raise ConvertError(f"{out}: not enough free disk space in {out.parent}: need {need / 1e9:.2f} GB, "
-                               f"have {free / 1e9:.2f} GB")
-        # A directory name that is not UTF-8 (surrogate escapes) must not break the GGUF string.
-        name = (name or ckpt.dir.resolve().name).encode("utf-8", "replace").decode("utf-8")
-        _write(out, ckpt, tensors, vocab, vocab_arrays, name, progress)
-    finally:
-        ckpt.close()
+    tensors = plan(ckpt, qtype)
+    vocab = read_vocab(ckpt)
+    vocab_arrays = _vocab_arrays(vocab)
+    for t in tensors:  # row length must hold whole blocks of the output type
+        block = GGML_QUANT_SIZES[t.qtype][0]
+        if t.shape[-1] % block:
+            raise ConvertError(f"{t.name}: row length {t.shape[-1]} is not a multiple of {block} ({t.qtype.name})")
+    data_bytes = sum(t.nbytes + gguf.GGUF_DEFAULT_ALIGNMENT for t in tensors)
+    header_bytes = sum(len(a.raw) for a in vocab_arrays.values()) + (1 << 20)  # 1 MB: the rest, generously
+    need = data_bytes + header_bytes
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise ConvertError(f"{out}: not enough free disk space in {out.parent}: need {need / 1e9:.2f} GB, "
+                           f"have {free / 1e9:.2f} GB")
+    # A directory name that is not UTF-8 (surrogate escapes) must not break the GGUF string.
+    name = (name or ckpt.dir.resolve().name).encode("utf-8", "replace").decode("utf-8")
+    _write(out, ckpt, tensors, vocab, vocab_arrays, name, progress)
     return out
 
 

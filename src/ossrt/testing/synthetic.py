@@ -3,6 +3,7 @@
 The real weights cannot be downloaded in CI, so tests and benchmarks convert checkpoints made here:
 
     python -m ossrt.testing.synthetic OUT --size tiny|20b|120b [--layout mxfp4|bf16] [--seed N] [--vocab PATH]
+    python -m ossrt.testing.synthetic OUT.gguf --gguf q8_0 --size 120b     # the GGUF directly, no checkpoint
 
 The vocabulary is OpenAI's o200k_base, shipped in the package (`data/o200k_base.tiktoken.xz`, checked against its
 published sha256 when read), so nothing is downloaded and no file outside the package is needed.
@@ -28,6 +29,8 @@ import lzma
 import math
 import os
 import sys
+import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -36,6 +39,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..format import mxfp4
+from ..format.checkpoint import Checkpoint, read_json
+from ..format.config import ModelConfig
+from ..format.convert import convert_checkpoint
+from ..format.safetensors import DTYPES, SourceTensor
 from ..tokenizer import N_VOCAB, O200K_PATTERN, SPECIAL_TOKENS, bytes_to_unicode_token, load_tiktoken_ranks
 
 O200K_BASE_RESOURCE = "data/o200k_base.tiktoken.xz"
@@ -400,11 +407,95 @@ def write_checkpoint(out_dir: str | os.PathLike, hf_config: dict, *, layout: str
         weight_map.update({t.name: name for t in shard})
     _write_json(out / "model.safetensors.index.json",
                 {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map})
+    _write_metadata(out, cfg, vocab_path)
+    return out
+
+
+def _write_metadata(out: Path, cfg: dict, vocab_path: str | os.PathLike | None) -> None:
+    """A checkpoint's files besides the weights: config, generation config, tokenizer."""
     _write_json(out / "config.json", cfg)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": [200002, 199999, 200012], "pad_token_id": PAD_ID})
     write_tokenizer(out, vocab_path, cfg["vocab_size"], cfg["max_position_embeddings"])
-    return out
+
+
+# --- a GGUF file directly -------------------------------------------------------------------------------------------
+# Generated tensors are kept while the converter still reads them (gate and up come from one HF tensor, read twice),
+# up to this many bytes: a 120b layer's gate_up blocks are 1.06 GB.
+GENERATED_BYTES = 5 << 28
+
+
+class _Generated:
+    """The generated tensors the converter is reading, within a byte budget: the least recently used are dropped
+    first and made again if read again (the same values: each tensor's RNG starts from (seed, its name))."""
+
+    def __init__(self, seed: int, budget: int):
+        self.seed, self.budget = seed, budget
+        self.arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, t: _Planned, dtype: type) -> np.ndarray:
+        if t.name in self.arrays:
+            self.arrays.move_to_end(t.name)
+            return self.arrays[t.name]
+        while self.arrays and sum(a.nbytes for a in self.arrays.values()) + t.nbytes > self.budget:
+            self.arrays.popitem(last=False)
+        raw = np.empty(t.nbytes, dtype=np.uint8)
+        at = 0
+        for chunk in t.chunks(np.random.default_rng([self.seed, _rng_key(t.name)])):
+            chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+            raw[at:at + chunk.size] = chunk
+            at += chunk.size
+        assert at == t.nbytes, (t.name, at, t.nbytes)
+        array = raw.view(dtype).reshape(t.shape)
+        self.arrays[t.name] = array
+        return array
+
+
+class _GeneratedTensor:
+    """A checkpoint tensor (`SourceTensor`'s fields) whose data is made when read."""
+
+    file = Path("<synthetic>")
+
+    def __init__(self, planned: _Planned, generated: _Generated):
+        self.name, self.dtype, self.shape = planned.name, planned.dtype, planned.shape
+        self._planned, self._generated = planned, generated
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._generated.get(self._planned, DTYPES[self.dtype])
+
+    f32 = SourceTensor.f32
+
+
+class SyntheticCheckpoint(Checkpoint):
+    """A release-layout checkpoint whose weights are never on disk: each tensor is made when the converter reads
+    it, the same values `write_checkpoint` writes. `meta_dir` holds the other files (`_write_metadata`)."""
+
+    def __init__(self, meta_dir: Path, seed: int = 0, budget: int = GENERATED_BYTES):
+        self.dir = Path(meta_dir)
+        self.hf_config = read_json(self.dir / "config.json")
+        self.config = ModelConfig.from_hf_config(self.hf_config, str(self.dir / "config.json"))
+        self._maps = []
+        generated = _Generated(seed, budget)
+        self.tensors = {t.name: _GeneratedTensor(t, generated) for t in plan_tensors(self.hf_config, "mxfp4")}
+        self.layout = "mxfp4"
+
+    def release(self) -> None:
+        """Nothing mapped to drop."""
+
+
+def write_gguf(out_path: str | os.PathLike, hf_config: dict, *, outtype: str = "q8_0", seed: int = 0,
+               vocab_path: str | os.PathLike | None = None, name: str | None = None, progress: bool = False,
+               budget: int = GENERATED_BYTES) -> Path:
+    """A GGUF file of a synthetic model written directly, byte for byte what converting `write_checkpoint`'s
+    release-layout checkpoint of the same config and seed gives, with no checkpoint on disk (the 120b's would not
+    fit beside its GGUF). Streamed: the RAM it takes is `budget` plus the converter's. `name` defaults to the file's
+    stem."""
+    out = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="ossrt-synthetic-") as meta:
+        _write_metadata(Path(meta), dict(hf_config), vocab_path)
+        ckpt = SyntheticCheckpoint(Path(meta), seed, budget)
+        return convert_checkpoint(ckpt, out, outtype=outtype, progress=progress, name=name or out.stem)
 
 
 def _write_json(path: Path, obj: object, indent: int | None = 2) -> None:
@@ -416,20 +507,28 @@ def _write_json(path: Path, obj: object, indent: int | None = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ossrt.testing.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", help="output checkpoint directory")
+    ap.add_argument("out", help="output checkpoint directory (with --gguf: output GGUF file)")
     ap.add_argument("--size", choices=["tiny", "20b", "120b"], default="tiny")
     ap.add_argument("--layout", choices=["mxfp4", "bf16"], default="mxfp4")
+    ap.add_argument("--gguf", metavar="OUTTYPE", choices=["q8_0", "bf16", "f16", "f32"],
+                    help="write a GGUF file directly (dense matrices as OUTTYPE), the release-layout checkpoint "
+                         "converted, without writing the checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", default=None, help="a .tiktoken vocabulary [default: the shipped o200k_base]")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config.json field, e.g. --set num_hidden_layers=2")
     args = ap.parse_args(argv)
+    if args.gguf and args.layout != "mxfp4":
+        ap.error("--gguf writes the release (mxfp4) layout's conversion")
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
     cfg = hf_config(args.size, **overrides)
-    write_checkpoint(args.out, cfg, layout=args.layout, seed=args.seed, vocab_path=args.vocab, progress=True)
+    if args.gguf:
+        write_gguf(args.out, cfg, outtype=args.gguf, seed=args.seed, vocab_path=args.vocab, progress=True)
+    else:
+        write_checkpoint(args.out, cfg, layout=args.layout, seed=args.seed, vocab_path=args.vocab, progress=True)
 
 
 if __name__ == "__main__":
