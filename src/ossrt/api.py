@@ -12,7 +12,9 @@ from .chat import ChatResponse, ChatSession, ChatStream
 from .constrain import JsonFormat
 from .engine.cpu import CpuOps
 from .engine.engine import Engine, as_token_ids
+from .engine.expert_cache import ExpertCache, parse_size
 from .engine.generate import Generation, check_max_tokens
+from .engine.kv_cache import cache_bytes
 from .engine.model import Transformer
 from .engine.sampling import Sampler, is_integer
 from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_DEVICE, DEFAULT_KV_TYPE, DEVICES, KV_TYPES
@@ -29,7 +31,8 @@ class Model:
     KV cache, so concurrent calls interleave without touching each other's state."""
 
     def __init__(self, model_file: ModelFile, *, context_length: int | None = None, threads: int | None = None,
-                 kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE, int8_activations: bool = True):
+                 kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE, int8_activations: bool = True,
+                 max_memory: int | str | None = None):
         check_load_params(context_length=context_length, threads=threads, kv_type=kv_type, device=device)
         if not isinstance(int8_activations, bool):
             raise ParameterError(f"int8_activations must be True or False, got {int8_activations!r:.80}")
@@ -44,7 +47,11 @@ class Model:
                                  f"{cfg.head_dim}")
         self.model_file = model_file
         self.device = "cuda" if device == "cuda" or device == "auto" and _cuda_available() else "cpu"
-        ops = CpuOps(threads, int8_activations) if self.device == "cpu" else _cuda_ops()
+        if max_memory is not None and self.device != "cpu":
+            raise ParameterError("max_memory bounds the RAM of a CPU run; it cannot be used on a CUDA device")
+        experts = None if max_memory is None else _expert_cache(model_file, parse_size(max_memory), context_length,
+                                                                  kv_type)
+        ops = CpuOps(threads, int8_activations, experts) if self.device == "cpu" else _cuda_ops()
         self.engine = Engine(Transformer(model_file, ops), lambda: Tokenizer.from_model_file(model_file),
                              context_length=int(context_length), kv_type=kv_type)
         self._session = ChatSession(self.engine)
@@ -123,6 +130,9 @@ class Model:
         return ChatSession(self.engine)
 
     def close(self) -> None:
+        close_ops = getattr(self.engine.transformer.ops, "close", None)
+        if close_ops is not None:
+            close_ops()
         self.model_file.close()
 
     def __enter__(self) -> "Model":
@@ -134,7 +144,7 @@ class Model:
 
 def load(path: str | os.PathLike, *, context_length: int | None = None, threads: int | None = None,
          kv_type: str = DEFAULT_KV_TYPE, device: str = DEFAULT_DEVICE, prefetch: bool = True,
-         mlock: bool = False, int8_activations: bool = True) -> Model:
+         mlock: bool = False, int8_activations: bool = True, max_memory: int | str | None = None) -> Model:
     """Open a gpt-oss model (memory-mapped; the file is validated before anything runs). `path` is a GGUF file,
     a Hugging Face checkpoint directory or a hub name such as "gpt-oss-20b" (`ossrt.resolve`). `context_length`
     defaults to 8192 (or the model's training context if smaller); `threads` to all cores; `kv_type` is the KV
@@ -162,8 +172,48 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
     for name, value in (("prefetch", prefetch), ("mlock", mlock), ("int8_activations", int8_activations)):
         if not isinstance(value, bool):
             raise ParameterError(f"{name} must be True or False, got {value!r:.80}")
-    return Model(ModelFile.open(resolve_model(path), prefetch=prefetch, mlock=mlock), context_length=context_length,
-                 threads=threads, kv_type=kv_type, device=device, int8_activations=int8_activations)
+    if max_memory is not None:
+        parse_size(max_memory)
+        if mlock:
+            raise ParameterError("mlock locks the whole file in RAM; it cannot be used with max_memory")
+    model_file = ModelFile.open(resolve_model(path), prefetch=prefetch and max_memory is None, mlock=mlock)
+    try:
+        model = Model(model_file, context_length=context_length, threads=threads, kv_type=kv_type, device=device,
+                      int8_activations=int8_activations, max_memory=max_memory)
+    except BaseException:
+        model_file.close()
+        raise
+    if prefetch and max_memory is not None:
+        model_file.start_prefetch(skip=_is_experts)  # experts come through the cache, never the map
+    return model
+
+
+def _is_experts(name: str) -> bool:
+    return name.endswith("_exps.weight")
+
+
+# Activations, the tokenizer, the interpreter: what a forward pass needs besides weights and the KV cache.
+WORKING_MEMORY = 1 << 30
+
+
+def _expert_cache(model_file: ModelFile, max_memory: int, context_length: int, kv_type: str) -> ExpertCache:
+    """The expert cache for a RAM bound: what is left of `max_memory` after the mapped weights other than the
+    experts (the token embeddings count only as the rows a prompt reads), the KV cache and working memory."""
+    cfg = model_file.config
+    mapped = sum(t.nbytes for name, t in model_file.tensors.items()
+                 if not _is_experts(name) and name != "token_embd.weight")
+    kv = cache_bytes(cfg, context_length, kv_type)
+    budget = max_memory - mapped - kv - WORKING_MEMORY
+    gate = model_file.tensors["blk.0.ffn_gate_exps.weight"]
+    one_layer = 3 * gate.nbytes  # gate, up and down are the same size
+    if budget < one_layer:
+        need = max_memory - budget + one_layer
+        raise ParameterError(f"max_memory {max_memory / 2**30:.2f} GiB is too small for {model_file.path.name}: "
+                             f"its weights other than experts take {mapped / 2**30:.2f} GiB, the KV cache for "
+                             f"{context_length} tokens {kv / 2**30:.2f} GiB, working memory "
+                             f"{WORKING_MEMORY / 2**30:.2f} GiB, and one layer's experts "
+                             f"{one_layer / 2**30:.2f} GiB: at least {need / 2**30:.2f} GiB is needed")
+    return ExpertCache(model_file, budget)
 
 
 def check_load_params(*, context_length: int | None, threads: int | None, kv_type: str, device: str) -> None:

@@ -83,6 +83,9 @@ _DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_D
 
 def _memory_options(fn):
     """How the mapped model file is kept in RAM: the flags `run`, `generate` and `serve` share."""
+    fn = click.option("--max-memory", "max_memory", metavar="SIZE", default=None,
+                      help="bound the model's RAM (e.g. 16G) on a machine smaller than the model: experts are "
+                           "cached within it and read from the file as needed")(fn)
     fn = click.option("--mlock", is_flag=True, help="read the whole model at start and lock it in RAM, never "
                       "evicted (needs `ulimit -l` above the file size)")(fn)
     return click.option("--no-prefetch", "no_prefetch", is_flag=True,
@@ -126,8 +129,8 @@ def _model_options(fn):
 @expected_errors
 def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
              top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str,
-             no_prefetch: bool, mlock: bool, show_reasoning: bool, as_json: bool, raw: bool,
-             schema_file: str | None) -> None:
+             no_prefetch: bool, mlock: bool, max_memory: str | None, show_reasoning: bool, as_json: bool,
+             raw: bool, schema_file: str | None) -> None:
     """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
     import dataclasses
     import json
@@ -141,7 +144,7 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     if prompt == "-":
         prompt = _read_stdin()
     m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                   prefetch=not no_prefetch, mlock=mlock)
+                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
     if raw:
         ids = m.tokenizer.encode(prompt)
         if not ids:
@@ -211,13 +214,13 @@ def _schema_file_format(path: str):
 @expected_errors
 def run(model: str | None, system: str | None, effort: str, max_tokens: int | None, temp: float, top_p: float,
         seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
-        mlock: bool, hide_reasoning: bool, verbose: bool) -> None:
+        mlock: bool, max_memory: str | None, hide_reasoning: bool, verbose: bool) -> None:
     """Chat with MODEL [default: gpt-oss-20b]. Piped input is answered once; /help lists the commands."""
     import ossrt
     from ossrt.repl import Repl
 
     m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                   prefetch=not no_prefetch, mlock=mlock)
+                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
     repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
                 verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
                 max_tokens=max_tokens)
@@ -292,7 +295,7 @@ def _save_history(readline, history: Path) -> None:
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
           queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
-          mlock: bool, store: str | None, no_store: bool) -> None:
+          mlock: bool, max_memory: str | None, store: str | None, no_store: bool) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
         from .server.serve import listen, model_names, serve as run_server
@@ -312,7 +315,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     with contextlib.nullcontext() if no_store else ResponseStore(store or default_store_path()) as responses:
         sock = listen(host, port)  # before loading: a taken port fails at once
         m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                       prefetch=not no_prefetch, mlock=mlock)
+                       prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
                        err=True)

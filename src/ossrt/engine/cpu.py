@@ -14,6 +14,7 @@ import numpy as np
 
 from . import kernels
 from .attention import attend
+from .expert_cache import KINDS, ExpertCache
 from .kv_cache import CHUNK, KVCache, LayerKV
 from ..format.config import ModelConfig
 
@@ -22,11 +23,14 @@ class CpuOps:
     """Operations on NumPy arrays with Numba kernels running on `threads` cores (None: all). With
     `int8_activations` (default) prompts run through integer matmuls where the CPU has them (`kernels.matmul`):
     about three times the float32 rate, at an error about that of the q8_0 file's rounding of the weights; False
-    keeps float32 throughout. Decode is float32 either way."""
+    keeps float32 throughout. Decode is float32 either way. With an `ExpertCache`, the experts come from its pools
+    (read from the file as needed) instead of the memory map."""
 
-    def __init__(self, threads: int | None = None, int8_activations: bool = True):
+    def __init__(self, threads: int | None = None, int8_activations: bool = True,
+                 experts: ExpertCache | None = None):
         self.threads = kernels.set_num_threads(threads)
         self.int8_activations = int8_activations
+        self.experts = experts
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -80,6 +84,12 @@ class CpuOps:
 
     def moe(self, gate, up, down, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, x: np.ndarray,
             ids: np.ndarray, weights: np.ndarray, alpha: float, limit: float) -> np.ndarray:
+        if self.experts is not None:
+            layer = int(gate.name.split(".")[1])  # names are blk.N.ffn_*_exps.weight
+            ids = self.experts.slots(layer, ids)
+            self.experts.prefetch_next(layer, x)  # the disk reads ahead while this layer computes
+            gate, up, down = (self.experts.pool_tensors[kind] for kind in KINDS)
+            gate_b, up_b, down_b = (self.experts.bias_pools[kind] for kind in KINDS)
         return kernels.moe(gate, up, down, gate_b, up_b, down_b, x, ids, weights, alpha=alpha, limit=limit,
                            int8_activations=self.int8_activations)
 
@@ -92,6 +102,10 @@ class CpuOps:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
 
 
 def _rotate(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

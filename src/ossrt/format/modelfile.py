@@ -25,7 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
@@ -223,15 +223,15 @@ class ModelFile:
         self._prefetch_stop.set()
 
     # --- keeping the map in RAM --------------------------------------------------------------------------
-    def start_prefetch(self) -> threading.Thread | None:
+    def start_prefetch(self, skip: Callable[[str], bool] | None = None) -> threading.Thread | None:
         """Bring the tensor data into RAM in the background, in the order a forward pass first needs it
         (`_ranges_in_use_order`), so the first forward pass finds it there instead of waiting on a page fault per
         piece. A daemon thread does it: it neither blocks loading nor keeps the process alive, holds no GIL while
         waiting on the disk, and stops at `close()`. On Linux it maps the pages into this process (madvise
         MADV_POPULATE_READ, 16 MiB at a time) with MADV_WILLNEED queued 256 MiB ahead so the disk always has work;
         elsewhere, or on kernels before 5.14, it reads the file. Skipped, returning None, when the data does not
-        fit in the available RAM: it would only push out pages read earlier. The thread is also kept in
-        `prefetch_thread`.
+        fit in the available RAM: it would only push out pages read earlier. Tensors whose names `skip` accepts
+        are left out (experts read through an expert cache). The thread is also kept in `prefetch_thread`.
 
         Measured on the 20b's 11.3 GiB file from a cold cache, with other page cache competing for RAM: populating
         took 9.8 s (the disk's speed) and all of the file stayed cached; reading it took 17 s and only 6.5 GiB
@@ -239,7 +239,7 @@ class ModelFile:
         MADV_WILLNEED alone returned in 0.3 s, but the kernel dropped much of the read-ahead it queued. The first
         token of a 79-token chat prompt right after a cold load came after 7.9 s instead of 14.3 s (4.6 s warm;
         benchmarks/bench_cold_start.py)."""
-        ranges = self._ranges_in_use_order()
+        ranges = self._ranges_in_use_order(skip)
         available = available_ram()
         if available is None or sum(end - start for start, end in ranges) > available:
             return None
@@ -251,7 +251,7 @@ class ModelFile:
         self.prefetch_thread.start()
         return self.prefetch_thread
 
-    def _ranges_in_use_order(self) -> list[tuple[int, int]]:
+    def _ranges_in_use_order(self, skip: Callable[[str], bool] | None = None) -> list[tuple[int, int]]:
         """The tensor data as page-aligned byte ranges, in the order a forward pass first needs it: layer by layer,
         then the output head; the token embeddings last, as a prompt reads only its own rows of them (the file
         holds them and the head first)."""
@@ -263,7 +263,8 @@ class ModelFile:
             return last if name.startswith("output") else last + 1
 
         ranges: list[list[int]] = []
-        for _, start, end in sorted((rank(name), start, end) for start, end, name in self._extents):
+        extents = [(rank(name), start, end) for start, end, name in self._extents if skip is None or not skip(name)]
+        for _, start, end in sorted(extents):
             start -= start % mmap.PAGESIZE  # madvise takes page-aligned addresses
             if ranges and ranges[-1][0] <= start <= ranges[-1][1]:  # it goes on where the last range ends
                 ranges[-1][1] = max(ranges[-1][1], end)
