@@ -1,6 +1,7 @@
 """The expert cache (`ossrt.load(..., max_memory=...)`): the same numbers as the memory-mapped experts from pools
 smaller than the model, what it read, its eviction policies, and its option in the API and CLI."""
 
+import errno
 import mmap
 import os
 
@@ -13,7 +14,7 @@ from ossrt import api
 from ossrt.cli import main
 from ossrt.engine.expert_cache import LeastFrequentlyUsed, LeastRecentlyUsed, parse_size
 from ossrt.engine.kv_cache import cache_bytes
-from ossrt.errors import OssrtError, ParameterError
+from ossrt.errors import ModelFileError, OssrtError, ParameterError
 from ossrt.format.modelfile import ModelFile
 
 CONTEXT = 256
@@ -179,3 +180,22 @@ def test_decode_steps_have_the_next_layers_guessed_experts_read_ahead(tiny_gguf,
     assert all(advice == os.POSIX_FADV_WILLNEED and n == experts.expert_bytes["gate"] for _, n, advice in advised)
     assert all(any(0 <= offset - start < 8 * n for start in later_layers) for offset, n, _ in advised)
     assert 0 < stats.predicted_used <= stats.predicted
+
+
+def test_a_failed_read_names_the_file_and_leaves_no_half_read_expert(tiny_gguf, monkeypatch):
+    path = tiny_gguf()
+    prompt = list(range(1000, 1020))
+    with ossrt.load(path, context_length=CONTEXT) as mapped:
+        want = mapped.logits(prompt)
+    with ossrt.load(path, context_length=CONTEXT, max_memory=max_memory_for(path, 8)) as cached:
+        real = os.preadv
+
+        def failing(fd, buffers, offset):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "preadv", failing)
+        with pytest.raises(ModelFileError, match=r"tiny-q8_0.gguf: cannot read experts of layer 0: Input/output "):
+            cached.logits(prompt)
+        assert cached.engine.transformer.ops.experts.cached == 0
+        monkeypatch.setattr(os, "preadv", real)
+        np.testing.assert_allclose(cached.logits(prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
-from ..errors import ParameterError
+from ..errors import ModelFileError, ParameterError
 from ..format.modelfile import ModelFile, Tensor
 
 KINDS = ("gate", "up", "down")
@@ -174,8 +174,7 @@ class ExpertCache:
                        for i in range(cfg.n_layer)]
         self.bias_pools = {kind: np.zeros((self.n_slots,) + self.biases[0][kind].shape[1:], dtype=np.float32)
                            for kind in KINDS}
-        extents = {name: start for start, _, name in model_file._extents}
-        self.offsets = [{kind: extents[t.name] for kind, t in layer.items()} for layer in self.tensors]
+        self.offsets = [{kind: model_file.offset(t.name) for kind, t in layer.items()} for layer in self.tensors]
         self.routers = [(model_file.tensors[f"blk.{i}.ffn_gate_inp.weight"],
                          model_file.tensors[f"blk.{i}.ffn_gate_inp.bias"].data) for i in range(cfg.n_layer)]
         self.n_used = cfg.n_expert_used
@@ -184,6 +183,7 @@ class ExpertCache:
         self.holder: list[tuple[int, int] | None] = [None] * self.n_slots
         self.policy = POLICIES[policy]()
         self.stats = CacheStats(per_layer_misses=[0] * cfg.n_layer)
+        self.path = model_file.path
         self._fd = os.open(model_file.path, os.O_RDONLY)
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="expert reader")
         self._lock = threading.Lock()
@@ -200,7 +200,7 @@ class ExpertCache:
             keep = {(layer, e) for e in wanted}
             self.stats.predicted_used += len(keep & self._predicted)
             self._predicted -= {key for key in self._predicted if key[0] == layer}
-            reads = []
+            reads, loading = [], []
             for e in wanted:
                 key = (layer, e)
                 if key in self.slot_of:
@@ -210,14 +210,22 @@ class ExpertCache:
                     self.stats.per_layer_misses[layer] += 1
                     slot = self._free_slot(keep)
                     self.slot_of[key], self.holder[slot] = slot, key
+                    loading.append(key)
                     for kind in KINDS:
                         self.bias_pools[kind][slot] = self.biases[layer][kind][e]
                     reads += [(kind, slot, self.offsets[layer][kind] + e * self.expert_bytes[kind]) for kind in KINDS]
                 self.policy.touch(key)
             if reads:
                 t0 = time.perf_counter()
-                for _ in self._readers.map(self._read, reads):
-                    pass
+                try:
+                    for _ in self._readers.map(self._read, reads):
+                        pass
+                except OSError as err:  # the slots hold partial data: they are free again
+                    for key in loading:
+                        self.policy.forget(key)
+                        self.holder[self.slot_of.pop(key)] = None
+                    raise ModelFileError(f"{self.path}: cannot read experts of layer {layer}: "
+                                         f"{err.strerror or err}") from None
                 self.stats.read_seconds += time.perf_counter() - t0
                 self.stats.bytes_read += sum(self.expert_bytes[kind] for kind, _, _ in reads)
             table = np.array([self.slot_of[(layer, e)] for e in wanted], dtype=np.int64)
@@ -259,7 +267,7 @@ class ExpertCache:
         while done < len(view):  # preadv may return short; a read past the end returns 0
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n == 0:
-                raise OSError(f"unexpected end of file reading experts at byte {offset + done}")
+                raise OSError(f"the file ends at byte {offset + done}, inside an expert")
             done += n
 
     def close(self) -> None:

@@ -272,6 +272,10 @@ class ModelFile:
                 ranges.append([start, end])
         return [(start, end) for start, end in ranges]
 
+    def offset(self, name: str) -> int:
+        """Where tensor `name`'s data starts in the file, for reading it without the map (`engine.expert_cache`)."""
+        return next(start for start, _, tensor in self._extents if tensor == name)
+
     def lock_in_ram(self) -> None:
         """Read the whole file and lock it in RAM (mlock(2)), so no page of it is ever evicted or read again.
         ParameterError, naming RLIMIT_MEMLOCK and the fix, when the OS refuses."""
