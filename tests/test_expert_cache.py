@@ -14,7 +14,7 @@ from ossrt import api
 from ossrt.cli import main
 from ossrt.engine.expert_cache import LeastFrequentlyUsed, LeastRecentlyUsed, parse_size
 from ossrt.engine.kv_cache import cache_bytes
-from ossrt.errors import ModelFileError, OssrtError, ParameterError
+from ossrt.errors import ModelFileError, ParameterError
 from ossrt.format.modelfile import ModelFile
 
 CONTEXT = 256
@@ -139,22 +139,6 @@ def test_prefetch_leaves_the_experts_alone(tiny_gguf, monkeypatch):
         assert sum(e - s for s, e in experts) > 4 * overlap
     ossrt.load(tiny_gguf(), context_length=CONTEXT).close()
     assert skips[1:] == [None]  # without max_memory, all of it as before
-
-
-@pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["run"], ["serve", "--port", "0", "--no-store"]])
-def test_cli_max_memory_reaches_load(tiny_gguf, monkeypatch, command):
-    if command[0] == "serve":
-        pytest.importorskip("uvicorn")
-    seen = {}
-
-    def load(path, **kwargs):
-        seen.update(kwargs)
-        raise OssrtError("stopped after load's arguments")
-
-    monkeypatch.setattr(ossrt, "load", load)
-    r = CliRunner().invoke(main, [command[0], str(tiny_gguf()), *command[1:], "--max-memory", "12G"], input="")
-    assert r.exit_code == 2 and "stopped after load's arguments" in r.output, r.output
-    assert seen["max_memory"] == "12G"
 
 
 def test_cli_bad_max_memory_exits_2_with_the_reason(tiny_gguf):

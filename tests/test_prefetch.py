@@ -205,9 +205,10 @@ def test_load_checks_the_flags(tiny_gguf, name, value):
 
 
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["run"], ["serve", "--port", "0", "--no-store"]])
-@pytest.mark.parametrize("flags, expected", [([], (True, False)), (["--no-prefetch"], (False, False)),
-                                             (["--mlock"], (True, True)), (["--no-prefetch", "--mlock"],
-                                                                            (False, True))])
+@pytest.mark.parametrize("flags, expected", [([], (True, False, None)), (["--no-prefetch"], (False, False, None)),
+                                             (["--mlock"], (True, True, None)),
+                                             (["--no-prefetch", "--mlock"], (False, True, None)),
+                                             (["--max-memory", "12G"], (True, False, "12G"))])
 def test_cli_flags_reach_load(tiny_gguf, monkeypatch, command, flags, expected):
     if command[0] == "serve":
         pytest.importorskip("uvicorn")
@@ -220,10 +221,11 @@ def test_cli_flags_reach_load(tiny_gguf, monkeypatch, command, flags, expected):
     monkeypatch.setattr(ossrt, "load", load)
     r = CliRunner().invoke(main, [command[0], str(tiny_gguf()), *command[1:], *flags], input="")
     assert r.exit_code == 2 and "stopped after load's arguments" in r.output, r.output
-    assert (seen["prefetch"], seen["mlock"]) == expected
+    assert (seen["prefetch"], seen["mlock"], seen["max_memory"]) == expected
 
 
 @pytest.mark.parametrize("command", ["generate", "run", "serve"])
 def test_cli_help_documents_the_flags(command):
     r = CliRunner().invoke(main, [command, "--help"])
     assert "--no-prefetch" in r.output and "--mlock" in r.output and "ulimit -l" in r.output
+    assert "--max-memory" in r.output
