@@ -38,7 +38,6 @@ import numpy as np
 
 PROMPT, CONTEXT = 128, 512
 LLAMA_VENV = Path("/work/llama-venv")
-HERE = Path(__file__).resolve().parent
 
 
 def tokens(n: int, seed: int) -> list[int]:
