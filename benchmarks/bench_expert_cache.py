@@ -279,17 +279,14 @@ def main() -> None:
         return
 
     import ossrt
-    from ossrt.api import _expert_cache
-    from ossrt.engine.expert_cache import parse_size
+    from ossrt.engine.expert_cache import WORKING_MEMORY, memory_plan, parse_size
 
     with ossrt.load(args.model, context_length=CONTEXT, prefetch=False) as m:
         cfg, mf = m.model_file.config, m.model_file
         slot_bytes = 3 * mf.tensors["blk.0.ffn_gate_exps.weight"].nbytes // cfg.n_expert
-        slot_counts = {}
-        for budget in args.budgets:
-            cache = _expert_cache(mf, parse_size(budget), CONTEXT, m.kv_type)
-            slot_counts[budget] = cache.n_slots
-            cache.close()
+        mapped, kv, _ = memory_plan(mf, CONTEXT, m.kv_type)
+        slot_counts = {budget: min((parse_size(budget) - mapped - kv - WORKING_MEMORY) // slot_bytes,
+                                   cfg.n_layer * cfg.n_expert) for budget in args.budgets}
         file_size = mf.file_size
     print(f"# {args.model}: {file_size / 2**30:.1f} GiB, {cfg.n_layer} layers x {cfg.n_expert} experts "
           f"({slot_bytes / 2**20:.1f} MiB each), {args.threads} threads")

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import ossrt
-from ossrt import api
+from ossrt import info
 from ossrt.cli import main
-from ossrt.engine.expert_cache import LeastFrequentlyUsed, LeastRecentlyUsed, parse_size
+from ossrt.engine.expert_cache import WORKING_MEMORY, LeastFrequentlyUsed, LeastRecentlyUsed, parse_size
 from ossrt.engine.kv_cache import cache_bytes
 from ossrt.errors import ModelFileError, ParameterError
 from ossrt.format.modelfile import ModelFile
@@ -27,7 +27,7 @@ def max_memory_for(path, slots: int) -> int:
         mapped = sum(t.nbytes for name, t in mf.tensors.items()
                      if not name.endswith("_exps.weight") and name != "token_embd.weight")
         slot = 3 * mf.tensors["blk.0.ffn_gate_exps.weight"].nbytes // mf.config.n_expert
-        return mapped + cache_bytes(mf.config, CONTEXT, "f16") + api.WORKING_MEMORY + slots * slot
+        return mapped + cache_bytes(mf.config, CONTEXT, "f16") + WORKING_MEMORY + slots * slot
 
 
 def run(model, prompt: list[int], n: int) -> tuple[np.ndarray, list[int]]:
@@ -183,3 +183,15 @@ def test_a_failed_read_names_the_file_and_leaves_no_half_read_expert(tiny_gguf, 
         assert cached.engine.transformer.ops.experts.cached == 0
         monkeypatch.setattr(os, "preadv", real)
         np.testing.assert_allclose(cached.logits(prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_info_gives_the_smallest_max_memory(tiny_gguf):
+    """`ossrt info` prints the smallest max_memory for its context: load takes that (to the 0.01 GiB printed) and
+    refuses less."""
+    path = tiny_gguf()
+    line = next(line for line in info.report(path, CONTEXT).splitlines() if "smallest --max-memory" in line)
+    smallest = float(line.split()[2])
+    assert line.split()[3] == "GiB"
+    ossrt.load(path, context_length=CONTEXT, max_memory=f"{smallest + 0.01}G", prefetch=False).close()
+    with pytest.raises(ParameterError, match="is too small"):
+        ossrt.load(path, context_length=CONTEXT, max_memory=f"{smallest - 0.01}G")

@@ -12,9 +12,8 @@ from .chat import ChatResponse, ChatSession, ChatStream
 from .constrain import JsonFormat
 from .engine.cpu import CpuOps
 from .engine.engine import Engine, as_token_ids
-from .engine.expert_cache import ExpertCache, parse_size
+from .engine.expert_cache import WORKING_MEMORY, ExpertCache, is_experts, memory_plan, parse_size
 from .engine.generate import Generation, check_max_tokens
-from .engine.kv_cache import cache_bytes
 from .engine.model import Transformer
 from .engine.sampling import Sampler, is_integer
 from .defaults import DEFAULT_CONTEXT_LENGTH, DEFAULT_DEVICE, DEFAULT_KV_TYPE, DEVICES, KV_TYPES
@@ -184,28 +183,15 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
         model_file.close()
         raise
     if prefetch and max_memory is not None:
-        model_file.start_prefetch(skip=_is_experts)  # experts come through the cache, never the map
+        model_file.start_prefetch(skip=is_experts)  # experts come through the cache, never the map
     return model
 
 
-def _is_experts(name: str) -> bool:
-    return name.endswith("_exps.weight")
-
-
-# Activations, the tokenizer, the interpreter: what a forward pass needs besides weights and the KV cache.
-WORKING_MEMORY = 1 << 30
-
-
 def _expert_cache(model_file: ModelFile, max_memory: int, context_length: int, kv_type: str) -> ExpertCache:
-    """The expert cache for a RAM bound: what is left of `max_memory` after the mapped weights other than the
-    experts (the token embeddings count only as the rows a prompt reads), the KV cache and working memory."""
-    cfg = model_file.config
-    mapped = sum(t.nbytes for name, t in model_file.tensors.items()
-                 if not _is_experts(name) and name != "token_embd.weight")
-    kv = cache_bytes(cfg, context_length, kv_type)
+    """The expert cache for a RAM bound: what is left of `max_memory` after `memory_plan`'s mapped weights and KV
+    cache and the working memory."""
+    mapped, kv, one_layer = memory_plan(model_file, context_length, kv_type)
     budget = max_memory - mapped - kv - WORKING_MEMORY
-    gate = model_file.tensors["blk.0.ffn_gate_exps.weight"]
-    one_layer = 3 * gate.nbytes  # gate, up and down are the same size
     if budget < one_layer:
         need = max_memory - budget + one_layer
         raise ParameterError(f"max_memory {max_memory / 2**30:.2f} GiB is too small for {model_file.path.name}: "

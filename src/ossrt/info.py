@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 from .engine import cuda
+from .engine.expert_cache import WORKING_MEMORY, memory_plan
 from .engine.kv_cache import CHUNK, cache_bytes
 from .errors import ParameterError
 from .format.modelfile import ModelFile
@@ -62,6 +63,8 @@ def report(path: str | os.PathLike, context: int | None = None, device: str = "c
                 f"  whole file (memory-mapped)  {_gb(m.file_size)}",
                 kv_line,
                 f"  file + KV cache             {_gb(m.file_size + kv['f16'])}",
+                f"  smallest --max-memory       {_gb(sum(memory_plan(m, ctx, 'f16')) + WORKING_MEMORY)}  (weights "
+                f"but experts, KV cache, 1 GiB working memory, one layer's experts)",
             ]
         else:
             weights = sum(t.data.nbytes for t in m.tensors.values())

@@ -27,10 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .kv_cache import cache_bytes
 from ..errors import ModelFileError, ParameterError
 from ..format.modelfile import ModelFile, Tensor
 
 KINDS = ("gate", "up", "down")
+# Activations, the tokenizer, the interpreter: what a forward pass needs besides weights and the KV cache.
+WORKING_MEMORY = 1 << 30
 # Reads in flight at once: enough to keep an NVMe drive's queue busy, few enough not to thrash a disk.
 READERS = 8
 
@@ -143,6 +146,20 @@ def parse_size(value: int | str, name: str = "max_memory") -> int:
     if size <= 0:
         raise ParameterError(f"{name} must be positive, got {value!r:.80}")
     return size
+
+
+def is_experts(name: str) -> bool:
+    return name.endswith("_exps.weight")
+
+
+def memory_plan(model_file: ModelFile, context_length: int, kv_type: str) -> tuple[int, int, int]:
+    """What a RAM bound must hold besides the expert cache, and the smallest cache: (the mapped weights other than
+    experts (the token embeddings count only as the rows a prompt reads), the KV cache for `context_length` tokens,
+    one layer's experts). Working memory (`WORKING_MEMORY`) comes on top."""
+    mapped = sum(t.nbytes for name, t in model_file.tensors.items()
+                 if not is_experts(name) and name != "token_embd.weight")
+    one_layer = sum(model_file.tensors[f"blk.0.ffn_{kind}_exps.weight"].nbytes for kind in KINDS)
+    return mapped, cache_bytes(model_file.config, context_length, kv_type), one_layer
 
 
 class ExpertCache:
