@@ -56,7 +56,7 @@ def test_non_finite_activations_give_non_finite_products():
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.MXFP4])
-@pytest.mark.parametrize("n_tokens", [2, 5, 8, 9, 24, 33, 150])  # 8 and 16 lanes, odd groups, several tiles
+@pytest.mark.parametrize("n_tokens", [2, 5, 8, 9, 24, 33, 150])  # 8, 16 lanes; odd, half-full groups; tiles
 @pytest.mark.parametrize("shape", [(1, 32), (37, 96), (300, 2880)])
 def test_kernel_is_the_exact_product_of_the_quantized_values(qtype, n_tokens, shape):
     """Integer sums are exact and only the float32 steps round: equal to a float64 product of the quantized

@@ -176,13 +176,16 @@ TASK_ROWS = 16  # rows a thread decodes at once (46 KB for the 20b)
 TILE_GROUPS = 8  # token groups whose panel (368 KB for the 20b) stays in L2 while a task's rows pass over it
 
 
-def _gemm(lanes: int, token_groups: int, rows: int):
-    """An intrinsic out[(g0 + i)·lanes + lane, r0 + k] = Σ over blocks of row k of `wq` against token group g0 + i
-    of the panel, for k < rows, i < token_groups. wq [rows, H] uint8 and wd [rows, blocks] float32 from the row
-    decoders; panel, scales and corrections from quantize_panel; out float32 [groups · lanes, rows]. `ahead`
+def _gemm(lanes: int, token_groups: int, rows: int, stride: int | None = None):
+    """An intrinsic out[(g0 + i)·stride + lane, r0 + k] = Σ over blocks of row k of `wq` against token group g0 + i
+    of the panel, for k < rows, i < token_groups, lane < lanes. wq [rows, H] uint8 and wd [rows, blocks] float32
+    from the row decoders; panel, scales and corrections from quantize_panel, `stride` tokens to a group (default
+    `lanes`; more: only a group's first `lanes` tokens are computed); out float32 [groups · stride, rows]. `ahead`
     (rows of packed weights) is prefetched along the way."""
+    stride = stride or lanes
     vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
-    name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[lanes]
+    name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
+            4: "llvm.x86.avx512.vpdpbusd.128"}[lanes]
 
     @intrinsic
     def gemm(typingctx, wq, wd, panel, scales, corrections, out, r0, g0, ahead):
@@ -214,14 +217,14 @@ def _gemm(lanes: int, token_groups: int, rows: int):
                 with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
                     at = builder.mul(builder.add(first_line, line.index), c(64))
                     _prefetch_line(builder, builder.gep(ahead_p, [at]), locality=2)
-                # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·lanes.
-                starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(lanes))
+                # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·stride.
+                starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(stride))
                           for i in range(token_groups)]
                 x_scale = [_load(builder, scales_p, s, vf32, 4) for s in starts]
                 corrections_b = [_load(builder, corr_p, s, vi32, 4) for s in starts]
                 sums = [list(corrections_b) for _ in range(rows)]  # each row's int32 sums start from them
                 for g in range(_GROUPS):
-                    xs = [_load(builder, panel_p, builder.add(builder.mul(s, c(_GROUPS)), c(g * lanes)), vi32, 4)
+                    xs = [_load(builder, panel_p, builder.add(builder.mul(s, c(_GROUPS)), c(g * stride)), vi32, 4)
                           for s in starts]
                     for k in range(rows):
                         w4 = builder.load(builder.gep(wq_p, [builder.add(builder.mul(n_blocks, c(k * _GROUPS)),
@@ -244,7 +247,7 @@ def _gemm(lanes: int, token_groups: int, rows: int):
             for k in range(rows):
                 for i in range(token_groups):
                     sums_k = builder.load(acc[k][i])
-                    first = builder.add(builder.mul(builder.mul(builder.add(g0, c(i)), c(lanes)), width),
+                    first = builder.add(builder.mul(builder.mul(builder.add(g0, c(i)), c(stride)), width),
                                         builder.add(r0, c(k)))
                     for lane in range(lanes):
                         builder.store(builder.extract_element(sums_k, ir.Constant(_I32, lane)),
@@ -257,31 +260,38 @@ def _gemm(lanes: int, token_groups: int, rows: int):
 
 
 # Without AVX-512 the 16-lane names stand for the 8-lane kernels (never called with 16 lanes: `lanes_for`), so the
-# driver compiles on every VNNI CPU.
-_gemm8_pair, _gemm8_one = _gemm(8, 2, ROWS_PAIR), _gemm(8, 1, ROWS_ONE)
-_gemm16_pair, _gemm16_one = (_gemm(16, 2, ROWS_PAIR), _gemm(16, 1, ROWS_ONE)) if DOT4 == "avx512vnni" else \
-    (_gemm8_pair, _gemm8_one)
+# driver compiles on every VNNI CPU. The half kernels take the first half of a group: a segment's last group when
+# it holds no more tokens than that (an expert's few tokens past a multiple of the width).
+_gemm8_pair, _gemm8_one, _gemm8_half = _gemm(8, 2, ROWS_PAIR), _gemm(8, 1, ROWS_ONE), _gemm(4, 1, ROWS_ONE, 8)
+_gemm16_pair, _gemm16_one, _gemm16_half = \
+    (_gemm(16, 2, ROWS_PAIR), _gemm(16, 1, ROWS_ONE), _gemm(8, 1, ROWS_ONE, 16)) if DOT4 == "avx512vnni" else \
+    (_gemm8_pair, _gemm8_one, _gemm8_half)
+PAIR, ONE, HALF = 0, 1, 2
 
 
 @njit(cache=True, inline="always")
-def _gemm_call(two_groups, wq, wd, panel, scales, corrections, out, r0, g, ahead):
-    """The kernel for the panel's width, over token groups g and g + 1 (`two_groups`) or g alone."""
+def _gemm_call(kind, wq, wd, panel, scales, corrections, out, r0, g, ahead):
+    """The kernel for the panel's width over token groups g and g + 1 (PAIR), g (ONE) or g's first half (HALF)."""
     wide = panel.shape[3] == 16
-    if two_groups and wide:
+    if kind == PAIR and wide:
         _gemm16_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
-    elif two_groups:
+    elif kind == PAIR:
         _gemm8_pair(wq, wd, panel, scales, corrections, out, r0, g, ahead)
-    elif wide:
+    elif kind == ONE and wide:
         _gemm16_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
-    else:
+    elif kind == ONE:
         _gemm8_one(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+    elif wide:
+        _gemm16_half(wq, wd, panel, scales, corrections, out, r0, g, ahead)
+    else:
+        _gemm8_half(wq, wd, panel, scales, corrections, out, r0, g, ahead)
 
 
 @njit(parallel=True, cache=True)
-def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, seg_group, seg_groups, threads):
+def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, seg_group, seg_tokens, threads):
     """Packed weights w [E, R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a panel in segments: segment s
-    multiplies the rows of w[seg_expert[s]] with token groups seg_group[s] ... + seg_groups[s] - 1 (a plain matmul
-    is one segment of all groups; a mixture of experts, one segment per expert over the tokens it was given).
+    multiplies the rows of w[seg_expert[s]] with the seg_tokens[s] tokens from token group seg_group[s] on (a plain
+    matmul is one segment of all tokens; a mixture of experts, one segment per expert over the tokens it was given).
     out [groups · lanes, R rounded up to TASK_ROWS]. The work is split in tasks of TASK_ROWS rows of one segment: a
     task decodes its rows once, then multiplies them with its token groups, two at a time, a few rows at a time
     (the panel is read from cache). One function for every weight type and width, not a factory of closures,
@@ -289,6 +299,7 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, se
     would keep the function from the cache)."""
     R = w.shape[1]
     n_blocks = panel.shape[1]
+    lanes = panel.shape[3]
     n_seg = seg_expert.shape[0]
     n_tasks = out.shape[1] // TASK_ROWS * n_seg
     for thread in prange(threads):
@@ -306,19 +317,26 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, se
                     _decode_row_q8_0_u8(w[e, r0 + k], wq[k], wd[k], n_blocks)
             # The first pass over the rows fetches the next task's (the rows this thread decodes next).
             r_next, e_next = (task + 1) // n_seg * TASK_ROWS, seg_expert[(task + 1) % n_seg]
-            first, groups = seg_group[s], seg_groups[s]
-            for tile in range(first, first + groups, TILE_GROUPS):
-                end = min(tile + TILE_GROUPS, first + groups)
+            first, groups = seg_group[s], -(-seg_tokens[s] // lanes)
+            # A last group with no more tokens than half a vector takes the half-width kernel.
+            full = groups - (seg_tokens[s] - (groups - 1) * lanes <= lanes // 2)
+            for tile in range(first, first + full, TILE_GROUPS):
+                end = min(tile + TILE_GROUPS, first + full)
                 for k in range(0, TASK_ROWS, ROWS_PAIR):
                     for g in range(tile, end - 1, 2):
                         ahead = w[e_next, r_next + k:r_next + k + ROWS_PAIR] if g == first else nothing
-                        _gemm_call(True, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out,
+                        _gemm_call(PAIR, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out,
                                    r0 + k, g, ahead)
                 if (end - tile) % 2:
                     for k in range(0, TASK_ROWS, ROWS_ONE):
-                        ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if groups == 1 else nothing
-                        _gemm_call(False, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
+                        ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if full == 1 else nothing
+                        _gemm_call(ONE, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
                                    r0 + k, end - 1, ahead)
+            if full < groups:
+                for k in range(0, TASK_ROWS, ROWS_ONE):
+                    ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if full == 0 else nothing
+                    _gemm_call(HALF, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
+                               r0 + k, first + full, ahead)
 
 
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}
@@ -360,16 +378,16 @@ def _run(data: np.ndarray, panel: Panel, segments: tuple[np.ndarray, np.ndarray,
 def matmul(data: np.ndarray, panel: Panel) -> np.ndarray:
     """panel's X @ W.T for raw weight rows `data` [R, bytes] of the panel's weight type: float32 [T, R]. The
     caller has checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
-    one = np.zeros(1, dtype=np.int64)
-    out = _run(data[None], panel, (one, one, np.full(1, panel.groups, dtype=np.int64)))
+    zero = np.zeros(1, dtype=np.int64)
+    out = _run(data[None], panel, (zero, zero, np.full(1, panel.n_tokens, dtype=np.int64)))
     out = out[:panel.n_tokens, :data.shape[0]]
     return out if out.flags.c_contiguous else out.copy()
 
 
 def matmul_experts(data: np.ndarray, panel: Panel, experts: np.ndarray, first_group: np.ndarray,
-                   groups: np.ndarray) -> np.ndarray:
-    """For each i, the panel's token groups first_group[i] ... + groups[i] - 1 times expert experts[i]'s rows of
-    `data` [E, R, bytes], in one parallel pass over all of them: float32 [panel groups · lanes, R or more] (rows of
-    groups no segment names are left unwritten). The caller has checked shapes and that segments lie within the
-    panel and expert ids below E."""
-    return _run(data, panel, (experts, first_group, groups))
+                   tokens: np.ndarray) -> np.ndarray:
+    """For each i, the panel's tokens[i] tokens from token group first_group[i] on times expert experts[i]'s rows
+    of `data` [E, R, bytes], in one parallel pass over all of them: float32 [panel groups · lanes, R or more] (rows
+    of tokens no segment names are left unwritten, or hold any numbers). The caller has checked shapes and that
+    segments lie within the panel and expert ids below E."""
+    return _run(data, panel, (experts, first_group, tokens))

@@ -426,7 +426,7 @@ def _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, 
     first_of[experts] = first
     Xs = np.zeros((groups.sum() * lanes, H), dtype=np.float32)
     slot = _rows_by_expert(X, tok, exp, first_of, lanes, Xs)
-    segments = (experts.astype(np.int64), first, groups)
+    segments = (experts.astype(np.int64), first, counts[experts])
     panel = int8.Panel(Xs, GGMLType.MXFP4, lanes)
     G, U = (int8.matmul_experts(w.data, panel, *segments) for w in (gate_exps, up_exps))
     act = np.empty((len(Xs), I), dtype=np.float32)
