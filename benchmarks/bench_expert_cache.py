@@ -78,26 +78,21 @@ def routing_trace(kind: str, n_tokens: int, layers: int, experts: int, k: int, s
     return trace
 
 
-def simulate(policy_cls, trace: np.ndarray, slots: int) -> float:
-    """Hit rate of a cache of `slots` experts replaying `trace` as `ExpertCache.slots` does (a layer's experts of
-    one token are looked up together and never evict each other); the first pass over the trace warms it."""
-    policy, cached = policy_cls(), set()
+def simulate(policy: str, trace: np.ndarray, slots: int) -> float:
+    """Hit rate of the cache's own bookkeeping (`SlotTable`) with `slots` slots replaying `trace`, a layer's
+    experts of one token looked up together as `ExpertCache.slots` does; the first pass over the trace warms it."""
+    from ossrt.engine.expert_cache import SlotTable
+
+    table = SlotTable(slots, policy)
     hits = lookups = 0
     for warm in (True, False):
         for step in trace:
             for layer, chosen in enumerate(step):
-                keep = {(layer, int(e)) for e in chosen}
-                for key in keep:
-                    if key in cached:
-                        hits += not warm
-                    else:
-                        if len(cached) >= slots:
-                            old = policy.victim(keep)
-                            policy.forget(old)
-                            cached.remove(old)
-                        cached.add(key)
-                    lookups += not warm
-                    policy.touch(key)
+                wanted = sorted(int(e) for e in chosen)
+                placed = table.place(layer, wanted)
+                if not warm:
+                    hits += len(wanted) - len(placed)
+                    lookups += len(wanted)
     return hits / lookups
 
 
@@ -111,7 +106,7 @@ def print_simulation(layers: int, experts: int, k: int, slot_counts: dict[str, i
     for kind in ("uniform", "zipf", "sticky"):
         trace = routing_trace(kind, n_tokens, layers, experts, k)
         for budget, slots in slot_counts.items():
-            rates = [simulate(cls, trace, slots) for cls in POLICIES.values()]
+            rates = [simulate(policy, trace, slots) for policy in POLICIES]
             print(f"{kind:<10} {budget:>8} {slots:>6} {slots / (layers * experts):>7.0%}"
                   + "".join(f" {r:>6.0%}" for r in rates))
 

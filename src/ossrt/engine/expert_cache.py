@@ -78,23 +78,23 @@ class LeastFrequentlyUsed:
         return min((key for key in self.last if key not in keep), key=lambda k: (self.counts[k], self.last[k]))
 
 
-class LayerBalanced:
+class LayerBalanced(LeastRecentlyUsed):
     """Least recently used within the layer holding the most experts (the asking layer on a tie): layers are
     visited in turn, so a global LRU would push out the layer needed next; this keeps an equal share per layer."""
 
     def __init__(self):
-        self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
+        super().__init__()
         self.per_layer: dict[int, int] = {}
 
     def touch(self, key: tuple[int, int]) -> None:
         if key not in self.order:
             self.per_layer[key[0]] = self.per_layer.get(key[0], 0) + 1
-        self.order[key] = None
-        self.order.move_to_end(key)
+        super().touch(key)
 
     def forget(self, key: tuple[int, int]) -> None:
-        if self.order.pop(key, 0) is None:
+        if key in self.order:
             self.per_layer[key[0]] -= 1
+        super().forget(key)
 
     def victim(self, keep: set) -> tuple[int, int]:
         asking = next(iter(keep))[0]
@@ -106,6 +106,40 @@ class LayerBalanced:
 
 
 POLICIES = {"lru": LeastRecentlyUsed, "lfu": LeastFrequentlyUsed, "layer-lru": LayerBalanced}
+
+
+class SlotTable:
+    """Which expert (layer, id) holds which of `n_slots` slots, and which leaves when a slot is needed: the cache's
+    bookkeeping without its I/O, so the benchmark's simulations replay exactly what the cache does."""
+
+    def __init__(self, n_slots: int, policy: str = "layer-lru"):
+        if policy not in POLICIES:
+            raise ParameterError(f"expert cache policy must be one of {', '.join(POLICIES)}, got {policy!r:.80}")
+        self.policy = POLICIES[policy]()
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self._free = list(range(n_slots - 1, -1, -1))  # popped from the end: lowest slots first
+
+    def place(self, layer: int, experts: list[int]) -> list[tuple[int, int]]:
+        """Give each of a layer's `experts` (looked up together, so none evicts another) a slot; returns those that
+        had none, now holding a slot the caller must fill."""
+        keep = {(layer, e) for e in experts}
+        placed = []
+        for key in ((layer, e) for e in experts):
+            if key not in self.slot_of:
+                self.slot_of[key] = self._free.pop() if self._free else self._evict(keep)
+                placed.append(key)
+            self.policy.touch(key)
+        return placed
+
+    def drop(self, key: tuple[int, int]) -> None:
+        """Free `key`'s slot (its data could not be read)."""
+        self.policy.forget(key)
+        self._free.append(self.slot_of.pop(key))
+
+    def _evict(self, keep: set) -> int:
+        old = self.policy.victim(keep)
+        self.policy.forget(old)
+        return self.slot_of.pop(old)
 
 
 @dataclass
@@ -167,13 +201,11 @@ class ExpertCache:
     otherwise), evicting by `policy` (a name in `POLICIES`)."""
 
     def __init__(self, model_file: ModelFile, budget: int, policy: str = "layer-lru"):
-        if policy not in POLICIES:
-            raise ParameterError(f"expert cache policy must be one of {', '.join(POLICIES)}, got {policy!r:.80}")
         cfg = model_file.config
         self.n_layer, self.n_expert = cfg.n_layer, cfg.n_expert
-        self.tensors = [{kind: model_file.tensors[f"blk.{i}.ffn_{kind}_exps.weight"] for kind in KINDS}
-                        for i in range(cfg.n_layer)]
-        first = self.tensors[0]
+        tensors = [{kind: model_file.tensors[f"blk.{i}.ffn_{kind}_exps.weight"] for kind in KINDS}
+                   for i in range(cfg.n_layer)]
+        first = tensors[0]
         self.expert_bytes = {kind: first[kind].nbytes // cfg.n_expert for kind in KINDS}
         self.slot_bytes = sum(self.expert_bytes.values())
         self.n_slots = min(budget // self.slot_bytes, cfg.n_layer * cfg.n_expert)
@@ -191,14 +223,12 @@ class ExpertCache:
                        for i in range(cfg.n_layer)]
         self.bias_pools = {kind: np.zeros((self.n_slots,) + self.biases[0][kind].shape[1:], dtype=np.float32)
                            for kind in KINDS}
-        self.offsets = [{kind: model_file.offset(t.name) for kind, t in layer.items()} for layer in self.tensors]
+        self.offsets = [{kind: model_file.offset(t.name) for kind, t in layer.items()} for layer in tensors]
         self.routers = [(model_file.tensors[f"blk.{i}.ffn_gate_inp.weight"],
                          model_file.tensors[f"blk.{i}.ffn_gate_inp.bias"].data) for i in range(cfg.n_layer)]
         self.n_used = cfg.n_expert_used
         self._predicted: set[tuple[int, int]] = set()
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.holder: list[tuple[int, int] | None] = [None] * self.n_slots
-        self.policy = POLICIES[policy]()
+        self.table = SlotTable(self.n_slots, policy)
         self.stats = CacheStats(per_layer_misses=[0] * cfg.n_layer)
         self.path = model_file.path
         self._fd = os.open(model_file.path, os.O_RDONLY)
@@ -207,7 +237,7 @@ class ExpertCache:
 
     @property
     def cached(self) -> int:
-        return len(self.slot_of)
+        return len(self.table.slot_of)
 
     def slots(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """The slots holding `experts` (ids of layer `layer`, any shape) after reading those not in the pools."""
@@ -217,21 +247,16 @@ class ExpertCache:
             keep = {(layer, e) for e in wanted}
             self.stats.predicted_used += len(keep & self._predicted)
             self._predicted -= {key for key in self._predicted if key[0] == layer}
-            reads, loading = [], []
-            for e in wanted:
-                key = (layer, e)
-                if key in self.slot_of:
-                    self.stats.hits += 1
-                else:
-                    self.stats.misses += 1
-                    self.stats.per_layer_misses[layer] += 1
-                    slot = self._free_slot(keep)
-                    self.slot_of[key], self.holder[slot] = slot, key
-                    loading.append(key)
-                    for kind in KINDS:
-                        self.bias_pools[kind][slot] = self.biases[layer][kind][e]
-                    reads += [(kind, slot, self.offsets[layer][kind] + e * self.expert_bytes[kind]) for kind in KINDS]
-                self.policy.touch(key)
+            loading = self.table.place(layer, wanted)
+            self.stats.hits += len(wanted) - len(loading)
+            self.stats.misses += len(loading)
+            self.stats.per_layer_misses[layer] += len(loading)
+            reads = []
+            for key in loading:
+                slot, e = self.table.slot_of[key], key[1]
+                for kind in KINDS:
+                    self.bias_pools[kind][slot] = self.biases[layer][kind][e]
+                reads += [(kind, slot, self.offsets[layer][kind] + e * self.expert_bytes[kind]) for kind in KINDS]
             if reads:
                 t0 = time.perf_counter()
                 try:
@@ -239,14 +264,13 @@ class ExpertCache:
                         pass
                 except OSError as err:  # the slots hold partial data: they are free again
                     for key in loading:
-                        self.policy.forget(key)
-                        self.holder[self.slot_of.pop(key)] = None
+                        self.table.drop(key)
                     raise ModelFileError(f"{self.path}: cannot read experts of layer {layer}: "
                                          f"{err.strerror or err}") from None
                 self.stats.read_seconds += time.perf_counter() - t0
                 self.stats.bytes_read += sum(self.expert_bytes[kind] for kind, _, _ in reads)
-            table = np.array([self.slot_of[(layer, e)] for e in wanted], dtype=np.int64)
-        return table[np.searchsorted(wanted, experts)]
+            slots = np.array([self.table.slot_of[(layer, e)] for e in wanted], dtype=np.int64)
+        return slots[np.searchsorted(wanted, experts)]
 
     def prefetch_next(self, layer: int, h: np.ndarray) -> None:
         """For one token (h [1, n_embd], the MoE input of `layer`): guess the next layer's experts by its router on
@@ -260,22 +284,13 @@ class ExpertCache:
         with self._lock:
             for e in np.argpartition(-logits, self.n_used - 1)[:self.n_used]:
                 key = (layer + 1, int(e))
-                if key in self.slot_of:
+                if key in self.table.slot_of:
                     continue
                 self._predicted.add(key)
                 self.stats.predicted += 1
                 for kind in KINDS:
                     offset = self.offsets[layer + 1][kind] + int(e) * self.expert_bytes[kind]
                     os.posix_fadvise(self._fd, offset, self.expert_bytes[kind], os.POSIX_FADV_WILLNEED)
-
-    def _free_slot(self, keep: set) -> int:
-        if len(self.slot_of) < self.n_slots:
-            return self.holder.index(None)
-        old = self.policy.victim(keep)
-        self.policy.forget(old)
-        slot = self.slot_of.pop(old)
-        self.holder[slot] = None
-        return slot
 
     def _read(self, job: tuple[str, int, int]) -> None:
         kind, slot, offset = job
