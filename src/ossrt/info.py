@@ -36,7 +36,8 @@ def report(path: str | os.PathLike, context: int | None = None, device: str = "c
         experts = {s.name for s in c.tensor_specs() if s.kind == "experts"}
         expert_bytes = sum(m.tensors[n].data.nbytes for n in experts)
         embd = m.tensors["token_embd.weight"]
-        other = sum(t.data.nbytes for n, t in m.tensors.items() if n not in experts and n != "token_embd.weight")
+        # The weights besides experts and embeddings, the KV cache, one layer's experts: what --max-memory must hold.
+        other, _, one_layer = memory_plan(m, ctx, "f16")
         # Per token: every dense tensor, one embedding row, and the selected experts' share of the expert data.
         touched = other + embd.data.nbytes // embd.shape[0] + expert_bytes * c.n_expert_used // c.n_expert
         kv = {kv_type: cache_bytes(c, ctx, kv_type) for kv_type in ("f16", "f32", "q8_0")}  # f16: the default
@@ -63,7 +64,7 @@ def report(path: str | os.PathLike, context: int | None = None, device: str = "c
                 f"  whole file (memory-mapped)  {_gb(m.file_size)}",
                 kv_line,
                 f"  file + KV cache             {_gb(m.file_size + kv['f16'])}",
-                f"  smallest --max-memory       {_gb(sum(memory_plan(m, ctx, 'f16')) + WORKING_MEMORY)}  (weights "
+                f"  smallest --max-memory       {_gb(other + kv['f16'] + one_layer + WORKING_MEMORY)}  (weights "
                 f"but experts, KV cache, 1 GiB working memory, one layer's experts)",
             ]
         else:
