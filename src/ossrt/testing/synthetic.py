@@ -349,6 +349,17 @@ def _rng_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(base.encode()).digest()[:8], "little")
 
 
+def _raw_chunks(t: _Planned, seed: int) -> Iterator[np.ndarray]:
+    """t's data as contiguous bytes, chunk by chunk, from its own RNG (seed, its name); checked to add up to its
+    size."""
+    made = 0
+    for chunk in t.chunks(np.random.default_rng([seed, _rng_key(t.name)])):
+        chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        made += chunk.size
+        yield chunk
+    assert made == t.nbytes, (t.name, made, t.nbytes)
+
+
 def write_safetensors(path: Path, tensors: list[_Planned], seed: int) -> None:
     """Stream tensors into one safetensors file (header, then each tensor's chunks), atomically."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -364,13 +375,8 @@ def write_safetensors(path: Path, tensors: list[_Planned], seed: int) -> None:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for t in tensors:
-                rng = np.random.default_rng([seed, _rng_key(t.name)])
-                written = 0
-                for chunk in t.chunks(rng):
-                    chunk = np.ascontiguousarray(chunk)
+                for chunk in _raw_chunks(t, seed):
                     f.write(chunk.data)
-                    written += chunk.nbytes
-                assert written == t.nbytes, (t.name, written, t.nbytes)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -441,11 +447,9 @@ class _Generated:
             self.arrays.popitem(last=False)
         raw = np.empty(t.nbytes, dtype=np.uint8)
         at = 0
-        for chunk in t.chunks(np.random.default_rng([self.seed, _rng_key(t.name)])):
-            chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        for chunk in _raw_chunks(t, self.seed):
             raw[at:at + chunk.size] = chunk
             at += chunk.size
-        assert at == t.nbytes, (t.name, at, t.nbytes)
         array = raw.view(dtype).reshape(t.shape)
         self.arrays[t.name] = array
         return array
