@@ -31,6 +31,7 @@ from .body import read_json_object
 from .chat_completions import ChatCompletion, parse_chat_request
 from .errors import ApiError, api_error
 from .fields import field_of
+from .page import page_routes
 from .responses import FINAL_EVENTS, ResponsesOutput, parse_responses_request
 from .runner import ApiOutput, SessionPool, TurnThread
 from .sealing import Sealer
@@ -346,7 +347,7 @@ def create_app(model, *, model_id: str, aliases: Iterable[str] = (), api_key: st
               Route("/v1/responses", server.responses, methods=["POST"]),
               Route("/v1/responses/{id}", server.get_response, methods=["GET"]),
               Route("/v1/responses/{id}", server.delete_response, methods=["DELETE"]),
-              Route("/v1/responses/{id}/input_items", server.input_items, methods=["GET"])]
+              Route("/v1/responses/{id}/input_items", server.input_items, methods=["GET"]), *page_routes()]
     app = Starlette(routes=routes, lifespan=server.lifespan, middleware=[Middleware(_Failures)],
                     exception_handlers={ApiError: api_error_response, HTTPException: http_error})
     app.router.redirect_slashes = False  # "/v1/responses/" is an unknown path (404, an error body), as at OpenAI
