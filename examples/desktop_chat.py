@@ -34,7 +34,7 @@ class ChatWindow:
         self.in_reasoning = False
 
         root.title("ossrt chat")
-        self.transcript = tk.Text(root, wrap="word", width=80, height=24, state="disabled")
+        self.transcript = tk.Text(root, wrap="word", width=80, height=24, state="disabled", font="TkDefaultFont")
         self.transcript.tag_configure("user", font=("TkDefaultFont", 10, "bold"))
         self.transcript.tag_configure("reasoning", foreground="gray45", font=("TkDefaultFont", 10, "italic"))
         self.transcript.tag_configure("note", foreground="firebrick")
@@ -71,8 +71,9 @@ class ChatWindow:
 
     def answer(self, stream: ChatStream) -> None:
         try:
-            for event in stream:  # ends with Done, also when cancelled
-                self.news.put(event)
+            with stream:  # closing it frees the model's conversation cache even if something fails
+                for event in stream:  # ends with Done, also when cancelled
+                    self.news.put(event)
         except Exception as error:
             self.news.put(error)
 
@@ -148,7 +149,7 @@ class ChatWindow:
             self.stream.cancel()
         if self.worker is not None:
             self.worker.join()
-        if self.model is not None:
+        if self.model is not None:  # (a model still loading goes with its daemon thread when the program ends)
             self.model.close()
         self.root.after_cancel(self.poll_id)
         self.root.destroy()

@@ -4,6 +4,7 @@ files, and the script itself run as a program."""
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,22 @@ def test_closing_the_window_while_answering_cancels_and_joins(open_window, scrip
     send_wm_delete_window(root)
     pump(root, lambda: not exists(root), "the window to close", timeout=10)
     assert not worker.is_alive() and window.stream.response.finish_reason == "cancelled"
+
+
+def test_a_question_too_long_for_the_context_is_refused_and_the_chat_goes_on(open_window, scripted_gguf):
+    window = open_window(scripted_gguf(ANSWER))
+    root = window.root
+    pump(root, lambda: window.model is not None, "the model to load")
+    root.clipboard_clear()
+    root.clipboard_append("word " * 5000)  # over the 4096-token context
+    window.entry.focus_force()
+    window.entry.event_generate("<<Paste>>")
+    type_text(window.entry, "\n")
+    assert re.search(r"\nError: \d{4} prompt tokens do not fit the context length 4096\n\n$", shown(window))
+    assert window.messages == [] and window.worker is None and enabled(window.send_button)
+    type_text(window.entry, "Hi\n")
+    pump(root, lambda: enabled(window.send_button), "the answer")
+    assert shown(window).endswith("You: Hi\nThe user greets me.\nHello there!\n\n") and len(window.messages) == 2
 
 
 @pytest.mark.parametrize("content, message", [(None, "no such file"), (b"not a model", "GGUF")])
