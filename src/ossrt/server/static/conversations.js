@@ -1,0 +1,41 @@
+// Conversations, kept in this browser's localStorage only: the server keeps nothing between turns (each request
+// carries the whole conversation), so a new chat shares nothing with an old one.
+const KEY = "ossrt-chat.conversations";
+const CURRENT = "ossrt-chat.current";
+
+export function newConversation(settings) {
+  return {
+    id: crypto.randomUUID(),
+    title: "New chat",
+    created: new Date().toISOString(),
+    settings: { ...settings },  // reasoning effort, temperature, system prompt
+    messages: [],  // {role: "user"|"assistant", content, reasoning?, stats?, error?}
+  };
+}
+
+export function loadAll() {
+  try {
+    const list = JSON.parse(localStorage.getItem(KEY) || "[]");
+    return Array.isArray(list) ? list : [];
+  } catch {
+    return [];  // damaged by hand: start afresh rather than break the page
+  }
+}
+
+export function saveAll(conversations, current) {
+  localStorage.setItem(KEY, JSON.stringify(conversations));
+  localStorage.setItem(CURRENT, current.id);
+}
+
+export function currentId() {
+  return localStorage.getItem(CURRENT);
+}
+
+export function exportJson(conversation) {
+  const blob = new Blob([JSON.stringify(conversation, null, 2)], { type: "application/json" });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${conversation.title.replace(/[^\w.-]+/g, "_").slice(0, 60) || "chat"}.json`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
