@@ -6,6 +6,7 @@ import contextlib
 import functools
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -324,6 +325,90 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
         run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
                    parallel=parallel, queue=queue, store=responses)
 
+
+@main.command("serve-cluster")
+@click.argument("model", required=False)
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="copies of the model, each loaded once (initial count when autoscaling)")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=None, help="autoscale: fewest replicas")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="autoscale: most replicas")
+@click.option("-t", "--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="threads per replica; each replica reserves as many of Ray's CPUs")
+@click.option("--address", default=None, help="Ray cluster to join (e.g. 10.0.0.1:6379 after `ray start --head`) "
+              "[default: a running local cluster, else a new one in this process]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address Ray's HTTP proxies listen on")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
+@click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
+@click.option("-np", "--parallel", type=click.IntRange(min=1), default=2, show_default=True,
+              help="requests generated at once per replica (each keeps its own KV cache)")
+@click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="requests waiting per replica beyond those; more get 503")
+@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+              help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
+@click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="seconds a stopping replica gets to finish its requests")
+@click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
+              help="SQLite file keeping responses, on this node [default: responses.sqlite3 in the cache folder]")
+@click.option("--no-store", "no_store", is_flag=True, help="keep no responses")
+@expected_errors
+def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None, threads: int,
+                  address: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
+                  queue: int, ctx: int | None, kv_type: str, drain_timeout: float, store: str | None,
+                  no_store: bool) -> None:
+    """`ossrt serve` on a Ray cluster: MODEL [default: gpt-oss-20b] on several replicas behind one URL, each
+    conversation's turns on the replica holding its KV cache. MODEL must be a path every node can read, or a hub
+    name (each node downloads it)."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from .server import cluster
+    except ImportError as e:
+        raise OssrtError(f"ossrt serve-cluster needs the ray extra ({e.name} is missing): pip install 'ossrt[ray]'") \
+            from None
+    from .resolve import resolve_model
+    from .server.serve import model_names, reasoning_sealer
+    from .server.store import default_store_path
+
+    if store is not None and no_store:
+        raise ParameterError("--store and --no-store exclude each other")
+    spec = model or DEFAULT_MODEL
+    path = resolve_model(spec)  # a missing file fails here, before Ray starts
+    model_id, aliases = model_names(spec, path)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    sealer = reasoning_sealer()
+    ray.init(address=address)
+    store_actor = None
+    try:
+        if not no_store:
+            store_actor = cluster.start_store(str(Path(store or default_store_path()).resolve()),
+                                              name=f"{cluster.APP_NAME}-responses")
+        app = cluster.cluster_app(
+            str(path) if Path(spec).exists() else spec, model_id=name or model_id, aliases=[model_id, *aliases],
+            api_key=api_key, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+            threads=threads, parallel=parallel, queue=queue, load_options=dict(context_length=ctx, kv_type=kv_type),
+            sealing_key=sealer.key, store_actor=store_actor, graceful_shutdown_timeout_s=drain_timeout)
+        ray_serve.start(http_options={"host": host, "port": port})
+        try:
+            ray_serve.run(app, name=cluster.APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start (Ray's log above says why)
+            raise OssrtError(f"the replicas did not start: {e}") from None
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {path} as {name or model_id!r} on {replicas} replica(s) at http://{shown}:{port}/v1",
+                   err=True)
+        while True:  # until Ctrl-C or SIGTERM
+            time.sleep(3600)
+    finally:
+        click.echo("draining and stopping the replicas", err=True)
+        with contextlib.suppress(Exception):  # Ray may already be gone (its head stopped)
+            ray_serve.delete(cluster.APP_NAME)
+            if store_actor is not None:
+                ray.kill(store_actor)
+        ray.shutdown()
 
 if __name__ == "__main__":
     main()

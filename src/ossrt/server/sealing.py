@@ -20,7 +20,8 @@ class Sealer:
     key in a file (`from_key_file`) so that a restarted server still opens what it sealed before."""
 
     def __init__(self, key: bytes | None = None):
-        self._fernet = Fernet(key or Fernet.generate_key())
+        self.key = key or Fernet.generate_key()  # for other processes serving the same clients (a cluster's replicas)
+        self._fernet = Fernet(self.key)
 
     @classmethod
     def from_key_file(cls, path: str | os.PathLike) -> Sealer:

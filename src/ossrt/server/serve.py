@@ -54,16 +54,20 @@ def serve(model, sock: socket.socket, *, model_id: str, aliases: Iterable[str] =
     restart."""
     import uvicorn
 
+    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
+                     sealer=reasoning_sealer(), store=store)
+    uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
+
+
+def reasoning_sealer() -> Sealer:
+    """The sealer with the key in the cache folder (made there on first use)."""
     key_file = cache_dir() / KEY_FILE
     try:
-        sealer = Sealer.from_key_file(key_file)
+        return Sealer.from_key_file(key_file)
     except OSError as e:
         raise OssrtError(f"cannot read or create the reasoning key {key_file}: {e.strerror or e}") from None
     except ValueError:
         raise OssrtError(f"{key_file} is not a reasoning key; delete it and a new one is made") from None
-    app = create_app(model, model_id=model_id, aliases=aliases, api_key=api_key, parallel=parallel, queue=queue,
-                     sealer=sealer, store=store)
-    uvicorn.Server(uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=3)).run(sockets=[sock])
 
 
 def uvicorn_config(app, *, header_timeout: float = HEADER_TIMEOUT, log_level: str = "info", **settings):

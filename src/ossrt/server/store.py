@@ -77,6 +77,9 @@ class MissingResponseError(OssrtError):
         super().__init__(message)
         self.response_id = response_id
 
+    def __reduce__(self):  # pickled to other processes (a cluster's store actor) with both arguments
+        return type(self), (self.response_id, str(self))
+
 
 def default_store_path() -> Path:
     """The store's file in the cache folder models are converted into (`$OSSRT_CACHE`, else the platform's)."""
