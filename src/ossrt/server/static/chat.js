@@ -106,12 +106,13 @@ function scrollToEnd() {
   box.scrollTop = box.scrollHeight;
 }
 
-// The conversation as the API takes it: the system prompt, then what was said (answers that produced no text,
-// such as one stopped while reasoning, are left out).
+// The conversation as the API takes it: the system prompt, then what was said. Answers that produced no text
+// (one stopped while reasoning) are left out, and a question the server refused (too long, say) goes with its error.
 function requestMessages(c) {
   const messages = c.settings.system.trim() ? [{ role: "system", content: c.settings.system }] : [];
   for (const m of c.messages) {
-    if (m.role === "user" || m.content) messages.push({ role: m.role, content: m.content });
+    if (m.error) messages.pop();
+    else if (m.role === "user" || m.content) messages.push({ role: m.role, content: m.content });
   }
   return messages;
 }
