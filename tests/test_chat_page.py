@@ -338,15 +338,21 @@ def test_the_page_asks_for_the_api_key(page, keyed):
     open_page(page, keyed, ready=False)
     page.execute_script("localStorage.clear()")
     open_page(page, keyed, ready=False)
-    assert "needs an API key" in page.find_element(By.ID, "key-reason").text or wait(
-        page, lambda: "needs an API key" in page.find_element(By.ID, "key-reason").text)
+    dialog = page.find_element(By.ID, "key-dialog")
+    wait(page, dialog.is_displayed)
+    assert page.find_element(By.ID, "key-reason").text == "This server needs an API key."
+    page.find_element(By.ID, "key-input").send_keys(Keys.ESCAPE)  # dismissed: the page says why it cannot chat
+    wait(page, lambda: page.find_element(By.ID, "model").text == "not connected: this server needs an API key")
+    send(page, "Hello with a key")  # sending asks again
     enter_key(page, "wrong")
-    wait(page, lambda: "incorrect API key" in page.find_element(By.ID, "key-reason").text)
+    wait(page, lambda: page.find_element(By.ID, "key-reason").text == "The key was refused: incorrect API key")
     enter_key(page, KEY)
     wait(page, lambda: page.find_element(By.ID, "model").text == "gpt-oss-test")
-    send(page, "Hello with a key")
+    assert page.find_element(By.ID, "input").get_attribute("value") == "Hello with a key"  # kept, not sent
+    assert answers(page) == []
+    page.find_element(By.ID, "input").send_keys(Keys.ENTER)
     assert "Hello there, friend!" in finished_answer(page).text
-    assert KEY not in json.dumps(page.execute_script("return {...localStorage}"))
+    assert KEY not in json.dumps(page.execute_script("return [{...localStorage}, {...sessionStorage}]"))
 
     page.refresh()  # not remembered: asked again
     enter_key(page, KEY, remember=True)

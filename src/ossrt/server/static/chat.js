@@ -178,6 +178,7 @@ function setRunning(on) {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("input").value.trim();
+  if (!model) connect();
   if (!text || running || !model) return;
   $("input").value = "";
   send(text);
@@ -217,15 +218,24 @@ $("delete").addEventListener("click", () => {
   select(conversations[0] || newConversation(conversation.settings));
 });
 
+// Asks the server which model it serves (and so for the key, when it needs one); sending tries again after a
+// failure, such as a key prompt dismissed.
+let connecting = null;
+
+function connect() {
+  connecting ??= modelId().then(
+    (id) => {
+      model = id;
+      $("model").textContent = id;
+      $("model").classList.remove("error");
+      document.body.dataset.ready = "true";  // the tests wait for this
+    },
+    (e) => {
+      $("model").textContent = `not connected: ${e.message}`;
+      $("model").classList.add("error");
+    },
+  ).finally(() => { connecting = null; });
+}
+
 select(conversation);
-modelId().then(
-  (id) => {
-    model = id;
-    $("model").textContent = id;
-    document.body.dataset.ready = "true";  // the tests wait for this
-  },
-  (e) => {
-    $("model").textContent = `not connected: ${e.message}`;
-    $("model").classList.add("error");
-  },
-);
+connect();
