@@ -23,7 +23,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "desktop_chat.py"
 ANSWER = "<|channel|>analysis The user greets me.<|end|><|start|>final<|message|>Hello there!<|return|>"
 ENDLESS = "<|channel|>final<|message|>one two three four five"
 KEYSYMS = {" ": "space", "!": "exclam", "\n": "Return"}
-MAX_GAP = 0.25  # seconds the Tk event loop may stall while a worker loads or generates
+MAX_GAP = 0.5  # seconds the Tk event loop may stall while a worker loads or generates (2 busy cores in CI)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def send_wm_delete_window(root_or_id) -> None:
     protocols, delete = dpy.intern_atom("WM_PROTOCOLS"), dpy.intern_atom("WM_DELETE_WINDOW")
     window.send_event(protocol.event.ClientMessage(window=window, client_type=protocols,
                                                    data=(32, [delete, X.CurrentTime, 0, 0, 0])), event_mask=0)
-    dpy.flush()
+    dpy.sync()  # a flush alone sometimes lost the message when the connection closed right after
     dpy.close()
 
 
@@ -246,25 +246,63 @@ def test_a_model_that_cannot_load_shows_an_error_in_the_window(open_window, tmp_
     pump(root, lambda: not exists(root), "the window to close", timeout=10)
 
 
-def test_the_script_opens_its_window_and_exits_cleanly_when_closed(display, scripted_gguf):
-    pytest.importorskip("Xlib", reason="finding and closing the window needs python-xlib")
+def test_the_program_answers_real_keystrokes_and_exits_cleanly_when_closed(display, scripted_gguf):
+    """The script as a user runs it: X input through the server (XTEST), the transcript read back over Tk's `send`,
+    closed by the window manager's message."""
+    pytest.importorskip("Xlib", reason="typing into another program and closing it needs python-xlib")
+    from Xlib import X, XK
     from Xlib import display as xdisplay
+    from Xlib.ext import xtest
 
-    script = subprocess.Popen([sys.executable, str(EXAMPLE), str(scripted_gguf(ANSWER)), "--threads", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    program = subprocess.Popen([sys.executable, str(EXAMPLE), str(scripted_gguf(ANSWER)), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dpy, tk_here = xdisplay.Display(), tkinter.Tk()
     try:
-        dpy = xdisplay.Display()
-        deadline = time.monotonic() + 30
-        while not (windows := [w for w in dpy.screen().root.query_tree().children
-                               if w.get_wm_name() == "ossrt chat"]):
-            assert script.poll() is None, script.communicate()
-            assert time.monotonic() < deadline, "no window titled 'ossrt chat' appeared"
-            time.sleep(0.05)
-        dpy.close()
-        time.sleep(2)  # the tiny model loads in a fraction of that
-        send_wm_delete_window(windows[0].id)
-        out, err = script.communicate(timeout=20)
+        def wait(until, what: str, timeout: float = 60.0):
+            deadline = time.monotonic() + timeout
+            while not (found := until()):
+                assert program.poll() is None, program.communicate()
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.05)
+            return found
+
+        window = wait(lambda: next((w for w in dpy.screen().root.query_tree().children
+                                    if w.get_wm_name() == "ossrt chat"), None), "the window")
+        app = wait(lambda: next((a for a in tk_here.tk.call("winfo", "interps")
+                                 if a != tk_here.tk.call("tk", "appname")), None), "the program's Tk")
+
+        def remote(*command: str) -> str:
+            return str(tk_here.tk.call("send", app, " ".join(command)))
+
+        widgets = {remote("winfo class", w): w for w in remote("winfo children .").split()}
+        bar = {remote(w, "cget -text") or remote("winfo class", w): w
+               for w in remote("winfo children", widgets["TFrame"]).split()}
+        wait(lambda: remote(widgets["TLabel"], "cget -text").startswith("Ready"), "the model to load")
+
+        def pointer_to(widget: str) -> None:
+            x, y, width, height = (int(remote(f"winfo {v}", widget)) for v in ("rootx", "rooty", "width", "height"))
+            xtest.fake_input(dpy, X.MotionNotify, x=x + width // 2, y=y + height // 2)
+
+        pointer_to(bar["TEntry"])  # no window manager: the keyboard goes to the window under the pointer
+        for char in "Hi there":
+            keysym = XK.string_to_keysym({" ": "space"}.get(char, char))
+            keycode, shift = dpy.keysym_to_keycode(keysym), dpy.keysym_to_keycode(XK.XK_Shift_L)
+            shifted = dpy.keycode_to_keysym(keycode, 0) != keysym
+            for event, code in ([(X.KeyPress, shift)] if shifted else []) + [(X.KeyPress, keycode),
+                    (X.KeyRelease, keycode)] + ([(X.KeyRelease, shift)] if shifted else []):
+                xtest.fake_input(dpy, event, code)
+        pointer_to(bar["Send"])
+        xtest.fake_input(dpy, X.ButtonPress, 1)
+        xtest.fake_input(dpy, X.ButtonRelease, 1)
+        dpy.sync()
+        wait(lambda: remote(widgets["TLabel"], "cget -text").startswith("stop:"), "the answer")
+        assert remote(widgets["Text"], "get 1.0 end-1c") == "You: Hi there\nThe user greets me.\nHello there!\n\n"
+        send_wm_delete_window(window.id)
+        out, err = program.communicate(timeout=20)
     finally:
-        if script.poll() is None:
-            script.kill()
-    assert (script.returncode, out, err) == (0, "", "")
+        tk_here.destroy()
+        dpy.close()
+        if program.poll() is None:
+            program.kill()
+            program.communicate()
+    assert (program.returncode, out, err) == (0, "", "")
