@@ -3,10 +3,15 @@ scripted model behind Ray Serve's HTTP proxy, driven by the openai client and co
 `ossrt serve` of the same model. One cluster for the module: Ray takes seconds to start."""
 
 import concurrent.futures
-import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +22,6 @@ httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
 from ossrt.server import cluster  # noqa: E402
-from ossrt.server.sealing import Sealer  # noqa: E402
 from ossrt.server.store import ResponseStore  # noqa: E402
 from server_support import live_server  # noqa: E402
 
@@ -52,27 +56,50 @@ def single(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    port = _free_port()
+    """A local Ray cluster for the module; this process is a driver of it too, to look at and kill replicas."""
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
+        yield ray.get_runtime_context().gcs_address
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+@dataclass
+class Cli:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def url(ray_cluster, model_path, tmp_path_factory):
-    """Two replicas with one thread each, responses kept by a store actor."""
-    store = cluster.start_store(str(tmp_path_factory.mktemp("store") / "responses.sqlite3"), name="test-responses")
-    app = cluster.cluster_app(str(model_path), model_id=ID, api_key=KEY, replicas=2, threads=1, parallel=PARALLEL,
-                              load_options={"context_length": CONTEXT}, sealing_key=Sealer().key, store_actor=store,
-                              graceful_shutdown_timeout_s=5)
-    serve.run(app, name=cluster.APP_NAME, route_prefix="/")
-    yield ray_cluster + "/v1"
-    serve.delete(cluster.APP_NAME)
-    ray.kill(store)
+def cli(ray_cluster, model_path, tmp_path_factory):
+    """`ossrt serve-cluster` joining the module's cluster: two replicas with one thread each, responses kept by the
+    store actor in a file of this test's."""
+    home = tmp_path_factory.mktemp("cli")
+    port = _free_port()
+    log = home / "serve-cluster.log"
+    command = [sys.executable, "-m", "ossrt.cli", "serve-cluster", str(model_path), "--replicas", "2", "--threads",
+               "1", "-np", str(PARALLEL), "--ctx", str(CONTEXT), "--api-key", KEY, "--name", ID, "--address",
+               ray_cluster, "--port", str(port), "--store", str(home / "responses.sqlite3"), "--drain-timeout", "60"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OSSRT_CACHE": str(home)})  # its reasoning key goes there
+    deadline = time.monotonic() + START_TIMEOUT
+    while b"serving " not in log.read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    try:
+        yield Cli(process, f"http://127.0.0.1:{port}/v1", log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(120)
+
+
+@pytest.fixture(scope="module")
+def url(cli):
+    return cli.url
 
 
 def client(base_url: str, **kw) -> openai.OpenAI:
@@ -209,12 +236,12 @@ def _replica_healths() -> list[dict]:
 def test_killing_a_replica_loses_no_request_that_had_not_started(url, single):
     """Requests waiting or generating (unstreamed) on a replica that dies are sent again elsewhere and answered in
     full; the cluster keeps serving, and Ray replaces the replica."""
-    expected = chat(single.url + "/v1", ASK, max_tokens=400).choices[0].message.content
+    expected = chat(single.url + "/v1", ASK, max_tokens=200).choices[0].message.content
     results, errors = [], []
 
     def ask() -> None:
         try:
-            results.append(chat(url, ASK, max_tokens=400).choices[0].message.content)
+            results.append(chat(url, ASK, max_tokens=200).choices[0].message.content)
         except Exception as e:  # noqa: BLE001 — the assertion below shows it
             errors.append(e)
 
@@ -227,8 +254,31 @@ def test_killing_a_replica_loses_no_request_that_had_not_started(url, single):
     for t in threads:
         t.join(180)
     assert errors == [] and results == [expected] * 12
-    assert chat(url, ASK, max_tokens=400).choices[0].message.content == expected  # still serving
+    assert chat(url, ASK, max_tokens=200).choices[0].message.content == expected  # still serving
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and (len(_replica_names()) < 2 or victim in _replica_names()):
         time.sleep(1)
     assert len(_replica_names()) == 2 and victim not in _replica_names()
+
+
+def test_stopping_drains_requests_in_flight(cli, single):
+    """SIGTERM to `ossrt serve-cluster`: the request in flight is answered in full before the replicas stop."""
+    expected = chat(single.url + "/v1", ASK, max_tokens=1500).choices[0].message.content
+    results = []
+    asking = threading.Thread(target=lambda: results.append(chat(cli.url, ASK, max_tokens=1500)))
+    asking.start()
+    time.sleep(1.0)
+    cli.process.send_signal(signal.SIGTERM)
+    asking.join(120)
+    assert [r.choices[0].message.content for r in results] == [expected]
+    assert cli.process.wait(120) == 128 + signal.SIGTERM
+    assert b"draining" in cli.log.read_bytes()
+    assert _replica_names() == []
+
+
+def test_without_ray_the_command_says_what_to_install(model_path):
+    code = ("import sys; sys.modules['ray'] = None; from ossrt.cli import main; "
+            f"main(['serve-cluster', {str(model_path)!r}])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "pip install 'ossrt[ray]'" in done.stderr and "Traceback" not in done.stderr

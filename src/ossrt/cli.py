@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import time
@@ -361,6 +362,8 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
     """`ossrt serve` on a Ray cluster: MODEL [default: gpt-oss-20b] on several replicas behind one URL, each
     conversation's turns on the replica holding its KV cache. MODEL must be a path every node can read, or a hub
     name (each node downloads it)."""
+    # Read when Ray is imported: its crash reporter would take `kill` (SIGTERM) for a crash and abort the drain.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray
         from ray import serve as ray_serve
@@ -382,6 +385,7 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     sealer = reasoning_sealer()
     ray.init(address=address)
+    signal.signal(signal.SIGTERM, _terminated)  # Ray's handler exits with status 15; ossrt's commands with 143
     store_actor = None
     try:
         if not no_store:
