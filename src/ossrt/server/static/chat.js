@@ -42,6 +42,7 @@ function select(c) {
   $("system").value = s.system;
   $("title").textContent = c.title;
   $("messages").replaceChildren(...c.messages.map((m) => messageView(m).element));
+  scrollToEnd();
   document.body.classList.remove("chats-open");
   $("toggle-chats").setAttribute("aria-expanded", "false");
   showList();
@@ -81,11 +82,14 @@ function messageView(m) {
   let pending = false;
   const show = () => {
     pending = false;
+    const box = $("messages");
+    const following = box.scrollHeight - box.scrollTop - box.clientHeight < 40;  // not scrolled up to read
     reasoning.hidden = !m.reasoning;
     reasoningText.textContent = m.reasoning || "";
     renderMarkdown(body, m.content);
     footer.textContent = stats(m);
     footer.classList.toggle("error", Boolean(m.error));
+    if (following) scrollToEnd();
   };
   show();
   return {
@@ -148,7 +152,6 @@ async function send(text) {
       answer.reasoning += reasoning;
       answer.content += content;
       view.update();
-      scrollToEnd();
     });
     answer.stats = { tokens: result.usage?.completion_tokens ?? pieces,
                      stopReason: result.finishReason ?? "connection closed" };

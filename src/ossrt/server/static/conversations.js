@@ -3,9 +3,15 @@
 const KEY = "ossrt-chat.conversations";
 const CURRENT = "ossrt-chat.current";
 
+// Not crypto.randomUUID(): that needs a secure context, and a phone reaching `ossrt serve --host 0.0.0.0` over
+// the LAN loads the page over plain HTTP.
+function randomId() {
+  return Array.from(crypto.getRandomValues(new Uint32Array(4)), (n) => n.toString(16).padStart(8, "0")).join("");
+}
+
 export function newConversation(settings) {
   return {
-    id: crypto.randomUUID(),
+    id: randomId(),
     title: "New chat",
     created: new Date().toISOString(),
     settings: { ...settings },  // reasoning effort, temperature, system prompt
