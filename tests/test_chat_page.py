@@ -28,9 +28,6 @@ from server_support import live_server  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                                reason="needs the system's chromium and chromedriver (apt-get install chromium "
-                                       "chromium-driver); no browser is downloaded")
 
 KEY = "page-sekrit"
 # The reasoning is a header without <|message|> (a scripted token has one successor, and <|message|> starts the
@@ -85,6 +82,9 @@ def downloads(tmp_path_factory):
 def browser(downloads):
     """One headless Chromium for the module; each test opens its own server's page (its own origin, so its own
     localStorage)."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs the system's chromium and chromedriver (apt-get install chromium chromium-driver); "
+                    "no browser is downloaded")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
