@@ -8,8 +8,6 @@ put what they have on a queue, and the Tk thread drains it every few millisecond
 window responsive while the model loads and generates.
 """
 
-from __future__ import annotations
-
 import argparse
 import queue
 import threading
