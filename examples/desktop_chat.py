@@ -177,7 +177,10 @@ def main() -> None:
     parser.add_argument("model", help="a GGUF file, a checkpoint directory or a hub name such as gpt-oss-20b")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     args = parser.parse_args()
-    root = tk.Tk()
+    try:
+        root = tk.Tk()
+    except tk.TclError as error:  # no display, e.g. over ssh without X forwarding
+        parser.exit(2, f"error: cannot open a window: {error}\n")
     ChatWindow(root, args.model, threads=args.threads)
     root.mainloop()
 

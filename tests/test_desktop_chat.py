@@ -316,3 +316,11 @@ def test_the_program_answers_real_keystrokes_and_exits_cleanly_when_closed(displ
             program.kill()
             program.communicate()
     assert (program.returncode, out, err) == (0, "", "")
+
+
+def test_the_program_without_a_display_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    done = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path / "model.gguf")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("error: cannot open a window: ") and "Traceback" not in done.stderr
