@@ -174,7 +174,6 @@ async function send(text) {
 function setRunning(on) {
   $("send").hidden = on;
   $("stop").hidden = !on;
-  document.body.classList.toggle("running", on);
 }
 
 // --- controls ---
@@ -193,10 +192,10 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", () => running?.abort());
-for (const [id, key, read] of [["effort", "effort", (v) => v], ["temperature", "temperature", Number],
-                               ["system", "system", (v) => v]]) {
-  $(id).addEventListener("change", () => {
-    conversation.settings[key] = read($(id).value);
+const readTemperature = (v) => (v === "" ? DEFAULT_SETTINGS.temperature : Number(v));  // a cleared field
+for (const [key, read] of [["effort", String], ["temperature", readTemperature], ["system", String]]) {
+  $(key).addEventListener("change", () => {
+    conversation.settings[key] = read($(key).value);
     save();
   });
 }
