@@ -373,37 +373,28 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
         raise OssrtError(f"ossrt serve-cluster needs the ray extra ({e.name} is missing): pip install 'ossrt[ray]'") \
             from None
     from .resolve import resolve_model
-    from .server.serve import model_names, reasoning_sealer
-    from .server.store import default_store_path
 
     if store is not None and no_store:
         raise ParameterError("--store and --no-store exclude each other")
     spec = model or DEFAULT_MODEL
     path = resolve_model(spec)  # a missing file fails here, before Ray starts
-    model_id, aliases = model_names(spec, path)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
-    sealer = reasoning_sealer()
     ray.init(address=address)
     signal.signal(signal.SIGTERM, _terminated)  # Ray's handler exits with status 15; ossrt's commands with 143
     store_actor = None
     try:
-        if not no_store:
-            store_actor = cluster.start_store(str(Path(store or default_store_path()).resolve()),
-                                              name=f"{cluster.APP_NAME}-responses")
-        app = cluster.cluster_app(
-            str(path) if Path(spec).exists() else spec, model_id=name or model_id, aliases=[model_id, *aliases],
-            api_key=api_key, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-            threads=threads, parallel=parallel, queue=queue, load_options=dict(context_length=ctx, kv_type=kv_type),
-            sealing_key=sealer.key, store_actor=store_actor, graceful_shutdown_timeout_s=drain_timeout)
+        app, store_actor = cluster.application(
+            spec, name=name, store=store, keep_responses=not no_store, api_key=api_key, replicas=replicas,
+            min_replicas=min_replicas, max_replicas=max_replicas, threads=threads, parallel=parallel, queue=queue,
+            load_options=dict(context_length=ctx, kv_type=kv_type), graceful_shutdown_timeout_s=drain_timeout)
         ray_serve.start(http_options={"host": host, "port": port})
         try:
             ray_serve.run(app, name=cluster.APP_NAME, route_prefix="/")
         except RuntimeError as e:  # a replica failed to start (Ray's log above says why)
             raise OssrtError(f"the replicas did not start: {e}") from None
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"serving {path} as {name or model_id!r} on {replicas} replica(s) at http://{shown}:{port}/v1",
-                   err=True)
+        click.echo(f"serving {path} on {replicas} replica(s) at http://{shown}:{port}/v1", err=True)
         while True:  # until Ctrl-C or SIGTERM
             time.sleep(3600)
     finally:
@@ -413,6 +404,7 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
             if store_actor is not None:
                 ray.kill(store_actor)
         ray.shutdown()
+
 
 if __name__ == "__main__":
     main()

@@ -35,12 +35,12 @@ Ray is imported by this module only; the core package and the CLI import it when
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import random
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import ray
@@ -203,7 +203,8 @@ class RemoteStore:
 
 def start_store(path: str, *, name: str, max_bytes: int | None = None):
     """The store actor `name` (detached, so the application outlives the process that deployed it), on this node,
-    whose disk keeps the file; an existing actor of that name is reused."""
+    whose disk keeps the file; an existing actor of that name is reused. OssrtError when the file is no store."""
+    ResponseStore(path, *(() if max_bytes is None else (max_bytes,))).close()  # a bad file fails here, plainly
     node = ray.get_runtime_context().get_node_id()
     return ray.remote(StoreActor).options(
         name=name, namespace="ossrt", lifetime="detached", get_if_exists=True, num_cpus=0,
@@ -377,3 +378,48 @@ def cluster_app(model: str, *, model_id: str, aliases: Sequence[str] = (), api_k
                          queue=parallel, load_options=dict(load_options or {}, threads=threads),
                          sealing_key=sealing_key, store_actor=store_actor, max_body=max_body)
     return ingress.bind(bound, store_actor=store_actor, max_body=max_body)
+
+
+def application(spec: str, *, name: str | None = None, store: str | None = None, keep_responses: bool = True,
+                **options) -> tuple[serve.Application, Any]:
+    """The application serving `spec` (a model file every node can read, or a hub name), named as `ossrt serve`
+    names it, sealing reasoning with this node's key and keeping responses in `store` (default: the cache
+    folder's file) on this node unless `keep_responses` is false; and its store actor (None without one).
+    `options` go to `cluster_app`."""
+    from ..resolve import resolve_model
+    from .serve import model_names, reasoning_sealer
+    from .store import default_store_path
+
+    path = resolve_model(spec)
+    model_id, aliases = model_names(spec, path)
+    sealer = reasoning_sealer()
+    store_actor = start_store(str(Path(store or default_store_path()).resolve()), name=f"{APP_NAME}-responses") \
+        if keep_responses else None
+    app = cluster_app(str(path) if Path(spec).exists() else spec, model_id=name or model_id,
+                      aliases=[model_id, *aliases], sealing_key=sealer.key, store_actor=store_actor, **options)
+    return app, store_actor
+
+
+_BUILD_ARGS = {"replicas": int, "min_replicas": int, "max_replicas": int, "threads": int, "parallel": int,
+               "queue": int, "drain_timeout": float, "ctx": int, "kv_type": str, "api_key": str, "name": str,
+               "store": str, "no_store": lambda v: str(v).lower() in ("1", "true", "yes")}
+
+
+def build_app(args: Mapping[str, Any]) -> serve.Application:
+    """Ray Serve's application builder: `serve run ossrt.server.cluster:build_app model=PATH replicas=2 threads=4`,
+    or `import_path: ossrt.server.cluster:build_app` with `args` in a `serve deploy`/`serve run` config file. The
+    arguments are `serve-cluster`'s options, with underscores (`min_replicas`, `api_key`, `no_store`, ...)."""
+    unknown = set(args) - set(_BUILD_ARGS) - {"model"}
+    if unknown or "model" not in args:
+        raise OssrtError(f"build_app takes model=PATH_OR_NAME and {', '.join(sorted(_BUILD_ARGS))}"
+                         + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
+    try:
+        given = {k: _BUILD_ARGS[k](v) for k, v in args.items() if k != "model"}
+    except ValueError as e:
+        raise OssrtError(f"build_app: {e}") from None
+    load_options = {"context_length": given.pop("ctx", None), "kv_type": given.pop("kv_type", "f16")}
+    keep = not given.pop("no_store", False)
+    timeout = given.pop("drain_timeout", 30.0)
+    app, _ = application(str(args["model"]), keep_responses=keep, load_options=load_options,
+                         graceful_shutdown_timeout_s=timeout, **given)
+    return app
