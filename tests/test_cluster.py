@@ -3,6 +3,7 @@ scripted model behind Ray Serve's HTTP proxy, driven by the openai client and co
 `ossrt serve` of the same model. One cluster for the module: Ray takes seconds to start."""
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import ossrt  # noqa: E402
+from ossrt.errors import OssrtError  # noqa: E402
 from ossrt.server import cluster  # noqa: E402
 from ossrt.server.store import ResponseStore  # noqa: E402
 from server_support import live_server  # noqa: E402
@@ -201,6 +203,24 @@ def test_previous_response_id_turns_reuse_cache_and_shared_store(url):
         responses.retrieve(firsts[0].id)
 
 
+def test_a_busy_replica_sends_its_conversations_elsewhere(url):
+    """With every slot of the replica holding a conversation busy, the conversation's next request runs on the
+    other replica at once rather than waiting the tens of seconds those slots stay busy."""
+    key = {"prompt_cache_key": "busy"}
+    with contextlib.ExitStack() as streams:
+        chunks = []
+        for _ in range(PARALLEL):  # one after another, so each is routed after the previous one's replica is known
+            stream = streams.enter_context(client(url).chat.completions.create(
+                model=ID, messages=ASK, max_tokens=3000, stream=True, extra_body=key))
+            chunks.append(iter(stream))
+            next(chunks[-1])
+        start = time.monotonic()
+        quick = chat(url, ASK, max_tokens=5, extra_body=key)
+        assert quick.choices[0].finish_reason == "length" and time.monotonic() - start < 10
+        for chunk in chunks:  # the long ones are still generating
+            assert next(chunk).choices[0].finish_reason is None
+
+
 def test_client_leaving_a_stream_stops_its_turn(url):
     """A stream closed after a few chunks ends its turn on the replica: both replicas soon report nothing running."""
     with client(url).chat.completions.create(model=ID, messages=ASK, max_tokens=3000, stream=True) as stream:
@@ -282,3 +302,18 @@ def test_without_ray_the_command_says_what_to_install(model_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "pip install 'ossrt[ray]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_build_app_says_what_it_takes():
+    with pytest.raises(OssrtError, match="unknown: replica"):
+        cluster.build_app({"model": "m.gguf", "replica": "2"})
+    with pytest.raises(OssrtError, match="takes model="):
+        cluster.build_app({"replicas": "2"})
+    with pytest.raises(OssrtError, match="invalid literal"):
+        cluster.build_app({"model": "m.gguf", "replicas": "two"})
+
+
+def test_core_package_and_cli_do_not_import_ray():
+    code = "import sys, ossrt, ossrt.cli, ossrt.server.serve; print(sorted(m for m in sys.modules if m.startswith('ray')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
