@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -399,11 +400,22 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
             time.sleep(3600)
     finally:
         click.echo("draining and stopping the replicas", err=True)
-        with contextlib.suppress(Exception):  # Ray may already be gone (its head stopped)
-            ray_serve.delete(cluster.APP_NAME)
-            if store_actor is not None:
-                ray.kill(store_actor)
-        ray.shutdown()
+
+        def stop() -> None:
+            with contextlib.suppress(Exception):  # Ray may already be gone (its head stopped)
+                ray_serve.delete(cluster.APP_NAME)
+                if store_actor is not None:
+                    ray.kill(store_actor)
+            ray.shutdown()
+
+        # Ray waits for ever on a node that is gone (a SIGTERM to the whole process group stops the Ray node this
+        # command started, along with the command), so the drain gets a bound.
+        stopping = threading.Thread(target=stop, daemon=True, name="ossrt-stop")
+        stopping.start()
+        stopping.join(drain_timeout + 30)
+        if stopping.is_alive():
+            click.echo("error: Ray did not confirm that the replicas stopped (its node may be gone)", err=True)
+            os._exit(1)
 
 
 if __name__ == "__main__":
