@@ -185,6 +185,26 @@ def test_a_failed_read_names_the_file_and_leaves_no_half_read_expert(tiny_gguf, 
         np.testing.assert_allclose(cached.logits(prompt), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_server_health_reports_the_cache(tiny_gguf):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from server_support import live_server
+
+    path = tiny_gguf()
+    budget = max_memory_for(path, 8)
+    with ossrt.load(path, context_length=CONTEXT, max_memory=budget) as m, live_server(m, model_id="tiny") as live:
+        run(m, list(range(1000, 1010)), 2)
+        health = httpx.get(live.url + "/health", timeout=10).json()
+        stats = m.expert_cache.stats
+        assert health["max_memory"] == budget
+        assert health["expert_cache"] == {"slots": 8, "cached": 8, "hits": stats.hits, "misses": stats.misses,
+                                          "hit_rate": round(stats.hit_rate, 4), "bytes_read": stats.bytes_read}
+        assert stats.misses > 8
+    with ossrt.load(path, context_length=CONTEXT) as m, live_server(m, model_id="tiny") as live:
+        health = httpx.get(live.url + "/health", timeout=10).json()
+        assert "max_memory" not in health and "expert_cache" not in health and m.expert_cache is None
+
+
 def test_info_gives_the_smallest_max_memory(tiny_gguf):
     """`ossrt info` prints the smallest max_memory for its context: load takes that (to the 0.01 GiB printed) and
     refuses less."""

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import socket
 import threading
 
@@ -480,8 +481,11 @@ def test_serve_command(scripted_gguf, tmp_path):
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stderr.readline()
-        assert line.startswith(f"serving {path} as 'mine' at http://127.0.0.1:"), line
-        url = line.split(" at ")[1].strip()
+        match = re.fullmatch(rf"serving {re.escape(str(path))} as 'mine' at (http://127\.0\.0\.1:\d+)/v1 "
+                             rf"\(chat page: \1/\)\n", line)
+        assert match, line
+        url = match[1] + "/v1"
+        assert "<title>" in httpx.get(match[1] + "/", timeout=10).text
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
         # The socket listens before the model loads: a request made before uvicorn runs waits in its backlog.
         assert [m.id for m in c.models.list()] == ["mine"]

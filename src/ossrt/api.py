@@ -48,12 +48,13 @@ class Model:
         self.device = "cuda" if device == "cuda" or device == "auto" and _cuda_available() else "cpu"
         if max_memory is not None and self.device != "cpu":
             raise ParameterError("max_memory bounds the RAM of a CPU run; it cannot be used on a CUDA device")
-        experts = None if max_memory is None else _expert_cache(model_file, parse_size(max_memory), context_length,
-                                                                  kv_type)
+        self.max_memory = None if max_memory is None else parse_size(max_memory)
+        experts = None if max_memory is None else _expert_cache(model_file, self.max_memory, context_length, kv_type)
         ops = CpuOps(threads, int8_activations, experts) if self.device == "cpu" else _cuda_ops()
         self.engine = Engine(Transformer(model_file, ops), lambda: Tokenizer.from_model_file(model_file),
                              context_length=int(context_length), kv_type=kv_type)
         self._session = ChatSession(self.engine)
+        self.expert_cache = experts  # the experts within `max_memory` (None: they stay in the memory map)
 
     @property
     def config(self) -> ModelConfig:

@@ -323,7 +323,9 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
             click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
                        err=True)
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"serving {path} as {name or model_id!r} at http://{shown}:{sock.getsockname()[1]}/v1", err=True)
+        url = f"http://{shown}:{sock.getsockname()[1]}"
+        bound = "" if max_memory is None else f", experts cached within --max-memory {max_memory}"
+        click.echo(f"serving {path} as {name or model_id!r} at {url}/v1 (chat page: {url}/){bound}", err=True)
         run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
                    parallel=parallel, queue=queue, store=responses)
 
@@ -395,7 +397,8 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
         except RuntimeError as e:  # a replica failed to start (Ray's log above says why)
             raise OssrtError(f"the replicas did not start: {e}") from None
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"serving {path} on {replicas} replica(s) at http://{shown}:{port}/v1", err=True)
+        url = f"http://{shown}:{port}"
+        click.echo(f"serving {path} on {replicas} replica(s) at {url}/v1 (chat page: {url}/)", err=True)
         while True:  # until Ctrl-C or SIGTERM
             time.sleep(3600)
     finally:

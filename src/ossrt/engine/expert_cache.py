@@ -239,6 +239,12 @@ class ExpertCache:
     def cached(self) -> int:
         return len(self.table.slot_of)
 
+    def report(self) -> dict[str, int | float]:
+        """What the cache holds and has read, for a server's /health."""
+        s = self.stats
+        return {"slots": self.n_slots, "cached": self.cached, "hits": s.hits, "misses": s.misses,
+                "hit_rate": round(s.hit_rate, 4), "bytes_read": s.bytes_read}
+
     def slots(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """The slots holding `experts` (ids of layer `layer`, any shape) after reading those not in the pools."""
         experts = np.asarray(experts, dtype=np.int64)
