@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -690,7 +691,7 @@ def live_server(model: Path) -> Iterator[tuple[str, list[str]]]:
                 break
         else:
             raise RuntimeError("ossrt serve did not start:\n" + "".join(lines))
-        url = lines[-1].split(" at ")[1].strip().removesuffix("/v1")
+        url = re.search(r" at (http://\S+)/v1", lines[-1])[1]
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 60
         while True:
