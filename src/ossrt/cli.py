@@ -82,6 +82,14 @@ _EFFORTS = click.Choice(REASONING_EFFORTS)
 _KV_TYPES = click.Choice(KV_TYPES)
 _DEVICE = click.option("--device", type=click.Choice(DEVICES), default=DEFAULT_DEVICE, show_default=True,
                        help="cuda: an NVIDIA GPU (the cuda12/cuda13 extras); auto: CUDA when CuPy finds a device")
+_CTX = click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
+                    help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
+_KV_TYPE = click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True,
+                        help="KV cache precision")
+# The flags of the two servers (serve, serve-cluster) that mean the same in both.
+_API_KEY = click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
+                        help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
+_SERVED_NAME = click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
 
 
 def _memory_options(fn):
@@ -107,11 +115,9 @@ def _model_options(fn):
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
                      show_default=True),
         click.option("--seed", type=int, default=None),
-        click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
-                     help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]"),
+        _CTX,
         click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]"),
-        click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True,
-                     help="KV cache precision"),
+        _KV_TYPE,
         _DEVICE,
     ]
     for option in reversed(options):
@@ -278,17 +284,15 @@ def _save_history(readline, history: Path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback: this machine "
               "only)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
-              help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
-@click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
+@_API_KEY
+@_SERVED_NAME
 @click.option("-np", "--parallel", type=click.IntRange(min=1), default=2, show_default=True,
               help="requests generated at once (each keeps its own KV cache)")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="requests waiting beyond those; more get 503")
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
-              help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
+@_CTX
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
-@click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
+@_KV_TYPE
 @_DEVICE
 @_memory_options
 @click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
@@ -342,16 +346,14 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
               "[default: a running local cluster, else a new one in this process]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address Ray's HTTP proxies listen on")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
-              help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
-@click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
+@_API_KEY
+@_SERVED_NAME
 @click.option("-np", "--parallel", type=click.IntRange(min=1), default=2, show_default=True,
               help="requests generated at once per replica (each keeps its own KV cache)")
 @click.option("--queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="requests waiting per replica beyond those; more get 503")
-@click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
-              help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
-@click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True, help="KV cache precision")
+@_CTX
+@_KV_TYPE
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="seconds a stopping replica gets to finish its requests")
 @click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
