@@ -101,15 +101,20 @@ def load(url: str, *, requests: int, clients: int, max_tokens: int) -> dict[str,
             "p50": 1000 * statistics.median(latencies), "p95": 1000 * latencies[int(0.95 * (len(latencies) - 1))]}
 
 
+def measure(port: int, args) -> dict[str, float]:
+    """`load` on the server at `port` of this machine, once it answers."""
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url)
+    return load(url, requests=args.requests, clients=args.clients, max_tokens=args.max_tokens)
+
+
 def single_process(model: Path, *, threads: int, parallel: int, args) -> dict[str, float]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "ossrt.cli", "serve", str(model), "--name", ID, "--port",
                                 str(port), "--threads", str(threads), "-np", str(parallel), "--no-store"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_up(url)
-        return load(url, requests=args.requests, clients=args.clients, max_tokens=args.max_tokens)
+        return measure(port, args)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(60)
@@ -125,9 +130,7 @@ def cluster(model: Path, *, replicas: int, parallel: int, port: int, args) -> di
                                     sealing_key=Sealer().key, graceful_shutdown_timeout_s=5)
     serve.run(app, name=ossrt_cluster.APP_NAME, route_prefix="/")
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_up(url)
-        return load(url, requests=args.requests, clients=args.clients, max_tokens=args.max_tokens)
+        return measure(port, args)
     finally:
         serve.delete(ossrt_cluster.APP_NAME)
 

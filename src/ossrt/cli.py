@@ -92,6 +92,16 @@ _API_KEY = click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
 _SERVED_NAME = click.option("--name", default=None, help="model id to serve under [default: from MODEL]")
 
 
+def _warn_if_open(host: str, api_key: str | None) -> None:
+    """The servers' warning when they listen beyond this machine without a key."""
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+
+
+def _base_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def _memory_options(fn):
     """How the mapped model file is kept in RAM: the flags `run`, `generate` and `serve` share."""
     fn = click.option("--max-memory", "max_memory", metavar="SIZE", default=None,
@@ -323,11 +333,8 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
         sock = listen(host, port)  # before loading: a taken port fails at once
         m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
                        prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
-        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-            click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it",
-                       err=True)
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{sock.getsockname()[1]}"
+        _warn_if_open(host, api_key)
+        url = _base_url(host, sock.getsockname()[1])
         bound = "" if max_memory is None else f", experts cached within --max-memory {max_memory}"
         click.echo(f"serving {path} as {name or model_id!r} at {url}/v1 (chat page: {url}/){bound}", err=True)
         run_server(m, sock, model_id=name or model_id, aliases=[model_id, *aliases], api_key=api_key,
@@ -383,8 +390,7 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
         raise ParameterError("--store and --no-store exclude each other")
     spec = model or DEFAULT_MODEL
     path = resolve_model(spec)  # a missing file fails here, before Ray starts
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    _warn_if_open(host, api_key)
     ray.init(address=address)
     signal.signal(signal.SIGTERM, _terminated)  # Ray's handler exits with status 15; ossrt's commands with 143
     store_actor = None
@@ -398,8 +404,7 @@ def serve_cluster(model: str | None, replicas: int, min_replicas: int | None, ma
             ray_serve.run(app, name=cluster.APP_NAME, route_prefix="/")
         except RuntimeError as e:  # a replica failed to start (Ray's log above says why)
             raise OssrtError(f"the replicas did not start: {e}") from None
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{port}"
+        url = _base_url(host, port)
         click.echo(f"serving {path} on {replicas} replica(s) at {url}/v1 (chat page: {url}/)", err=True)
         while True:  # until Ctrl-C or SIGTERM
             time.sleep(3600)

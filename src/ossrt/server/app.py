@@ -193,12 +193,16 @@ class Server:
 
     # --- endpoints ---
     async def health(self, request: Request) -> Response:
+        return JSONResponse(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """What /health reports: the admission counts, and the expert cache's under a memory bound."""
         body = {"status": "ok", "model": self.model_id, "parallel": self.parallel, "queue": self.queue_size,
                 "running": len(self.running), "waiting": self.waiting, **self.counts}
         experts = self.model.expert_cache
         if experts is not None:
             body |= {"max_memory": self.model.max_memory, "expert_cache": experts.report()}
-        return JSONResponse(body)
+        return body
 
     def model_object(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "ossrt",

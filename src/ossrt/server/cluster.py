@@ -256,10 +256,8 @@ class Replica:
             disconnected.set()
 
     def health(self) -> dict[str, Any]:
-        """This replica's `/health` counts and its Ray Serve replica id (the HTTP route reaches any one replica)."""
-        server = self.app.state.server
-        return {"replica": serve.get_replica_context().replica_id.unique_id, "running": len(server.running),
-                "waiting": server.waiting, **server.counts}
+        """This replica's `/health` body and its Ray Serve replica id (the HTTP route reaches any one replica)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, **self.app.state.server.status()}
 
 
 class Ingress:
