@@ -1,11 +1,13 @@
-"""The prefill matmul with 8-bit activations (`engine.int8`) against the float32 one, side by side in one process,
-on the 20b's square 2880 × 2880 matrices (an expert's gate/up/down, the attention projections' width) for several
-token counts.
+"""The kernels with 8-bit activations (`engine.int8`) against the float32 ones, side by side in one process: the
+prefill matmul on the 20b's square 2880 × 2880 matrices (an expert's gate/up/down, the attention projections'
+width) for several token counts, then the decode MoE (one token, 4 of 32 experts of the 20b's size, different
+experts each call so they come from memory, not cache).
 
-    python benchmarks/bench_int8.py [--threads 2] [--rows 2880]
+    python benchmarks/bench_int8.py [--threads 2] [--rows 2880] [--decode-only]
 
 Prints GFLOP/s (2 · rows · 2880 · tokens per second, best of 5) for each weight type and token count: float32,
-int8 with the activations' quantization (what a prefill pays), and their ratio.
+int8 with the activations' quantization (what a prefill pays), and their ratio; for the decode MoE, ms a call
+(median of 20) and the GB/s of expert weights it streams.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=N_EMBD)
+    ap.add_argument("--decode-only", action="store_true", help="only the decode MoE")
     args = ap.parse_args()
     kernels.set_num_threads(args.threads)
     if int8.DOT4 is None:
-        raise SystemExit("this CPU has no VNNI: prefill stays float32, nothing to compare")
+        raise SystemExit("this CPU has no VNNI: activations stay float32, nothing to compare")
     rng = np.random.default_rng(0)
+    if args.decode_only:
+        return decode_moe(rng)
     dense = rng.standard_normal((args.rows, N_EMBD)).astype(np.float32)
     print(f"# {args.rows} x {N_EMBD} weights, {args.threads} threads, int8 kernels: {int8.DOT4}")
     print(f"{'weights':8}{'tokens':>7}{'float32 GFLOP/s':>17}{'int8 GFLOP/s':>14}{'ratio':>7}")
@@ -56,6 +61,33 @@ def main() -> None:
             f32 = best_seconds(lambda: kernels.matmul(w, X))
             i8 = best_seconds(lambda: kernels.matmul(w, X, int8_activations=True))
             print(f"{qtype.name:8}{n:>7}{flops / f32 / 1e9:>17.0f}{flops / i8 / 1e9:>14.0f}{f32 / i8:>6.2f}x")
+    decode_moe(rng)
+
+
+def decode_moe(rng, E: int = 32, k: int = 4, calls: int = 20) -> None:
+    """The fused decode MoE, float32 and int8 calls alternating, on random MXFP4 experts of the 20b's size."""
+    def experts(rows, n):
+        blocks = rng.integers(0, 256, (E, rows, n // 32, 17), dtype=np.uint8)
+        blocks[..., 0] = rng.integers(119, 124, blocks.shape[:-1])
+        return Tensor("experts", GGMLType.MXFP4, (E, rows, n), blocks.reshape(E, rows, -1))
+
+    gate, up, down = experts(N_EMBD, N_EMBD), experts(N_EMBD, N_EMBD), experts(N_EMBD, N_EMBD)
+    biases = [np.zeros((E, N_EMBD), dtype=np.float32)] * 3
+    x = rng.standard_normal((1, N_EMBD)).astype(np.float32)
+    weights = np.full((1, k), 1 / k, dtype=np.float32)
+    nbytes = k * (gate.nbytes + up.nbytes + down.nbytes) / E
+    seconds = {False: [], True: []}
+    for call in range(calls + 1):
+        ids = rng.permutation(E)[None, :k]
+        for int8_activations in (False, True):
+            t0 = time.perf_counter()
+            kernels.moe(gate, up, down, *biases, x, ids, weights, alpha=1.702, limit=7.0,
+                        int8_activations=int8_activations)
+            if call:  # the first call compiles
+                seconds[int8_activations].append(time.perf_counter() - t0)
+    f32, i8 = (float(np.median(seconds[key])) for key in (False, True))
+    print(f"decode MoE ({k} of {E} experts, {nbytes / 1e6:.0f} MB): float32 {f32 * 1e3:.2f} ms "
+          f"{nbytes / f32 / 1e9:.1f} GB/s, int8 {i8 * 1e3:.2f} ms {nbytes / i8 / 1e9:.1f} GB/s, {f32 / i8:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 the bytes of weights each one reads and the rate it reads them at, beside the machine's read bandwidth over the
 same mapped file measured in the same run.
 
-    python benchmarks/profile_decode.py MODEL.gguf [--threads 2] [--prompt 128] [--decode 32]
+    python benchmarks/profile_decode.py MODEL.gguf [--threads 2] [--prompt 128] [--decode 32] [--no-int8]
+
+`--no-int8` loads with `int8_activations=False`: float32 throughout, where the default runs the MoE's experts (and
+the prompt's matmuls) on 8-bit activations on a VNNI CPU. Run both, alternately, to compare them.
 
 Operations are timed by wrapping the CPU backend's methods (the Numba kernels run synchronously, so wall time is
 theirs); `linear` is split by weight (attention projections, router, unembedding). "other" is the rest of the token:
@@ -19,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 import ossrt
+from ossrt.engine import int8
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -121,15 +125,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--no-int8", action="store_true", help="float32 activations throughout")
     args = ap.parse_args()
 
-    model = ossrt.load(args.model, context_length=args.prompt + args.decode + 8, threads=args.threads)
+    model = ossrt.load(args.model, context_length=args.prompt + args.decode + 8, threads=args.threads,
+                       int8_activations=not args.no_int8)
     prompt = [int(t) for t in np.random.default_rng(0).integers(1000, 199000, args.prompt)]
     profile, total = decode_profiled(model.engine.transformer, prompt, args.decode)
     bandwidth = read_bandwidth(list(model.model_file.tensors.values()))
 
     n = args.decode
-    print(f"# {args.model}, {args.threads} threads, {n} decode tokens after {args.prompt}: "
+    activations = f"int8 ({int8.DOT4})" if int8.DOT4 and not args.no_int8 else "float32"
+    print(f"# {args.model}, {args.threads} threads, {activations} activations, {n} decode tokens after {args.prompt}: "
           f"{n / total:.2f} tok/s, {total / n * 1e3:.1f} ms/token; read bandwidth over the file {bandwidth:.1f} GB/s")
     print_table(profile.seconds, profile.bytes, n, total, bandwidth)
     weights = sum(profile.bytes.values()) / n

@@ -26,8 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _f16_native, _load, _mxfp4_block, _nibble_lookup,
-                   _prefetch, _prefetch_line, _splat)
+from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _hsum, _load,
+                   _mxfp4_block, _nibble_lookup, _prefetch, _prefetch_line, _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
 _GROUPS = BLOCK // 4  # groups of four values in a block: one vpdpbusd each
@@ -61,6 +61,7 @@ DOT4 = _dot4_kind()
 _F32_MAX = np.finfo(np.float32).max
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I8 = ir.VectorType(_I8, 16)
+_FAST = ("fast",)
 
 
 # --- activations ----------------------------------------------------------------------------------------------------
@@ -337,6 +338,163 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, se
                     ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if full == 0 else nothing
                     _gemm_call(HALF, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
                                r0 + k, first + full, ahead)
+
+
+# --- decode: one activation vector against MXFP4 rows ---------------------------------------------------------------
+# A row dot takes `lanes` (8 or 16) int32 lanes at a time: lanes / 4 blocks a step, their low-nibble values in one
+# vector and their high-nibble values in another, each block's four lanes in both. The activation is laid out to
+# match (`quantize_vector`), so a row's decoded bytes need no shuffling: per step, two vpdpbusd, one conversion and
+# one multiply-add by the blocks' scales. Blocks past the last whole step (a row's n_blocks % (lanes / 4)) go one
+# at a time in the natural order.
+_BYTE_LOOKUP = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+
+
+@njit(cache=True, inline="always")
+def vector_slots(n_blocks, lanes):
+    """Length of a quantized vector's scales and corrections: `lanes` a whole step, then one a block past them."""
+    per_step = lanes // 4
+    return n_blocks // per_step * lanes + n_blocks % per_step
+
+
+@njit(cache=True)  # not inlined: the callers' fastmath flags would let x / d become x · (1 / d), off the rule
+def quantize_vector(x, lanes, offset, xq, xs, xc):
+    """x float32 [32·n_blocks] → xq int8 [32·n_blocks], xs float32 and xc int32 [vector_slots] in the row dots'
+    layout. Block b in whole step s, place k (b = s·lanes/4 + k): values 0..15 at xq[s·2·lanes·4 + 16k ...], 16..31
+    at lanes·4 bytes further; scale at xs[s·lanes + 4k ... + 3], correction -offset · Σ values at xc[s·lanes + 4k]
+    and zeros in the step's other lanes. A block past the whole steps: values at xq[32b ...], scale and correction
+    at slot steps·lanes + its index past them. A block holding inf or NaN gets a NaN scale, as in the panels."""
+    n_blocks = x.shape[0] // BLOCK
+    per_step = lanes // 4
+    steps = n_blocks // per_step
+    xc[:steps * lanes] = 0
+    for b in range(n_blocks):
+        amax = np.float32(0.0)
+        finite = True
+        for j in range(BLOCK):
+            amax = max(amax, abs(x[b * BLOCK + j]))
+            finite &= abs(x[b * BLOCK + j]) <= _F32_MAX
+        d = amax / np.float32(127.0)
+        if not finite:
+            d = np.float32(np.nan)
+        s, k = b // per_step, b % per_step
+        total = 0
+        for j in range(BLOCK):
+            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if finite and amax > 0 else np.int8(0)
+            total += v
+            if s < steps:
+                xq[s * 8 * lanes + (j // 16) * 4 * lanes + 16 * k + j % 16] = v
+            else:
+                xq[b * BLOCK + j] = v
+        if s < steps:
+            xs[s * lanes + 4 * k:s * lanes + 4 * k + 4] = d
+            xc[s * lanes + 4 * k] = -offset * total
+        else:
+            xs[steps * lanes + b - steps * per_step] = d
+            xc[steps * lanes + b - steps * per_step] = -offset * total
+
+
+def _decode_row_dot(lanes: int):
+    """An intrinsic Σ over n_blocks blocks of an MXFP4 row · a vector from quantize_vector (float32)."""
+    per_step, nbytes = lanes // 4, 4 * lanes
+    vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
+    v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
+                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+
+    @intrinsic
+    def row_dot(typingctx, row, xq, xs, xc, n_blocks):
+        sig = types.float32(row, xq, xs, xc, n_blocks)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
+            wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
+            xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
+                                                                                             _I32.as_pointer())
+            n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
+                                                  {8: "llvm.x86.avx512.vpdpbusd.256",
+                                                   16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+            dot4_8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
+                                                    "llvm.x86.avx512.vpdpbusd.256")
+            lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
+                                                    _BYTE_LOOKUP[nbytes])
+            e8m0 = _e8m0_table(builder)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
+            steps = builder.udiv(n_blocks, c(per_step))
+            with cgutils.for_range(builder, steps) as loop:
+                s = loop.index
+                first = builder.mul(s, c(per_step))
+                codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
+                _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
+                for k in range(per_step):
+                    base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
+                    e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
+                    scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
+                                                    ir.Constant(_I32, k))
+                    codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
+                while len(codes) > 1:  # the blocks' 16 code bytes side by side
+                    width = 2 * codes[0].type.count
+                    codes = [builder.shuffle_vector(codes[i], codes[i + 1],
+                                                    ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+                             for i in range(0, len(codes), 2)]
+                low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
+                high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
+                at = builder.mul(s, c(2 * nbytes))
+                sums = builder.call(dot4, [_load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4),
+                                           builder.bitcast(low, vi32),
+                                           builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
+                sums = builder.call(dot4, [sums, builder.bitcast(high, vi32),
+                                           builder.bitcast(_load(builder, xq_p, builder.add(at, c(nbytes)), vi8, 1),
+                                                           vi32)])
+                w_scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, lanes),
+                                                                             [i // 4 for i in range(lanes)]))
+                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
+                                                                           flags=_FAST), flags=_FAST), acc)
+            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
+            done = builder.mul(steps, c(per_step))
+            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
+            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+                b = builder.add(done, loop.index)
+                w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
+                w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                slot = builder.add(slot0, b)
+                start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
+                                               builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
+                x = _load(builder, xq_p, builder.mul(b, c(BLOCK)), v32i8, 1)
+                sums = builder.call(dot4_8, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
+                block = builder.extract_element(sums, ir.Constant(_I32, 0))
+                for i in range(1, 8):
+                    block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
+                scale = builder.fmul(w_scale, builder.load(builder.gep(xs_p, [slot])), flags=_FAST)
+                builder.store(builder.fadd(builder.load(total), builder.fmul(builder.sitofp(block, _F32), scale,
+                                                                             flags=_FAST), flags=_FAST), total)
+            return builder.load(total)
+
+        return sig, codegen
+
+    return row_dot
+
+
+# As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
+# `decode_lanes`), so the kernels compile on every VNNI CPU.
+_row_dot8 = _decode_row_dot(8)
+_row_dot16 = _decode_row_dot(16) if DOT4 == "avx512vnni" else _row_dot8
+
+
+@njit(cache=True, inline="always")
+def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
+    """Σ over n_blocks blocks of the MXFP4 row · the vector quantize_vector made with `lanes` and MXFP4_OFFSET."""
+    if lanes == 16:
+        return _row_dot16(row, xq, xs, xc, n_blocks)
+    return _row_dot8(row, xq, xs, xc, n_blocks)
+
+
+def decode_lanes() -> int:
+    """int32 lanes a decode row dot takes at a time: 16 with AVX-512, else 8."""
+    return 16 if DOT4 == "avx512vnni" else 8
 
 
 _OFFSETS = {GGMLType.MXFP4: MXFP4_OFFSET, GGMLType.Q8_0: Q8_0_OFFSET}

@@ -2,7 +2,8 @@
 
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
-accumulation are float32, unless the caller asks for 8-bit activations in prefill (`int8`). Every public function
+accumulation are float32, unless the caller asks for 8-bit activations (`int8`): then prefill's matmuls and the
+MoE's experts, in decode too, take integer products where the CPU has VNNI. Every public function
 checks shapes and types in Python before a kernel touches memory. Attention, which reads the KV cache rather than
 weights, is in `attention`.
 
@@ -309,6 +310,44 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
+    """`_moe_assignments` with 8-bit activations (`int8.row_dot_mxfp4`, `lanes` int32 lanes at a time): each token
+    row X[t] that an assignment takes and each assignment's SwiGLU output is quantized once, then the same two
+    parallel passes run on integer row dots."""
+    n_assign = tok.shape[0]
+    n_ff = gate.shape[1]
+    n_embd = X.shape[1]
+    blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
+    used = np.zeros(X.shape[0], dtype=np.bool_)
+    for a in range(n_assign):
+        used[tok[a]] = True
+    xq = np.empty((X.shape[0], n_embd), dtype=np.int8)
+    xs = np.empty((X.shape[0], int8.vector_slots(blocks_in, lanes)), dtype=np.float32)
+    xc = np.empty((X.shape[0], xs.shape[1]), dtype=np.int32)
+    for t in prange(X.shape[0]):
+        if used[t]:
+            int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, xq[t], xs[t], xc[t])
+    act = np.empty((n_assign, n_ff), dtype=np.float32)
+    for ar in prange(n_assign * n_ff):
+        a = ar // n_ff
+        r = ar - a * n_ff
+        e, t = exp[a], tok[a]
+        g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
+        u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
+        act[a, r] = _swiglu(g, u, alpha, limit)
+    act_q = np.empty((n_assign, n_ff), dtype=np.int8)
+    act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes)), dtype=np.float32)
+    act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
+    for a in prange(n_assign):
+        int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, act_q[a], act_s[a], act_c[a])
+    for r in prange(n_embd):
+        for a in range(n_assign):
+            e = exp[a]
+            out[tok[a], r] += wt[a] * (int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes)
+                                       + down_b[e, r])
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _swiglu_rows(G, U, alpha, limit, out):
     for t in prange(G.shape[0]):
         for i in range(G.shape[1]):
@@ -323,8 +362,8 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
     An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
-    once for all its tokens; with `int8_activations` the integer ones, as `matmul`); the rest through the fused
-    decode kernel (all of decode).
+    once for all its tokens); the rest through the fused decode kernel (all of decode). With `int8_activations`,
+    where the CPU has VNNI (`int8.supports`), both take 8-bit activations (as `matmul`); else float32.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -351,7 +390,10 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
     counts = np.bincount(exp, minlength=E)
     sparse = counts[exp] < dense_min_tokens
-    if sparse.any():
+    if sparse.any() and int8_activations and int8.supports(GGMLType.MXFP4):
+        _moe_assignments_int8(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
+                              gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
+    elif sparse.any():
         _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
                          gate_b, up_b, down_b, alpha, limit, out)
     dense = np.flatnonzero(counts >= dense_min_tokens)
