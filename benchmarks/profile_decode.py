@@ -71,6 +71,7 @@ class Profile:
         for name in ("embed", "rms_norm", "rotation", "rope", "router", "store", "attend"):
             self._wrap(ops, name, lambda *a, name=name: (name, 0))
         self._wrap(ops, "linear", lambda w, x, *rest: (linear_kind(w.name), w.nbytes))
+        self._wrap(ops, "linear_many", lambda ws, x, *rest: (linear_kind(ws[0].name), sum(w.nbytes for w in ws)))
         self._wrap(ops, "moe", self._moe_bytes)
 
     def _moe_bytes(self, gate, up, down, gate_b, up_b, down_b, x, ids, *rest):

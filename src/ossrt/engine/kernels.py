@@ -148,6 +148,30 @@ def matvec(w, x: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matvecs_q8_0(ws, first_row, x, out):
+    """out[first_row[m] + r] = row r of ws[m] · x: the rows of every matrix in one parallel pass."""
+    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
+    for i in prange(out.shape[0]):
+        m = 0
+        while i >= first_row[m + 1]:
+            m += 1
+        out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matvecs_bf16(ws, first_row, x, out):
+    """`_matvecs_q8_0` for BF16 matrices."""
+    for i in prange(out.shape[0]):
+        m = 0
+        while i >= first_row[m + 1]:
+            m += 1
+        out[i] = row_dot_bf16(ws[m][i - first_row[m]], x)
+
+
+_MATVECS = {GGMLType.Q8_0: _matvecs_q8_0, GGMLType.BF16: _matvecs_bf16}
+
+
 # --- matrix-matrix (prefill) ---------------------------------------------------------------------------------------
 # Each kernel decodes one weight row into float32 once, then multiplies it with every token of a tile small enough
 # to stay in cache. No BLAS: its threads and Numba's would spin against each other on few cores.
@@ -277,6 +301,21 @@ def linear(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
     if X.ndim == 2 and X.shape[0] == 1:
         return matvec(w, X[0])[None]
     return matmul(w, X, int8_activations=int8_activations)
+
+
+def linear_many(ws, X: np.ndarray, *, int8_activations: bool = False) -> list[np.ndarray]:
+    """[`linear`(w, X) for w in ws]: for one token and matrices of one type with a fused kernel (Q8_0, BF16: the
+    attention projections' types), one parallel pass over the rows of them all, the same numbers with one start
+    of the threads instead of one a matrix."""
+    if not (X.ndim == 2 and X.shape[0] == 1 and len({w.type for w in ws}) == 1 and ws[0].type in _MATVECS):
+        return [linear(w, X, int8_activations=int8_activations) for w in ws]
+    x = np.ascontiguousarray(X[0], dtype=np.float32)
+    for w in ws:
+        _check_matrix(w, x.shape[0])
+    first_row = np.cumsum([0] + [w.shape[0] for w in ws])
+    out = np.empty(first_row[-1], dtype=np.float32)
+    _MATVECS[ws[0].type](tuple(w.data for w in ws), first_row, x, out)
+    return [out[None, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 
 # --- mixture of experts ---------------------------------------------------------------------------------------------

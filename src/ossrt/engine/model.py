@@ -53,6 +53,9 @@ class Ops(Protocol):
     def linear(self, w: Any, x: Any, bias: Any = None) -> Any:
         """float32 [T, out] = x @ W.T (+ bias)."""
 
+    def linear_many(self, ws: list, x: Any, biases: list) -> list:
+        """[`linear`(w, x, b) for each w, b]: one input through several matrices (a backend may fuse them)."""
+
     def rms_norm(self, x: Any, gain: Any, eps: float) -> Any:
         """Spec §2.1: the gain used as stored (no +1)."""
 
@@ -178,9 +181,10 @@ class Transformer:
         projection."""
         cfg, ops = self.config, self.ops
         T = h.shape[0]
-        q = self._linear(w, "attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
-        k = self._linear(w, "attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = self._linear(w, "attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        names = ("attn_q", "attn_k", "attn_v")
+        q, k, v = ops.linear_many([w[n + ".weight"] for n in names], h, [w[n + ".bias"].data for n in names])
+        q = q.reshape(T, cfg.n_head, cfg.head_dim)
+        k, v = k.reshape(T, cfg.n_head_kv, cfg.head_dim), v.reshape(T, cfg.n_head_kv, cfg.head_dim)
         q, k = ops.rope(q, k, rotation)
         # Stored first, then attended over: the new positions see their own keys as the cache holds them, the same
         # values later queries will see.

@@ -82,6 +82,10 @@ class CudaOps:
         positions = to_device(np.arange(start, start + len(tokens)), np.int32)
         return blocks(to_device(tokens, np.int32), positions, cache, should_stop)
 
+    def linear_many(self, ws: list, x, biases: list) -> list:
+        """Each of `linear`: one graph records the kernels one after another."""
+        return [self.linear(w, x, b) for w, b in zip(ws, biases)]
+
     def embed(self, w: Tensor, tokens):
         return kernels.embed(w, tokens)
 
