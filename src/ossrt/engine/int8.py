@@ -1,5 +1,5 @@
-"""Prefill matmuls with 8-bit activations on CPUs with VNNI's `vpdpbusd` (u8 × s8, four products summed into each
-int32 lane): about three times the multiply rate of float32 FMAs.
+"""Matmuls with 8-bit activations on CPUs with VNNI's `vpdpbusd` (u8 × s8, four products summed into each int32
+lane): about three times the multiply rate of float32 FMAs. Prefill's matmuls, and decode's MoE experts.
 
 Activations are quantized per 32-value block, as llama.cpp's Q8_0 (scale = max |x| / 127, values rounded), and laid
 out as a panel with 16 or 8 tokens side by side: for each block and each group of four values, one vector holds the
@@ -10,8 +10,14 @@ After a block's eight, the int32 lanes less the offset's share (offset × Σ of 
 panel) become float32, scaled by weight scale × token scale, and are summed. Accumulation is float32 across blocks,
 int32 within one, exactly.
 
-Only the prefill uses this (`CpuOps(int8_activations=True)`, the default): decode stays on the float32 kernels,
-which are bound by memory, not arithmetic. Which instructions exist is read once from the CPU (`DOT4`).
+Decode multiplies one token's activations with each weight row once (`row_dot_mxfp4`): the token's vector is
+quantized by the same rule, laid out to match the row's decoded bytes, and each row is decoded in registers as it
+streams past. Only the MXFP4 experts take this path: decoding E2M1 costs enough float32 arithmetic that on a VNNI
+CPU the float32 experts are bound by it, not by memory (the integer MoE runs at 1.4-1.5× the float32 one's rate on
+the 20b, `benchmarks/bench_int8.py`); Q8_0 decode stays float32, where an integer row dot measured slower (0.88×).
+
+All of it runs with `CpuOps(int8_activations=True)` (the default). Which instructions exist is read once from the
+CPU (`DOT4`).
 """
 
 from __future__ import annotations
