@@ -27,29 +27,37 @@ from ossrt.engine import int8
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _xor_words(words):
-    """Every 8-byte word XORed: each byte is read, in vector registers, with no other work."""
+    """Every 8-byte word XORed: each byte is read, in vector registers, with no other work. Sixteen independent
+    lanes, so that LLVM vectorizes the loop (one accumulator ran at a quarter of the memory's rate)."""
     chunk = 1 << 16
     n = words.shape[0] // chunk
     partial = np.zeros(n, dtype=np.uint64)
     for c in prange(n):
-        acc = np.uint64(0)
-        for i in range(c * chunk, (c + 1) * chunk):
-            acc ^= words[i]
-        partial[c] = acc
+        acc = np.zeros(16, dtype=np.uint64)
+        rows = words[c * chunk:(c + 1) * chunk].reshape(chunk // 16, 16)
+        for i in range(rows.shape[0]):
+            for j in range(16):
+                acc[j] ^= rows[i, j]
+        for j in range(16):
+            partial[c] ^= acc[j]
     return partial
 
 
-def read_bandwidth(tensors) -> float:
-    """GB/s reading `tensors`' mapped bytes once through with every thread (after a first pass that maps every
-    page): the rate a weight stream could reach at best."""
+def read_bandwidth(tensors, passes: int = 2) -> float:
+    """GB/s reading `tensors`' mapped bytes through with every thread, the faster of `passes` passes after a first
+    that maps every page (on a VM, memory not touched for a while is slow to touch again): the rate a weight stream
+    could reach at best."""
     views = [t.data.reshape(-1).view(np.uint8) for t in tensors if t.nbytes >= 8 << 16]
     words = [v[:v.size // 8 * 8].view(np.uint64) for v in views]
     for w in words:
         _xor_words(w)
-    t0 = time.perf_counter()
-    for w in words:
-        _xor_words(w)
-    return sum(w.nbytes // (8 << 16) * (8 << 16) for w in words) / (time.perf_counter() - t0) / 1e9
+    fastest = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for w in words:
+            _xor_words(w)
+        fastest = min(fastest, time.perf_counter() - t0)
+    return sum(w.nbytes // (8 << 16) * (8 << 16) for w in words) / fastest / 1e9
 
 
 def linear_kind(name: str) -> str:
