@@ -1,13 +1,15 @@
 """The kernels with 8-bit activations (`engine.int8`) against the float32 ones, side by side in one process: the
 prefill matmul on the 20b's square 2880 × 2880 matrices (an expert's gate/up/down, the attention projections'
 width) for several token counts, then the decode MoE (one token, 4 of 32 experts of the 20b's size, different
-experts each call so they come from memory, not cache).
+experts each call so they come from memory, not cache), then decode's Q8_0 matrix-vector products at the 20b's
+shapes (the fused q/k/v projections, the attention output, the unembedding; the projections of 12 layers in turn so
+they come from memory too).
 
     python benchmarks/bench_int8.py [--threads 2] [--rows 2880] [--decode-only]
 
 Prints GFLOP/s (2 · rows · 2880 · tokens per second, best of 5) for each weight type and token count: float32,
-int8 with the activations' quantization (what a prefill pays), and their ratio; for the decode MoE, ms a call
-(median of 20) and the GB/s of expert weights it streams.
+int8 with the activations' quantization (what a prefill pays), and their ratio; for the decode MoE and matvecs, ms a
+call (median, float32 and int8 calls alternating) and the GB/s of weights they stream.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def main() -> None:
         raise SystemExit("this CPU has no VNNI: activations stay float32, nothing to compare")
     rng = np.random.default_rng(0)
     if args.decode_only:
-        return decode_moe(rng)
+        decode_moe(rng)
+        return decode_q8_0(rng)
     dense = rng.standard_normal((args.rows, N_EMBD)).astype(np.float32)
     print(f"# {args.rows} x {N_EMBD} weights, {args.threads} threads, int8 kernels: {int8.DOT4}")
     print(f"{'weights':8}{'tokens':>7}{'float32 GFLOP/s':>17}{'int8 GFLOP/s':>14}{'ratio':>7}")
@@ -62,6 +65,51 @@ def main() -> None:
             i8 = best_seconds(lambda: kernels.matmul(w, X, int8_activations=True))
             print(f"{qtype.name:8}{n:>7}{flops / f32 / 1e9:>17.0f}{flops / i8 / 1e9:>14.0f}{f32 / i8:>6.2f}x")
     decode_moe(rng)
+    decode_q8_0(rng)
+
+
+def alternating(calls: int, f32, i8) -> tuple[float, float]:
+    """Median seconds of f32() and i8(), called alternately `calls` times each after one call of each."""
+    seconds = {f32: [], i8: []}
+    for call in range(calls + 1):
+        for f in (f32, i8):
+            t0 = time.perf_counter()
+            f()
+            if call:  # the first call compiles
+                seconds[f].append(time.perf_counter() - t0)
+    return float(np.median(seconds[f32])), float(np.median(seconds[i8]))
+
+
+def random_q8_0(rng, rows: int, n: int) -> Tensor:
+    """A Q8_0 matrix of random values with scales near 0.01."""
+    blocks = rng.integers(0, 256, (rows, n // 32, 34), dtype=np.uint8)
+    blocks[..., :2] = rng.uniform(0.005, 0.015, (rows, n // 32, 1)).astype(np.float16).view(np.uint8)
+    return Tensor("w", GGMLType.Q8_0, (rows, n), blocks.reshape(rows, -1))
+
+
+def decode_q8_0(rng, layers: int = 12, calls: int = 24) -> None:
+    """Decode's Q8_0 matrix-vector products of the 20b, float32 and int8 alternating: the fused q/k/v projections
+    (`linear_many`, 4096 + 512 + 512 rows of 2880) and the attention output (2880 × 4096) of `layers` layers in turn,
+    and the 201088 × 2880 unembedding."""
+    qkv = [[random_q8_0(rng, rows, N_EMBD) for rows in (4096, 512, 512)] for _ in range(layers)]
+    o = [random_q8_0(rng, N_EMBD, 4096) for _ in range(layers)]
+    output = random_q8_0(rng, 201088, N_EMBD)
+    x, x_o = rng.standard_normal((1, N_EMBD)).astype(np.float32), rng.standard_normal((1, 4096)).astype(np.float32)
+    print(f"{'decode Q8_0':28}{'float32 ms':>11}{'GB/s':>7}{'int8 ms':>9}{'GB/s':>7}{'ratio':>7}")
+
+    def row(name, weights, f):
+        layer = iter(range(1 << 30))
+        nbytes = sum(w.nbytes for w in weights)
+        f32, i8 = alternating(calls, lambda: f(next(layer), False), lambda: f(next(layer), True))
+        print(f"{name:28}{f32 * 1e3:>11.2f}{nbytes / f32 / 1e9:>7.1f}{i8 * 1e3:>9.2f}{nbytes / i8 / 1e9:>7.1f}"
+              f"{f32 / i8:>6.2f}x")
+
+    row("q/k/v 5120 x 2880 (fused)", qkv[0],
+        lambda i, int8_activations: kernels.linear_many(qkv[i % layers], x, int8_activations=int8_activations))
+    row("attn_output 2880 x 4096", o[:1],
+        lambda i, int8_activations: kernels.linear(o[i % layers], x_o, int8_activations=int8_activations))
+    row("output 201088 x 2880", [output],
+        lambda i, int8_activations: kernels.linear(output, x, int8_activations=int8_activations))
 
 
 def decode_moe(rng, E: int = 32, k: int = 4, calls: int = 20) -> None:

@@ -23,9 +23,10 @@ class CpuOps:
     """Operations on NumPy arrays with Numba kernels running on `threads` cores (None: all). With
     `int8_activations` (default) prompts run through integer matmuls where the CPU has VNNI (`kernels.matmul`):
     about three times the float32 rate, at an error about that of the q8_0 file's rounding of the weights; so do
-    the MoE's experts in decode (`kernels.moe`: 1.4× the float32 kernel's rate on the 20b), while decode's
-    attention, router and unembedding stay float32. False keeps float32 throughout. With an `ExpertCache`, the
-    experts come from its pools (read from the file as needed) instead of the memory map."""
+    decode's MoE experts (`kernels.moe`: 1.4× the float32 kernel's rate on the 20b) and Q8_0 attention projections
+    and unembedding (`kernels.linear`, `linear_many`: 1.0-1.5×), while the router stays float32. False keeps
+    float32 throughout. With an `ExpertCache`, the experts come from its pools (read from the file as needed)
+    instead of the memory map."""
 
     def __init__(self, threads: int | None = None, int8_activations: bool = True,
                  experts: ExpertCache | None = None):

@@ -1,5 +1,6 @@
 """Matmuls with 8-bit activations on CPUs with VNNI's `vpdpbusd` (u8 × s8, four products summed into each int32
-lane): about three times the multiply rate of float32 FMAs. Prefill's matmuls, and decode's MoE experts.
+lane): about three times the multiply rate of float32 FMAs. Prefill's matmuls, and in decode the MoE's experts and
+the Q8_0 matrices (attention projections, unembedding).
 
 Activations are quantized per 32-value block, as llama.cpp's Q8_0 (scale = max |x| / 127, values rounded), and laid
 out as a panel with 16 or 8 tokens side by side: for each block and each group of four values, one vector holds the
@@ -10,11 +11,13 @@ After a block's eight, the int32 lanes less the offset's share (offset × Σ of 
 panel) become float32, scaled by weight scale × token scale, and are summed. Accumulation is float32 across blocks,
 int32 within one, exactly.
 
-Decode multiplies one token's activations with each weight row once (`row_dot_mxfp4`): the token's vector is
-quantized by the same rule, laid out to match the row's decoded bytes, and each row is decoded in registers as it
-streams past. Only the MXFP4 experts take this path: decoding E2M1 costs enough float32 arithmetic that on a VNNI
-CPU the float32 experts are bound by it, not by memory (the integer MoE runs at 1.4-1.5× the float32 one's rate on
-the 20b, `benchmarks/bench_int8.py`); Q8_0 decode stays float32, where an integer row dot measured slower (0.88×).
+Decode multiplies one token's activations with each weight row once (`row_dot_mxfp4`, `row_dot_q8_0`): the token's
+vector is quantized by the same rule, laid out to match the row's decoded bytes, and each row is decoded in
+registers as it streams past, several blocks side by side in one vector with a scale a lane, so that no step sums
+across lanes. On a VNNI CPU the float32 row dots are bound by their arithmetic, not by memory: the integer MoE runs
+at 1.4-2.4× the float32 one's rate on the 20b, the Q8_0 unembedding at 1.2-1.3× and the attention output at
+1.3-1.5× (`benchmarks/bench_int8.py --decode-only`, AMD EPYC, 2 threads); the fused q/k/v projections, near the
+memory's rate either way, at 1.0-1.1×. The router, not Q8_0, stays float32.
 
 All of it runs with `CpuOps(int8_activations=True)` (the default). Which instructions exist is read once from the
 CPU (`DOT4`).
@@ -355,22 +358,30 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, se
 _BYTE_LOOKUP = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
 
 
+# A Q8_0 row dot lays blocks side by side in the same way, each block's 32 values in 8 lanes in their natural order
+# (a step of lanes / 8 blocks is 32 · lanes / 8 consecutive bytes of the vector): one vpdpbusd a step.
+MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
+
+
 @njit(cache=True, inline="always")
-def vector_slots(n_blocks, lanes):
-    """Length of a quantized vector's scales and corrections: `lanes` a whole step, then one a block past them."""
-    per_step = lanes // 4
+def vector_slots(n_blocks, lanes, block_lanes):
+    """Length of a quantized vector's scales and corrections: `lanes` a whole step (lanes / block_lanes blocks),
+    then one a block past them."""
+    per_step = lanes // block_lanes
     return n_blocks // per_step * lanes + n_blocks % per_step
 
 
 @njit(cache=True)  # not inlined: the callers' fastmath flags would let x / d become x · (1 / d), off the rule
-def quantize_vector(x, lanes, offset, xq, xs, xc):
+def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
     """x float32 [32·n_blocks] → xq int8 [32·n_blocks], xs float32 and xc int32 [vector_slots] in the row dots'
-    layout. Block b in whole step s, place k (b = s·lanes/4 + k): values 0..15 at xq[s·2·lanes·4 + 16k ...], 16..31
-    at lanes·4 bytes further; scale at xs[s·lanes + 4k ... + 3], correction -offset · Σ values at xc[s·lanes + 4k]
-    and zeros in the step's other lanes. A block past the whole steps: values at xq[32b ...], scale and correction
-    at slot steps·lanes + its index past them. A block holding inf or NaN gets a NaN scale, as in the panels."""
+    layout, `block_lanes` (MXFP4_BLOCK_LANES or Q8_0_BLOCK_LANES) int32 lanes to a block. Block b in whole step s,
+    place k (b = s·lanes/block_lanes + k): scale at xs[s·lanes + block_lanes·k ...] (block_lanes of them),
+    correction -offset · Σ values at xc[s·lanes + block_lanes·k] and zeros in the step's other lanes; values, with
+    4 lanes a block, 0..15 at xq[s·2·lanes·4 + 16k ...] and 16..31 at lanes·4 bytes further; with 8, at xq[32b ...].
+    A block past the whole steps: values at xq[32b ...], scale and correction at slot steps·lanes + its index past
+    them. A block holding inf or NaN gets a NaN scale, as in the panels."""
     n_blocks = x.shape[0] // BLOCK
-    per_step = lanes // 4
+    per_step = lanes // block_lanes
     steps = n_blocks // per_step
     xc[:steps * lanes] = 0
     for b in range(n_blocks):
@@ -387,13 +398,13 @@ def quantize_vector(x, lanes, offset, xq, xs, xc):
         for j in range(BLOCK):
             v = np.int8(np.rint(x[b * BLOCK + j] / d)) if finite and amax > 0 else np.int8(0)
             total += v
-            if s < steps:
+            if s < steps and block_lanes == MXFP4_BLOCK_LANES:
                 xq[s * 8 * lanes + (j // 16) * 4 * lanes + 16 * k + j % 16] = v
             else:
                 xq[b * BLOCK + j] = v
         if s < steps:
-            xs[s * lanes + 4 * k:s * lanes + 4 * k + 4] = d
-            xc[s * lanes + 4 * k] = -offset * total
+            xs[s * lanes + block_lanes * k:s * lanes + block_lanes * (k + 1)] = d
+            xc[s * lanes + block_lanes * k] = -offset * total
         else:
             xs[steps * lanes + b - steps * per_step] = d
             xc[steps * lanes + b - steps * per_step] = -offset * total
@@ -496,6 +507,101 @@ def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
     if lanes == 16:
         return _row_dot16(row, xq, xs, xc, n_blocks)
     return _row_dot8(row, xq, xs, xc, n_blocks)
+
+
+# --- decode: one activation vector against Q8_0 rows ----------------------------------------------------------------
+def _decode_row_dot_q8_0(lanes: int):
+    """An intrinsic Σ over n_blocks blocks of a Q8_0 row · a vector from quantize_vector with Q8_0_BLOCK_LANES
+    (float32). A step takes lanes / 8 blocks: their value bytes side by side (+128 by a XOR of the sign bit), one
+    vpdpbusd against the vector's next bytes, each block's f16 scale in its 8 lanes."""
+    per_step, nbytes = lanes // Q8_0_BLOCK_LANES, 4 * lanes
+    vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
+    v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+    i16 = ir.IntType(16)
+    sign = lambda n: ir.Constant(ir.VectorType(_I8, n), [ir.Constant(_I8, 0x80)] * n)  # noqa: E731
+    # Scale bit patterns of a two-block step: 34 bytes (17 i16) apart, so one load of the step's first 32 i16
+    # (inside its 68 bytes) holds both.
+    spread = ir.Constant(ir.VectorType(_I32, lanes), [(i // Q8_0_BLOCK_LANES) * (Q8_0_BLOCK_BYTES // 2)
+                                                      for i in range(lanes)])
+    assert per_step <= 2
+
+    @intrinsic
+    def row_dot(typingctx, row, xq, xs, xc, n_blocks):
+        sig = types.float32(row, xq, xs, xc, n_blocks)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
+            wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
+            xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
+                                                                                             _I32.as_pointer())
+            n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
+                                                  {8: "llvm.x86.avx512.vpdpbusd.256",
+                                                   16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+            dot4_8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
+                                                    "llvm.x86.avx512.vpdpbusd.256")
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
+            steps = builder.udiv(n_blocks, c(per_step))
+            with cgutils.for_range(builder, steps) as loop:
+                s = loop.index
+                base = builder.mul(s, c(per_step * Q8_0_BLOCK_BYTES))
+                _prefetch(builder, wp, base)
+                values = [_load(builder, wp, builder.add(base, c(k * Q8_0_BLOCK_BYTES + 2)), v32i8, 1)
+                          for k in range(per_step)]
+                w = values[0] if per_step == 1 else builder.shuffle_vector(
+                    values[0], values[1], ir.Constant(ir.VectorType(_I32, nbytes), list(range(nbytes))))
+                sums = builder.call(dot4, [_load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4),
+                                           builder.bitcast(builder.xor(w, sign(nbytes)), vi32),
+                                           builder.bitcast(_load(builder, xq_p, builder.mul(s, c(nbytes)), vi8, 1),
+                                                           vi32)])
+                if per_step == 1:
+                    w_scale = _splat(builder, _f16_native(builder, builder.load(
+                        builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()), align=1)), vf32)
+                else:
+                    bits = _load(builder, wp, base, ir.VectorType(i16, 32), 1)
+                    w_scale = _f16_native(builder, builder.shuffle_vector(bits, bits, spread))
+                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
+                                                                           flags=_FAST), flags=_FAST), acc)
+            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
+            done = builder.mul(steps, c(per_step))
+            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
+            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+                b = builder.add(done, loop.index)
+                base = builder.mul(b, c(Q8_0_BLOCK_BYTES))
+                w = builder.xor(_load(builder, wp, builder.add(base, c(2)), v32i8, 1), sign(32))
+                slot = builder.add(slot0, b)
+                start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
+                                               builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
+                x = _load(builder, xq_p, builder.mul(b, c(BLOCK)), v32i8, 1)
+                sums = builder.call(dot4_8, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
+                block = builder.extract_element(sums, ir.Constant(_I32, 0))
+                for i in range(1, 8):
+                    block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
+                w_scale = _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()),
+                                                            align=1))
+                scale = builder.fmul(w_scale, builder.load(builder.gep(xs_p, [slot])), flags=_FAST)
+                builder.store(builder.fadd(builder.load(total), builder.fmul(builder.sitofp(block, _F32), scale,
+                                                                             flags=_FAST), flags=_FAST), total)
+            return builder.load(total)
+
+        return sig, codegen
+
+    return row_dot
+
+
+_row_dot_q8_0_8 = _decode_row_dot_q8_0(8)
+_row_dot_q8_0_16 = _decode_row_dot_q8_0(16) if DOT4 == "avx512vnni" else _row_dot_q8_0_8
+
+
+@njit(cache=True, inline="always")
+def row_dot_q8_0(row, xq, xs, xc, n_blocks, lanes):
+    """Σ over n_blocks blocks of the Q8_0 row · the vector quantize_vector made with `lanes`, Q8_0_OFFSET and
+    Q8_0_BLOCK_LANES."""
+    if lanes == 16:
+        return _row_dot_q8_0_16(row, xq, xs, xc, n_blocks)
+    return _row_dot_q8_0_8(row, xq, xs, xc, n_blocks)
 
 
 def decode_lanes() -> int:

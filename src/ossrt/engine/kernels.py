@@ -2,8 +2,8 @@
 
 Weights stay as they are in the file (MXFP4 experts, Q8_0/BF16/F16/F32 matrices); decode kernels dequantize each
 block in registers as they go (`simd`), prefill decodes each row once for a tile of tokens. Activations and
-accumulation are float32, unless the caller asks for 8-bit activations (`int8`): then prefill's matmuls and the
-MoE's experts, in decode too, take integer products where the CPU has VNNI. Every public function
+accumulation are float32, unless the caller asks for 8-bit activations (`int8`): then prefill's matmuls and, in
+decode, the MoE's experts and the Q8_0 matrices take integer products where the CPU has VNNI. Every public function
 checks shapes and types in Python before a kernel touches memory. Attention, which reads the KV cache rather than
 weights, is in `attention`.
 
@@ -96,6 +96,25 @@ def _matvec_q8_0(w, x, out):
         out[r] = row_dot_q8_0(w[r], x, n_blocks)
 
 
+@njit(cache=True)
+def _quantize_for_q8_0(x, lanes):
+    """x as int8.row_dot_q8_0 takes it."""
+    xq = np.empty(x.shape[0], dtype=np.int8)
+    slots = int8.vector_slots(x.shape[0] // Q8_0_BLOCK_SIZE, lanes, int8.Q8_0_BLOCK_LANES)
+    xs, xc = np.empty(slots, dtype=np.float32), np.empty(slots, dtype=np.int32)
+    int8.quantize_vector(x, lanes, int8.Q8_0_OFFSET, int8.Q8_0_BLOCK_LANES, xq, xs, xc)
+    return xq, xs, xc
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matvec_q8_0_int8(w, x, lanes, out):
+    """`_matvec_q8_0` with 8-bit activations: x quantized once, `lanes` int32 lanes at a time."""
+    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
+    xq, xs, xc = _quantize_for_q8_0(x, lanes)
+    for r in prange(w.shape[0]):
+        out[r] = int8.row_dot_q8_0(w[r], xq, xs, xc, n_blocks, lanes)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvec_bf16(w, x, out):
     for r in prange(w.shape[0]):
@@ -128,14 +147,23 @@ def _check_matrix(w, n_in: int) -> None:
         raise ValueError(f"{w.name}: rows of {n_in} values are not whole blocks of {block}")
 
 
-def matvec(w, x: np.ndarray) -> np.ndarray:
-    """`W @ x` for a 2-D weight of any supported type; x float32 [in] → float32 [out]."""
+def _int8_q8_0(w_type, int8_activations: bool) -> bool:
+    """Whether a matrix-vector product takes the 8-bit-activation kernel: only Q8_0 matrices do (the router's and
+    any other type stay float32)."""
+    return int8_activations and w_type == GGMLType.Q8_0 and int8.supports(w_type)
+
+
+def matvec(w, x: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
+    """`W @ x` for a 2-D weight of any supported type; x float32 [in] → float32 [out]. With `int8_activations`,
+    a Q8_0 matrix on a VNNI CPU takes x quantized to 8 bits a value (as `matmul`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1:
         raise ValueError(f"{w.name}: matvec needs a vector, got shape {x.shape}")
     _check_matrix(w, x.shape[0])
     out = np.empty(w.shape[0], dtype=np.float32)
-    if w.type == GGMLType.MXFP4:
+    if _int8_q8_0(w.type, int8_activations):
+        _matvec_q8_0_int8(w.data, x, int8.decode_lanes(), out)
+    elif w.type == GGMLType.MXFP4:
         _matvec_mxfp4(w.data, x, out)
     elif w.type == GGMLType.Q8_0:
         _matvec_q8_0(w.data, x, out)
@@ -157,6 +185,18 @@ def _matvecs_q8_0(ws, first_row, x, out):
         while i >= first_row[m + 1]:
             m += 1
         out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matvecs_q8_0_int8(ws, first_row, x, lanes, out):
+    """`_matvecs_q8_0` with 8-bit activations (`_matvec_q8_0_int8`)."""
+    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
+    xq, xs, xc = _quantize_for_q8_0(x, lanes)
+    for i in prange(out.shape[0]):
+        m = 0
+        while i >= first_row[m + 1]:
+            m += 1
+        out[i] = int8.row_dot_q8_0(ws[m][i - first_row[m]], xq, xs, xc, n_blocks, lanes)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -299,7 +339,7 @@ def matmul(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
 def linear(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
     """`X @ W.T` for X [T, in]: the decode kernel for one row, the prefill kernels for more (`matmul`)."""
     if X.ndim == 2 and X.shape[0] == 1:
-        return matvec(w, X[0])[None]
+        return matvec(w, X[0], int8_activations=int8_activations)[None]
     return matmul(w, X, int8_activations=int8_activations)
 
 
@@ -314,7 +354,10 @@ def linear_many(ws, X: np.ndarray, *, int8_activations: bool = False) -> list[np
         _check_matrix(w, x.shape[0])
     first_row = np.cumsum([0] + [w.shape[0] for w in ws])
     out = np.empty(first_row[-1], dtype=np.float32)
-    _MATVECS[ws[0].type](tuple(w.data for w in ws), first_row, x, out)
+    if _int8_q8_0(ws[0].type, int8_activations):
+        _matvecs_q8_0_int8(tuple(w.data for w in ws), first_row, x, int8.decode_lanes(), out)
+    else:
+        _MATVECS[ws[0].type](tuple(w.data for w in ws), first_row, x, out)
     return [out[None, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 
@@ -361,11 +404,11 @@ def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b,
     for a in range(n_assign):
         used[tok[a]] = True
     xq = np.empty((X.shape[0], n_embd), dtype=np.int8)
-    xs = np.empty((X.shape[0], int8.vector_slots(blocks_in, lanes)), dtype=np.float32)
+    xs = np.empty((X.shape[0], int8.vector_slots(blocks_in, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     xc = np.empty((X.shape[0], xs.shape[1]), dtype=np.int32)
     for t in prange(X.shape[0]):
         if used[t]:
-            int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, xq[t], xs[t], xc[t])
+            int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
     act = np.empty((n_assign, n_ff), dtype=np.float32)
     for ar in prange(n_assign * n_ff):
         a = ar // n_ff
@@ -375,10 +418,10 @@ def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b,
         u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
         act[a, r] = _swiglu(g, u, alpha, limit)
     act_q = np.empty((n_assign, n_ff), dtype=np.int8)
-    act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes)), dtype=np.float32)
+    act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
     for a in prange(n_assign):
-        int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, act_q[a], act_s[a], act_c[a])
+        int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
     for r in prange(n_embd):
         for a in range(n_assign):
             e = exp[a]
