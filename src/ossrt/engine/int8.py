@@ -410,11 +410,28 @@ def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
             xc[steps * lanes + b - steps * per_step] = -offset * total
 
 
+def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
+    """total += one block's dot, for a block past a row's whole steps: its 32 offset weight bytes `w` against the
+    vector's block b in natural order (its scale and correction at `slot`), summed across the lanes."""
+    v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+    dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
+                                          "llvm.x86.avx512.vpdpbusd.256")
+    start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
+                                   builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
+    x = _load(builder, xq_p, builder.mul(b, ir.Constant(b.type, BLOCK)), v32i8, 1)
+    sums = builder.call(dot4, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
+    block = builder.extract_element(sums, ir.Constant(_I32, 0))
+    for i in range(1, 8):
+        block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
+    scale = builder.fmul(w_scale, builder.load(builder.gep(xs_p, [slot])), flags=_FAST)
+    builder.store(builder.fadd(builder.load(total), builder.fmul(builder.sitofp(block, _F32), scale, flags=_FAST),
+                               flags=_FAST), total)
+
+
 def _decode_row_dot(lanes: int):
     """An intrinsic Σ over n_blocks blocks of an MXFP4 row · a vector from quantize_vector (float32)."""
     per_step, nbytes = lanes // 4, 4 * lanes
     vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
-    v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
     c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
     table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
                               for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
@@ -433,8 +450,6 @@ def _decode_row_dot(lanes: int):
             dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
                                                   {8: "llvm.x86.avx512.vpdpbusd.256",
                                                    16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
-            dot4_8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
-                                                    "llvm.x86.avx512.vpdpbusd.256")
             lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
                                                     _BYTE_LOOKUP[nbytes])
             e8m0 = _e8m0_table(builder)
@@ -477,17 +492,7 @@ def _decode_row_dot(lanes: int):
                 b = builder.add(done, loop.index)
                 w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
                 w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-                slot = builder.add(slot0, b)
-                start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
-                                               builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
-                x = _load(builder, xq_p, builder.mul(b, c(BLOCK)), v32i8, 1)
-                sums = builder.call(dot4_8, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
-                block = builder.extract_element(sums, ir.Constant(_I32, 0))
-                for i in range(1, 8):
-                    block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
-                scale = builder.fmul(w_scale, builder.load(builder.gep(xs_p, [slot])), flags=_FAST)
-                builder.store(builder.fadd(builder.load(total), builder.fmul(builder.sitofp(block, _F32), scale,
-                                                                             flags=_FAST), flags=_FAST), total)
+                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
             return builder.load(total)
 
         return sig, codegen
@@ -516,7 +521,7 @@ def _decode_row_dot_q8_0(lanes: int):
     vpdpbusd against the vector's next bytes, each block's f16 scale in its 8 lanes."""
     per_step, nbytes = lanes // Q8_0_BLOCK_LANES, 4 * lanes
     vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
-    v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
+    v32i8 = ir.VectorType(_I8, 32)
     i16 = ir.IntType(16)
     sign = lambda n: ir.Constant(ir.VectorType(_I8, n), [ir.Constant(_I8, 0x80)] * n)  # noqa: E731
     # Scale bit patterns of a two-block step: 34 bytes (17 i16) apart, so one load of the step's first 32 i16
@@ -539,8 +544,6 @@ def _decode_row_dot_q8_0(lanes: int):
             dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
                                                   {8: "llvm.x86.avx512.vpdpbusd.256",
                                                    16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
-            dot4_8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
-                                                    "llvm.x86.avx512.vpdpbusd.256")
             acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
             steps = builder.udiv(n_blocks, c(per_step))
             with cgutils.for_range(builder, steps) as loop:
@@ -571,19 +574,9 @@ def _decode_row_dot_q8_0(lanes: int):
                 b = builder.add(done, loop.index)
                 base = builder.mul(b, c(Q8_0_BLOCK_BYTES))
                 w = builder.xor(_load(builder, wp, builder.add(base, c(2)), v32i8, 1), sign(32))
-                slot = builder.add(slot0, b)
-                start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
-                                               builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
-                x = _load(builder, xq_p, builder.mul(b, c(BLOCK)), v32i8, 1)
-                sums = builder.call(dot4_8, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
-                block = builder.extract_element(sums, ir.Constant(_I32, 0))
-                for i in range(1, 8):
-                    block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
                 w_scale = _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()),
                                                             align=1))
-                scale = builder.fmul(w_scale, builder.load(builder.gep(xs_p, [slot])), flags=_FAST)
-                builder.store(builder.fadd(builder.load(total), builder.fmul(builder.sitofp(block, _F32), scale,
-                                                                             flags=_FAST), flags=_FAST), total)
+                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
             return builder.load(total)
 
         return sig, codegen
