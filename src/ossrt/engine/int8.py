@@ -410,6 +410,20 @@ def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
             xc[steps * lanes + b - steps * per_step] = -offset * total
 
 
+def _decode_args(context, builder, signature, args, lanes: int):
+    """A decode row dot's pointers (row bytes, the vector's int8 values, scales, corrections), its block count as
+    i64, and the `lanes`-wide vpdpbusd."""
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
+    wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
+    xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
+                                                                                     _I32.as_pointer())
+    n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+    vi32 = ir.VectorType(_I32, lanes)
+    dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
+                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+    return wp, xq_p, xs_p, xc_p, n_blocks, dot4
+
+
 def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
     """total += one block's dot, for a block past a row's whole steps: its 32 offset weight bytes `w` against the
     vector's block b in natural order (its scale and correction at `slot`), summed across the lanes."""
@@ -441,15 +455,8 @@ def _decode_row_dot(lanes: int):
         sig = types.float32(row, xq, xs, xc, n_blocks)
 
         def codegen(context, builder, signature, args):
-            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
-            wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
-            xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
-                                                                                             _I32.as_pointer())
-            n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+            wp, xq_p, xs_p, xc_p, n_blocks, dot4 = _decode_args(context, builder, signature, args, lanes)
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                                  {8: "llvm.x86.avx512.vpdpbusd.256",
-                                                   16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
             lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
                                                     _BYTE_LOOKUP[nbytes])
             e8m0 = _e8m0_table(builder)
@@ -535,15 +542,8 @@ def _decode_row_dot_q8_0(lanes: int):
         sig = types.float32(row, xq, xs, xc, n_blocks)
 
         def codegen(context, builder, signature, args):
-            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
-            wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
-            xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
-                                                                                             _I32.as_pointer())
-            n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+            wp, xq_p, xs_p, xc_p, n_blocks, dot4 = _decode_args(context, builder, signature, args, lanes)
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                                  {8: "llvm.x86.avx512.vpdpbusd.256",
-                                                   16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
             acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
             steps = builder.udiv(n_blocks, c(per_step))
             with cgutils.for_range(builder, steps) as loop:
