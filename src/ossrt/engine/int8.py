@@ -420,7 +420,8 @@ def _decode_args(context, builder, signature, args, lanes: int):
     n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
     vi32 = ir.VectorType(_I32, lanes)
     dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+                                          {8: "llvm.x86.avx512.vpdpbusd.256",
+                                           16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
     return wp, xq_p, xs_p, xc_p, n_blocks, dot4
 
 
@@ -442,13 +443,12 @@ def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
                                flags=_FAST), total)
 
 
-def _decode_row_dot(lanes: int):
-    """An intrinsic Σ over n_blocks blocks of an MXFP4 row · a vector from quantize_vector (float32)."""
-    per_step, nbytes = lanes // 4, 4 * lanes
-    vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
-    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
-    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
-                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
+    """An intrinsic Σ over n_blocks blocks of a row · a vector from quantize_vector (float32): whole steps of
+    `per_step` blocks, `step(builder, c, wp, xq_p, s, dot4, start)` giving a step's int32 sums (from the `start`
+    corrections) and its per-lane weight scales, then the blocks past them one at a time, `tail_block(builder, c, wp,
+    b)` giving a block's 32 offset weight bytes and its scale (`_add_block`)."""
+    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
 
     @intrinsic
     def row_dot(typingctx, row, xq, xs, xc, n_blocks):
@@ -457,38 +457,12 @@ def _decode_row_dot(lanes: int):
         def codegen(context, builder, signature, args):
             wp, xq_p, xs_p, xc_p, n_blocks, dot4 = _decode_args(context, builder, signature, args, lanes)
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
-                                                    _BYTE_LOOKUP[nbytes])
-            e8m0 = _e8m0_table(builder)
             acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
             steps = builder.udiv(n_blocks, c(per_step))
             with cgutils.for_range(builder, steps) as loop:
                 s = loop.index
-                first = builder.mul(s, c(per_step))
-                codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
-                _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
-                for k in range(per_step):
-                    base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
-                    e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-                    scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
-                                                    ir.Constant(_I32, k))
-                    codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
-                while len(codes) > 1:  # the blocks' 16 code bytes side by side
-                    width = 2 * codes[0].type.count
-                    codes = [builder.shuffle_vector(codes[i], codes[i + 1],
-                                                    ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-                             for i in range(0, len(codes), 2)]
-                low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
-                high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
-                at = builder.mul(s, c(2 * nbytes))
-                sums = builder.call(dot4, [_load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4),
-                                           builder.bitcast(low, vi32),
-                                           builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
-                sums = builder.call(dot4, [sums, builder.bitcast(high, vi32),
-                                           builder.bitcast(_load(builder, xq_p, builder.add(at, c(nbytes)), vi8, 1),
-                                                           vi32)])
-                w_scale = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, lanes),
-                                                                             [i // 4 for i in range(lanes)]))
+                start = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
+                sums, w_scale = step(builder, c, wp, xq_p, s, dot4, start)
                 scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
                 builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
                                                                            flags=_FAST), flags=_FAST), acc)
@@ -497,8 +471,7 @@ def _decode_row_dot(lanes: int):
             slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
             with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
                 b = builder.add(done, loop.index)
-                w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
-                w = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                w, w_scale = tail_block(builder, c, wp, b)
                 _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
             return builder.load(total)
 
@@ -507,10 +480,53 @@ def _decode_row_dot(lanes: int):
     return row_dot
 
 
+def _decode_row_dot_mxfp4(lanes: int):
+    """`_decode_row_dot` for MXFP4 rows: a step takes lanes / 4 blocks, their low-nibble and high-nibble values
+    decoded by a table lookup into two vectors, two vpdpbusd."""
+    per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
+    vi32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_I8, nbytes)
+    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
+                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+
+    def step(builder, c, wp, xq_p, s, dot4, start):
+        lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[nbytes])
+        e8m0 = _e8m0_table(builder)
+        first = builder.mul(s, c(per_step))
+        codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
+        _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
+        for k in range(per_step):
+            base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
+            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
+            scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
+                                            ir.Constant(_I32, k))
+            codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
+        while len(codes) > 1:  # the blocks' 16 code bytes side by side
+            width = 2 * codes[0].type.count
+            codes = [builder.shuffle_vector(codes[i], codes[i + 1],
+                                            ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+                     for i in range(0, len(codes), 2)]
+        low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
+        high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
+        at = builder.mul(s, c(2 * nbytes))
+        sums = builder.call(dot4, [start, builder.bitcast(low, vi32),
+                                   builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
+        sums = builder.call(dot4, [sums, builder.bitcast(high, vi32),
+                                   builder.bitcast(_load(builder, xq_p, builder.add(at, c(nbytes)), vi8, 1), vi32)])
+        return sums, builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, lanes),
+                                                                        [i // 4 for i in range(lanes)]))
+
+    def tail_block(builder, c, wp, b):
+        w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
+
+    return _decode_row_dot(lanes, per_step, step, tail_block)
+
+
 # As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
 # `decode_lanes`), so the kernels compile on every VNNI CPU.
-_row_dot8 = _decode_row_dot(8)
-_row_dot16 = _decode_row_dot(16) if DOT4 == "avx512vnni" else _row_dot8
+_row_dot8 = _decode_row_dot_mxfp4(8)
+_row_dot16 = _decode_row_dot_mxfp4(16) if DOT4 == "avx512vnni" else _row_dot8
 
 
 @njit(cache=True, inline="always")
@@ -523,9 +539,9 @@ def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
 
 # --- decode: one activation vector against Q8_0 rows ----------------------------------------------------------------
 def _decode_row_dot_q8_0(lanes: int):
-    """An intrinsic Σ over n_blocks blocks of a Q8_0 row · a vector from quantize_vector with Q8_0_BLOCK_LANES
-    (float32). A step takes lanes / 8 blocks: their value bytes side by side (+128 by a XOR of the sign bit), one
-    vpdpbusd against the vector's next bytes, each block's f16 scale in its 8 lanes."""
+    """`_decode_row_dot` for Q8_0 rows, the vector from quantize_vector with Q8_0_BLOCK_LANES. A step takes lanes / 8
+    blocks: their value bytes side by side (+128 by a XOR of the sign bit), one vpdpbusd against the vector's next
+    bytes, each block's f16 scale in its 8 lanes."""
     per_step, nbytes = lanes // Q8_0_BLOCK_LANES, 4 * lanes
     vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
     v32i8 = ir.VectorType(_I8, 32)
@@ -537,51 +553,28 @@ def _decode_row_dot_q8_0(lanes: int):
                                                       for i in range(lanes)])
     assert per_step <= 2
 
-    @intrinsic
-    def row_dot(typingctx, row, xq, xs, xc, n_blocks):
-        sig = types.float32(row, xq, xs, xc, n_blocks)
+    def scale_of(builder, wp, base):
+        return _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()), align=1))
 
-        def codegen(context, builder, signature, args):
-            wp, xq_p, xs_p, xc_p, n_blocks, dot4 = _decode_args(context, builder, signature, args, lanes)
-            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
-            steps = builder.udiv(n_blocks, c(per_step))
-            with cgutils.for_range(builder, steps) as loop:
-                s = loop.index
-                base = builder.mul(s, c(per_step * Q8_0_BLOCK_BYTES))
-                _prefetch(builder, wp, base)
-                values = [_load(builder, wp, builder.add(base, c(k * Q8_0_BLOCK_BYTES + 2)), v32i8, 1)
-                          for k in range(per_step)]
-                w = values[0] if per_step == 1 else builder.shuffle_vector(
-                    values[0], values[1], ir.Constant(ir.VectorType(_I32, nbytes), list(range(nbytes))))
-                sums = builder.call(dot4, [_load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4),
-                                           builder.bitcast(builder.xor(w, sign(nbytes)), vi32),
-                                           builder.bitcast(_load(builder, xq_p, builder.mul(s, c(nbytes)), vi8, 1),
-                                                           vi32)])
-                if per_step == 1:
-                    w_scale = _splat(builder, _f16_native(builder, builder.load(
-                        builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()), align=1)), vf32)
-                else:
-                    bits = _load(builder, wp, base, ir.VectorType(i16, 32), 1)
-                    w_scale = _f16_native(builder, builder.shuffle_vector(bits, bits, spread))
-                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
-                                                                           flags=_FAST), flags=_FAST), acc)
-            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
-            done = builder.mul(steps, c(per_step))
-            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
-            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
-                b = builder.add(done, loop.index)
-                base = builder.mul(b, c(Q8_0_BLOCK_BYTES))
-                w = builder.xor(_load(builder, wp, builder.add(base, c(2)), v32i8, 1), sign(32))
-                w_scale = _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()),
-                                                            align=1))
-                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
-            return builder.load(total)
+    def step(builder, c, wp, xq_p, s, dot4, start):
+        base = builder.mul(s, c(per_step * Q8_0_BLOCK_BYTES))
+        _prefetch(builder, wp, base)
+        values = [_load(builder, wp, builder.add(base, c(k * Q8_0_BLOCK_BYTES + 2)), v32i8, 1)
+                  for k in range(per_step)]
+        w = values[0] if per_step == 1 else builder.shuffle_vector(
+            values[0], values[1], ir.Constant(ir.VectorType(_I32, nbytes), list(range(nbytes))))
+        sums = builder.call(dot4, [start, builder.bitcast(builder.xor(w, sign(nbytes)), vi32),
+                                   builder.bitcast(_load(builder, xq_p, builder.mul(s, c(nbytes)), vi8, 1), vi32)])
+        if per_step == 1:
+            return sums, _splat(builder, scale_of(builder, wp, base), vf32)
+        bits = _load(builder, wp, base, ir.VectorType(i16, 32), 1)
+        return sums, _f16_native(builder, builder.shuffle_vector(bits, bits, spread))
 
-        return sig, codegen
+    def tail_block(builder, c, wp, b):
+        base = builder.mul(b, c(Q8_0_BLOCK_BYTES))
+        return builder.xor(_load(builder, wp, builder.add(base, c(2)), v32i8, 1), sign(32)), scale_of(builder, wp, base)
 
-    return row_dot
+    return _decode_row_dot(lanes, per_step, step, tail_block)
 
 
 _row_dot_q8_0_8 = _decode_row_dot_q8_0(8)
