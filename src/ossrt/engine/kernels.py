@@ -176,14 +176,21 @@ def matvec(w, x: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
     return out
 
 
+@njit(cache=True, inline="always")
+def _matrix_of(i, first_row):
+    """Which matrix row i of several stacked ones falls in (matrix m holds rows first_row[m] to first_row[m + 1])."""
+    m = 0
+    while i >= first_row[m + 1]:
+        m += 1
+    return m
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _matvecs_q8_0(ws, first_row, x, out):
     """out[first_row[m] + r] = row r of ws[m] · x: the rows of every matrix in one parallel pass."""
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     for i in prange(out.shape[0]):
-        m = 0
-        while i >= first_row[m + 1]:
-            m += 1
+        m = _matrix_of(i, first_row)
         out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks)
 
 
@@ -193,9 +200,7 @@ def _matvecs_q8_0_int8(ws, first_row, x, lanes, out):
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     xq, xs, xc = _quantize_for_q8_0(x, lanes)
     for i in prange(out.shape[0]):
-        m = 0
-        while i >= first_row[m + 1]:
-            m += 1
+        m = _matrix_of(i, first_row)
         out[i] = int8.row_dot_q8_0(ws[m][i - first_row[m]], xq, xs, xc, n_blocks, lanes)
 
 
@@ -203,9 +208,7 @@ def _matvecs_q8_0_int8(ws, first_row, x, lanes, out):
 def _matvecs_bf16(ws, first_row, x, out):
     """`_matvecs_q8_0` for BF16 matrices."""
     for i in prange(out.shape[0]):
-        m = 0
-        while i >= first_row[m + 1]:
-            m += 1
+        m = _matrix_of(i, first_row)
         out[i] = row_dot_bf16(ws[m][i - first_row[m]], x)
 
 
