@@ -228,6 +228,8 @@ def int8_moe_reference(gate, up, down, gate_b, up_b, down_b, X, ids, weights) ->
     (6, 160, 224, [[5, 2, 3, 0]]),  # 5 and 7 blocks
     (3, 2880, 2880, [[2, 1]]),  # the 20b's: 90 blocks
     (5, 96, 128, [[4, 1], [2, 4], [0, 3]]),  # three tokens, all through the fused kernel (a prefill's lone ones)
+    # A prefill's experts with few tokens: rows decoded once for 4 + 4 + 2, 4 + 2, 3 and 1 of them
+    (4, 160, 224, [[1, 0]] * 6 + [[1, 2]] * 3 + [[3, 1]]),
 ])
 def test_decode_moe_is_the_exact_product_of_the_quantized_values(monkeypatch, lanes, E, I, H, ids):
     """The decode MoE with int8 activations equals the NumPy product of the same quantized vectors (integer sums
@@ -247,6 +249,27 @@ def test_decode_moe_is_the_exact_product_of_the_quantized_values(monkeypatch, la
     assert got.dtype == np.float32 and got.shape == X.shape
     assert slack.max() < 0.005 * np.abs(want).max()  # few SwiGLU outputs near a boundary: 0-0.3 % here
     np.testing.assert_array_less(np.abs(got - want), 1e-5 * np.abs(want).max() + 1.001 * slack)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_decode_moe_of_tokens_together_is_each_token_alone(monkeypatch, lanes):
+    """Tokens through the row-dot kernel together (each expert row decoded once for all of its tokens) get bit for
+    bit what each gets alone, as in decode."""
+    if lanes == 16 and int8.DOT4 != "avx512vnni":
+        pytest.skip("16 lanes need AVX-512")
+    monkeypatch.setattr(int8, "DOT4", "avx512vnni" if lanes == 16 else "avxvnni")
+    rng = np.random.default_rng(11)
+    experts = random_experts(rng, 6, 320, 2880)
+    X = rng.standard_normal((13, 2880)).astype(np.float32)
+    ids = np.stack([rng.permutation(6)[:3] for _ in range(13)])
+    weights = rng.dirichlet(np.ones(3), 13).astype(np.float32)
+    together = kernels.moe(*experts, X, ids, weights, alpha=1.702, limit=7.0, dense_min_tokens=10**9,
+                           int8_activations=True)
+    assert np.bincount(ids.reshape(-1)).max() > int8.ROW_DOTS  # some expert's tokens take two calls
+    for t in range(len(X)):
+        alone = kernels.moe(*experts, X[t:t + 1], ids[t:t + 1], weights[t:t + 1], alpha=1.702, limit=7.0,
+                            int8_activations=True)
+        assert alone.tobytes() == together[t:t + 1].tobytes()
 
 
 def test_decode_moe_error_against_float32():

@@ -410,31 +410,20 @@ def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
             xc[steps * lanes + b - steps * per_step] = -offset * total
 
 
-def _decode_args(context, builder, signature, args, lanes: int):
-    """A decode row dot's pointers (row bytes, the vector's int8 values, scales, corrections), its block count as
-    i64, and the `lanes`-wide vpdpbusd."""
-    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
-    wp, xq_p = (builder.bitcast(a.data, _I8.as_pointer()) for a in arrays[:2])
-    xs_p, xc_p = builder.bitcast(arrays[2].data, _F32.as_pointer()), builder.bitcast(arrays[3].data,
-                                                                                     _I32.as_pointer())
-    n_blocks = builder.sext(args[4], _I64) if args[4].type.width < 64 else args[4]
+def _dot4(builder, lanes: int):
     vi32 = ir.VectorType(_I32, lanes)
-    dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                          {8: "llvm.x86.avx512.vpdpbusd.256",
-                                           16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
-    return wp, xq_p, xs_p, xc_p, n_blocks, dot4
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
+                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
 
 
 def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
     """total += one block's dot, for a block past a row's whole steps: its 32 offset weight bytes `w` against the
     vector's block b in natural order (its scale and correction at `slot`), summed across the lanes."""
     v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
-    dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v8i32] * 3),
-                                          "llvm.x86.avx512.vpdpbusd.256")
     start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
                                    builder.load(builder.gep(xc_p, [slot])), ir.Constant(_I32, 0))
     x = _load(builder, xq_p, builder.mul(b, ir.Constant(b.type, BLOCK)), v32i8, 1)
-    sums = builder.call(dot4, [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
+    sums = builder.call(_dot4(builder, 8), [start, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
     block = builder.extract_element(sums, ir.Constant(_I32, 0))
     for i in range(1, 8):
         block = builder.add(block, builder.extract_element(sums, ir.Constant(_I32, i)))
@@ -443,53 +432,111 @@ def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
                                flags=_FAST), total)
 
 
-def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
-    """An intrinsic Σ over n_blocks blocks of a row · a vector from quantize_vector (float32): whole steps of
-    `per_step` blocks, `step(builder, c, wp, xq_p, s, dot4, start)` giving a step's int32 sums (from the `start`
-    corrections) and its per-lane weight scales, then the blocks past them one at a time, `tail_block(builder, c, wp,
-    b)` giving a block's 32 offset weight bytes and its scale (`_add_block`)."""
+def _row_dots(builder, lanes: int, per_step: int, step, tail_block, wp, n_blocks, vectors):
+    """Σ over n_blocks blocks of a row · each of `vectors` ((values, scales, corrections) pointers of vectors from
+    quantize_vector), the row decoded once for all: whole steps of `per_step` blocks, `step(builder, c, wp, s)`
+    giving a step's weight bytes (vectors of `lanes` int32, each against the next 4 · lanes bytes of a vector's
+    values) and its per-lane weight scales, then the blocks past them one at a time, `tail_block(builder, c, wp, b)`
+    giving a block's 32 offset weight bytes and its scale (`_add_block`). The float32 sums, a vector's as a lone
+    vector's: the same instructions in the same order."""
     vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    vi8 = ir.VectorType(_I8, 4 * lanes)
+    c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    dot4 = _dot4(builder, lanes)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)) for _ in vectors]
+    steps = builder.udiv(n_blocks, c(per_step))
+    with cgutils.for_range(builder, steps) as loop:
+        s = loop.index
+        weights, w_scale = step(builder, c, wp, s)
+        for (xq_p, xs_p, xc_p), acc in zip(vectors, accs):
+            sums = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
+            for j, w in enumerate(weights):
+                at = builder.add(builder.mul(s, c(len(weights) * 4 * lanes)), c(j * 4 * lanes))
+                sums = builder.call(dot4, [sums, w, builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
+            scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
+                                                                       flags=_FAST), flags=_FAST), acc)
+    totals = [cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc))) for acc in accs]
+    done = builder.mul(steps, c(per_step))
+    slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
+    with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+        b = builder.add(done, loop.index)
+        w, w_scale = tail_block(builder, c, wp, b)
+        for (xq_p, xs_p, xc_p), total in zip(vectors, totals):
+            _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
+    return [builder.load(total) for total in totals]
 
+
+def _vector_pointers(builder, arrays):
+    """Pointers to the values, scales and corrections in quantize_vector's arrays."""
+    return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _F32.as_pointer()),
+            builder.bitcast(arrays[2].data, _I32.as_pointer()))
+
+
+def _i64(builder, value):
+    return builder.sext(value, _I64) if value.type.width < 64 else value
+
+
+def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
+    """An intrinsic row_dot(row, xq, xs, xc, n_blocks): float32 Σ over n_blocks blocks of a row · a vector from
+    quantize_vector (`_row_dots`)."""
     @intrinsic
     def row_dot(typingctx, row, xq, xs, xc, n_blocks):
         sig = types.float32(row, xq, xs, xc, n_blocks)
 
         def codegen(context, builder, signature, args):
-            wp, xq_p, xs_p, xc_p, n_blocks, dot4 = _decode_args(context, builder, signature, args, lanes)
-            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
-            steps = builder.udiv(n_blocks, c(per_step))
-            with cgutils.for_range(builder, steps) as loop:
-                s = loop.index
-                start = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
-                sums, w_scale = step(builder, c, wp, xq_p, s, dot4, start)
-                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
-                                                                           flags=_FAST), flags=_FAST), acc)
-            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
-            done = builder.mul(steps, c(per_step))
-            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
-            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
-                b = builder.add(done, loop.index)
-                w, w_scale = tail_block(builder, c, wp, b)
-                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
-            return builder.load(total)
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
+            wp = builder.bitcast(arrays[0].data, _I8.as_pointer())
+            return _row_dots(builder, lanes, per_step, step, tail_block, wp, _i64(builder, args[4]),
+                             [_vector_pointers(builder, arrays[1:])])[0]
 
         return sig, codegen
 
     return row_dot
 
 
-def _decode_row_dot_mxfp4(lanes: int):
-    """`_decode_row_dot` for MXFP4 rows: a step takes lanes / 4 blocks, their low-nibble and high-nibble values
-    decoded by a table lookup into two vectors, two vpdpbusd."""
+def _decode_row_dots(lanes: int, per_step: int, step, tail_block, count: int):
+    """An intrinsic row_dots(row, xq, xs, xc, vectors, first, n_blocks, out, column): out[first + i, column] = the
+    row_dot of the row and the vector in row vectors[first + i] of xq, xs, xc (from quantize_vector), i < `count`,
+    the row decoded once for them all."""
+    @intrinsic
+    def row_dots(typingctx, row, xq, xs, xc, vectors, first, n_blocks, out, column):
+        sig = types.void(row, xq, xs, xc, vectors, first, n_blocks, out, column)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)
+                      if isinstance(t, types.Array)]
+            wp = builder.bitcast(arrays[0].data, _I8.as_pointer())
+            index_p = builder.bitcast(arrays[4].data, _I64.as_pointer())
+            out_p = builder.bitcast(arrays[5].data, _F32.as_pointer())
+            first, column = _i64(builder, args[5]), _i64(builder, args[8])
+            rows = _vector_pointers(builder, arrays[1:4])
+            strides = [builder.extract_value(a.shape, 1) for a in arrays[1:4] + arrays[5:]]
+            pointers = []
+            for i in range(count):
+                v = builder.load(builder.gep(index_p, [builder.add(first, ir.Constant(_I64, i))]))
+                pointers.append([builder.gep(p, [builder.mul(v, stride)]) for p, stride in zip(rows, strides)])
+            totals = _row_dots(builder, lanes, per_step, step, tail_block, wp, _i64(builder, args[6]), pointers)
+            for i, total in enumerate(totals):
+                at = builder.add(builder.mul(builder.add(first, ir.Constant(_I64, i)), strides[3]), column)
+                builder.store(total, builder.gep(out_p, [at]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dots
+
+
+def _mxfp4_row_steps(lanes: int):
+    """`_row_dots`' step and tail block for MXFP4 rows: a step takes lanes / 4 blocks, their low-nibble and
+    high-nibble values decoded by a table lookup into two vectors."""
     per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
     vi32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_I8, nbytes)
     c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
     table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
                               for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
 
-    def step(builder, c, wp, xq_p, s, dot4, start):
+    def step(builder, c, wp, s):
         lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[nbytes])
         e8m0 = _e8m0_table(builder)
         first = builder.mul(s, c(per_step))
@@ -508,25 +555,20 @@ def _decode_row_dot_mxfp4(lanes: int):
                      for i in range(0, len(codes), 2)]
         low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
         high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
-        at = builder.mul(s, c(2 * nbytes))
-        sums = builder.call(dot4, [start, builder.bitcast(low, vi32),
-                                   builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
-        sums = builder.call(dot4, [sums, builder.bitcast(high, vi32),
-                                   builder.bitcast(_load(builder, xq_p, builder.add(at, c(nbytes)), vi8, 1), vi32)])
-        return sums, builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_I32, lanes),
-                                                                        [i // 4 for i in range(lanes)]))
+        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], builder.shuffle_vector(
+            scales, scales, ir.Constant(ir.VectorType(_I32, lanes), [i // 4 for i in range(lanes)]))
 
     def tail_block(builder, c, wp, b):
         w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
         return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
 
-    return _decode_row_dot(lanes, per_step, step, tail_block)
+    return lanes, per_step, step, tail_block
 
 
 # As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
 # `decode_lanes`), so the kernels compile on every VNNI CPU.
-_row_dot8 = _decode_row_dot_mxfp4(8)
-_row_dot16 = _decode_row_dot_mxfp4(16) if DOT4 == "avx512vnni" else _row_dot8
+_row_dot8 = _decode_row_dot(*_mxfp4_row_steps(8))
+_row_dot16 = _decode_row_dot(*_mxfp4_row_steps(16)) if DOT4 == "avx512vnni" else _row_dot8
 
 
 @njit(cache=True, inline="always")
@@ -537,13 +579,57 @@ def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
     return _row_dot8(row, xq, xs, xc, n_blocks)
 
 
+# Vectors a call of row_dots_mxfp4 takes at most: the row's decoding shared by that many, accumulators for them.
+ROW_DOTS = 4
+_row_dots8_1, _row_dots8_2, _row_dots8_3, _row_dots8_4 = (_decode_row_dots(*_mxfp4_row_steps(8), n)
+                                                          for n in range(1, ROW_DOTS + 1))
+_row_dots16_1, _row_dots16_2, _row_dots16_3, _row_dots16_4 = \
+    (_decode_row_dots(*_mxfp4_row_steps(16), n) for n in range(1, ROW_DOTS + 1)) if DOT4 == "avx512vnni" else \
+    (_row_dots8_1, _row_dots8_2, _row_dots8_3, _row_dots8_4)
+
+
+@njit(cache=True, inline="always")
+def row_dots_mxfp4(w, r0, r1, xq, xs, xc, vectors, first, count, n_blocks, lanes, out):
+    """out[first + i, r] = row_dot_mxfp4 of row r of w and the vector in row vectors[first + i] of xq, xs, xc, for
+    i < count and r0 <= r < r1, each row decoded once for every ROW_DOTS of them; each the same float32 as
+    row_dot_mxfp4 gives. The caller has checked that vectors and out have first + count rows, out r1 columns, and
+    the vectors' rows lie in xq, xs, xc."""
+    for at in range(first, first + count, ROW_DOTS):
+        n = min(ROW_DOTS, first + count - at)
+        # One branch for a run of rows: a row takes some 100 ns, so even a few ns of dispatch a row would show.
+        if lanes == 16 and n == 4:
+            for r in range(r0, r1):
+                _row_dots16_4(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif lanes == 16 and n == 3:
+            for r in range(r0, r1):
+                _row_dots16_3(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif lanes == 16 and n == 2:
+            for r in range(r0, r1):
+                _row_dots16_2(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif lanes == 16:
+            for r in range(r0, r1):
+                _row_dots16_1(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif n == 4:
+            for r in range(r0, r1):
+                _row_dots8_4(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif n == 3:
+            for r in range(r0, r1):
+                _row_dots8_3(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        elif n == 2:
+            for r in range(r0, r1):
+                _row_dots8_2(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+        else:
+            for r in range(r0, r1):
+                _row_dots8_1(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
+
+
 # --- decode: one activation vector against Q8_0 rows ----------------------------------------------------------------
-def _decode_row_dot_q8_0(lanes: int):
-    """`_decode_row_dot` for Q8_0 rows, the vector from quantize_vector with Q8_0_BLOCK_LANES. A step takes lanes / 8
-    blocks: their value bytes side by side (+128 by a XOR of the sign bit), one vpdpbusd against the vector's next
-    bytes, each block's f16 scale in its 8 lanes."""
+def _q8_0_row_steps(lanes: int):
+    """`_row_dots`' step and tail block for Q8_0 rows, the vector from quantize_vector with Q8_0_BLOCK_LANES. A step
+    takes lanes / 8 blocks: their value bytes side by side (+128 by a XOR of the sign bit) in one vector, each
+    block's f16 scale in its 8 lanes."""
     per_step, nbytes = lanes // Q8_0_BLOCK_LANES, 4 * lanes
-    vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
+    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     v32i8 = ir.VectorType(_I8, 32)
     i16 = ir.IntType(16)
     sign = lambda n: ir.Constant(ir.VectorType(_I8, n), [ir.Constant(_I8, 0x80)] * n)  # noqa: E731
@@ -556,29 +642,28 @@ def _decode_row_dot_q8_0(lanes: int):
     def scale_of(builder, wp, base):
         return _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()), align=1))
 
-    def step(builder, c, wp, xq_p, s, dot4, start):
+    def step(builder, c, wp, s):
         base = builder.mul(s, c(per_step * Q8_0_BLOCK_BYTES))
         _prefetch(builder, wp, base)
         values = [_load(builder, wp, builder.add(base, c(k * Q8_0_BLOCK_BYTES + 2)), v32i8, 1)
                   for k in range(per_step)]
         w = values[0] if per_step == 1 else builder.shuffle_vector(
             values[0], values[1], ir.Constant(ir.VectorType(_I32, nbytes), list(range(nbytes))))
-        sums = builder.call(dot4, [start, builder.bitcast(builder.xor(w, sign(nbytes)), vi32),
-                                   builder.bitcast(_load(builder, xq_p, builder.mul(s, c(nbytes)), vi8, 1), vi32)])
+        weights = [builder.bitcast(builder.xor(w, sign(nbytes)), vi32)]
         if per_step == 1:
-            return sums, _splat(builder, scale_of(builder, wp, base), vf32)
+            return weights, _splat(builder, scale_of(builder, wp, base), vf32)
         bits = _load(builder, wp, base, ir.VectorType(i16, 32), 1)
-        return sums, _f16_native(builder, builder.shuffle_vector(bits, bits, spread))
+        return weights, _f16_native(builder, builder.shuffle_vector(bits, bits, spread))
 
     def tail_block(builder, c, wp, b):
         base = builder.mul(b, c(Q8_0_BLOCK_BYTES))
         return builder.xor(_load(builder, wp, builder.add(base, c(2)), v32i8, 1), sign(32)), scale_of(builder, wp, base)
 
-    return _decode_row_dot(lanes, per_step, step, tail_block)
+    return lanes, per_step, step, tail_block
 
 
-_row_dot_q8_0_8 = _decode_row_dot_q8_0(8)
-_row_dot_q8_0_16 = _decode_row_dot_q8_0(16) if DOT4 == "avx512vnni" else _row_dot_q8_0_8
+_row_dot_q8_0_8 = _decode_row_dot(*_q8_0_row_steps(8))
+_row_dot_q8_0_16 = _decode_row_dot(*_q8_0_row_steps(16)) if DOT4 == "avx512vnni" else _row_dot_q8_0_8
 
 
 @njit(cache=True, inline="always")

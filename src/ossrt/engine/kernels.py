@@ -394,14 +394,21 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
             out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r])
 
 
+# With 8-bit activations, an expert with fewer tokens than this takes them through row dots (each row decoded once
+# for all of them) rather than a panel of 8 or 16 token lanes: below it, the panel's padding lanes cost more than
+# the row dots' repeated scale arithmetic.
+INT8_DENSE_MIN_TOKENS = 9
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
-    """`_moe_assignments` with 8-bit activations (`int8.row_dot_mxfp4`, `lanes` int32 lanes at a time): each token
-    row X[t] that an assignment takes and each assignment's SwiGLU output is quantized once, then the same two
-    parallel passes run on integer row dots."""
+def _moe_assignments_int8(X, tok, wt, seg_expert, seg_first, seg_count, gate, up, down, gate_b, up_b, down_b, alpha,
+                          limit, lanes, threads, out):
+    """`_moe_assignments` with 8-bit activations, for assignments grouped by expert: segment s is assignments
+    seg_first[s] to seg_first[s] + seg_count[s] - 1, all of expert seg_expert[s]. Each token row X[t] that an
+    assignment takes and each assignment's SwiGLU output is quantized once; each expert row is decoded once for all
+    of its assignments (`int8.row_dots_mxfp4`). Each of `threads` threads takes one range of rows in every expert,
+    expert after expert: the same work for each, and long runs of consecutive rows, which the prefetchers follow."""
     n_assign = tok.shape[0]
-    n_ff = gate.shape[1]
-    n_embd = X.shape[1]
+    n_ff, n_embd = gate.shape[1], X.shape[1]
     blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
     used = np.zeros(X.shape[0], dtype=np.bool_)
     for a in range(n_assign):
@@ -412,24 +419,32 @@ def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b,
     for t in prange(X.shape[0]):
         if used[t]:
             int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
+    G, U = np.empty((n_assign, n_ff), dtype=np.float32), np.empty((n_assign, n_ff), dtype=np.float32)
     act = np.empty((n_assign, n_ff), dtype=np.float32)
-    for ar in prange(n_assign * n_ff):
-        a = ar // n_ff
-        r = ar - a * n_ff
-        e, t = exp[a], tok[a]
-        g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
-        u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
-        act[a, r] = _swiglu(g, u, alpha, limit)
+    for thread in prange(threads):
+        lo, hi = thread * n_ff // threads, (thread + 1) * n_ff // threads
+        for s in range(seg_expert.shape[0]):
+            e, first, count = seg_expert[s], seg_first[s], seg_count[s]
+            int8.row_dots_mxfp4(gate[e], lo, hi, xq, xs, xc, tok, first, count, blocks_in, lanes, G)
+            int8.row_dots_mxfp4(up[e], lo, hi, xq, xs, xc, tok, first, count, blocks_in, lanes, U)
+            for a in range(first, first + count):
+                for r in range(lo, hi):
+                    act[a, r] = _swiglu(G[a, r] + gate_b[e, r], U[a, r] + up_b[e, r], alpha, limit)
     act_q = np.empty((n_assign, n_ff), dtype=np.int8)
     act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
     for a in prange(n_assign):
         int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
-    for r in prange(n_embd):
-        for a in range(n_assign):
-            e = exp[a]
-            out[tok[a], r] += wt[a] * (int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes)
-                                       + down_b[e, r])
+    assignments = np.arange(n_assign)
+    Y = np.empty((n_assign, n_embd), dtype=np.float32)
+    for thread in prange(threads):  # each output element has one writer
+        lo, hi = thread * n_embd // threads, (thread + 1) * n_embd // threads
+        for s in range(seg_expert.shape[0]):
+            e, first, count = seg_expert[s], seg_first[s], seg_count[s]
+            int8.row_dots_mxfp4(down[e], lo, hi, act_q, act_s, act_c, assignments, first, count, blocks_ff, lanes, Y)
+            for a in range(first, first + count):
+                for r in range(lo, hi):
+                    out[tok[a], r] += wt[a] * (Y[a, r] + down_b[e, r])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -441,14 +456,15 @@ def _swiglu_rows(G, U, alpha, limit, out):
 
 def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, X: np.ndarray,
         expert_ids: np.ndarray, expert_weights: np.ndarray, *, alpha: float, limit: float,
-        dense_min_tokens: int = 2, int8_activations: bool = False) -> np.ndarray:
+        dense_min_tokens: int | None = None, int8_activations: bool = False) -> np.ndarray:
     """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d), the
     SwiGLU clamped at `limit` with slope `alpha` (the model's `swiglu_limit`, `swiglu_alpha`; spec §2.6).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
     An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
     once for all its tokens); the rest through the fused decode kernel (all of decode). With `int8_activations`,
-    where the CPU has VNNI (`int8.supports`), both take 8-bit activations (as `matmul`); else float32.
+    where the CPU has VNNI (`int8.supports`), both take 8-bit activations (as `matmul`); else float32. By default
+    `dense_min_tokens` is INT8_DENSE_MIN_TOKENS with 8-bit activations, else 2.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -474,17 +490,23 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     tok = np.repeat(np.arange(T, dtype=np.int64), expert_ids.shape[1])
     exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
     counts = np.bincount(exp, minlength=E)
+    int8_experts = int8_activations and int8.supports(GGMLType.MXFP4)
+    if dense_min_tokens is None:
+        dense_min_tokens = INT8_DENSE_MIN_TOKENS if int8_experts else 2
     sparse = counts[exp] < dense_min_tokens
-    if sparse.any() and int8_activations and int8.supports(GGMLType.MXFP4):
-        _moe_assignments_int8(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
-                              gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
+    if sparse.any() and int8_experts:
+        order = np.flatnonzero(sparse)[np.argsort(exp[sparse], kind="stable")]
+        experts, first, n = np.unique(exp[order], return_index=True, return_counts=True)
+        _moe_assignments_int8(X, tok[order], wt[order], experts, first, n, gate_exps.data, up_exps.data,
+                              down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(),
+                              numba.get_num_threads(), out)
     elif sparse.any():
         _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
                          gate_b, up_b, down_b, alpha, limit, out)
     dense = np.flatnonzero(counts >= dense_min_tokens)
     if not dense.size:
         return out
-    if int8_activations and int8.supports(GGMLType.MXFP4):
+    if int8_experts:
         _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, wt, counts, dense, alpha, limit,
                   out)
         return out
