@@ -35,7 +35,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_BYTES, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _hsum, _load,
+from .simd import (MXFP4_BLOCK_BYTES, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _hsum, _load,
                    _mxfp4_block, _nibble_lookup, _prefetch, _prefetch_line, _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
@@ -123,6 +123,10 @@ def quantize_panel(X: np.ndarray, lanes: int, offset: int) -> tuple[np.ndarray, 
 
 
 # --- weight rows → unsigned bytes and block scales ------------------------------------------------------------------
+def _i64(builder, value):
+    return builder.sext(value, _I64) if value.type.width < 64 else value
+
+
 def _row_pointers(context, builder, signature, args):
     arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:3], args[:3])]
     return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _I8.as_pointer()),
@@ -134,25 +138,98 @@ def _offset_bytes(builder, qs):
     return _nibble_lookup(builder, qs, "llvm.x86.ssse3.pshuf.b.128", mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET)
 
 
-@intrinsic
-def _decode_row_mxfp4_u8(typingctx, row, out, scales, n_blocks):
-    """out[32b + j] = E2M1 value ×2 + 12 of element j of block b (j < 16: low nibbles, else high), scales[b] = the
-    block's 2^(e-128)."""
-    sig = types.void(row, out, scales, n_blocks)
+# MXFP4 rows lanes / 4 blocks at a time (a step): their low-nibble and high-nibble values decoded by one table
+# lookup each into two vectors of 4 · lanes bytes, block k's in bytes 16k to 16k + 15 of both, its scale in lanes 4k
+# to 4k + 3 of a float vector. Decode's row dots multiply them as they are; the prefill's row decoder stores them.
+_BYTE_LOOKUP = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
 
-    def codegen(context, builder, signature, args):
-        wp, op, sp = _row_pointers(context, builder, signature, args)
-        with cgutils.for_range(builder, args[3]) as loop:
-            b = loop.index
-            scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
-            builder.store(scale, builder.gep(sp, [b]))
-            out_at = builder.mul(b, ir.Constant(b.type, MXFP4_BLOCK_SIZE))
-            for half, values in ((0, lo), (16, hi)):
-                ptr = builder.gep(op, [builder.add(out_at, ir.Constant(b.type, half))])
-                builder.store(values, builder.bitcast(ptr, _V16I8.as_pointer()), align=1)
-        return context.get_dummy_value()
 
-    return sig, codegen
+def _mxfp4_row_steps(lanes: int):
+    """`_row_dots`' step and tail block for MXFP4 rows (lanes, blocks a step, step, tail block): a step's two
+    vectors of byte values + MXFP4_OFFSET as `lanes` int32 each, and its per-lane scales; a block's 32 byte values
+    + MXFP4_OFFSET and its scale."""
+    per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
+    vi32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_I8, nbytes)
+    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
+                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+
+    def step(builder, c, wp, s):
+        lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[nbytes])
+        e8m0 = _e8m0_table(builder)
+        first = builder.mul(s, c(per_step))
+        codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
+        _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
+        for k in range(per_step):
+            base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
+            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
+            scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
+                                            ir.Constant(_I32, k))
+            codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
+        while len(codes) > 1:  # the blocks' 16 code bytes side by side
+            width = 2 * codes[0].type.count
+            codes = [builder.shuffle_vector(codes[i], codes[i + 1],
+                                            ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+                     for i in range(0, len(codes), 2)]
+        low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
+        high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
+        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], builder.shuffle_vector(
+            scales, scales, ir.Constant(ir.VectorType(_I32, lanes), [i // 4 for i in range(lanes)]))
+
+    def tail_block(builder, c, wp, b):
+        w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
+
+    return lanes, per_step, step, tail_block
+
+
+def _decode_row_mxfp4_u8_of(lanes: int):
+    """An intrinsic decode(row, out, scales, n_blocks): out[32b + j] = E2M1 value ×2 + 12 of element j of block b
+    (j < 16: low nibbles, else high), scales[b] = the block's 2^(e-128); whole steps of `lanes` / 4 blocks
+    (`_mxfp4_row_steps`), then the blocks past them one at a time."""
+    _, per_step, step, _ = _mxfp4_row_steps(lanes)
+    nbytes = 4 * lanes
+    # Each block's 16 low-nibble values, then its 16 high-nibble ones (the second vector's bytes from nbytes on).
+    order = [base + 16 * k + j for k in range(per_step) for base in (0, nbytes) for j in range(16)]
+
+    @intrinsic
+    def decode(typingctx, row, out, scales, n_blocks):
+        sig = types.void(row, out, scales, n_blocks)
+
+        def codegen(context, builder, signature, args):
+            wp, op, sp = _row_pointers(context, builder, signature, args)
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            n_blocks = _i64(builder, args[3])
+            steps = builder.udiv(n_blocks, c(per_step))
+            vi8 = ir.VectorType(_I8, nbytes)
+            with cgutils.for_range(builder, steps) as loop:
+                s = loop.index
+                (low, high), w_scale = step(builder, c, wp, s)
+                values = builder.shuffle_vector(builder.bitcast(low, vi8), builder.bitcast(high, vi8),
+                                                ir.Constant(ir.VectorType(_I32, 2 * nbytes), order))
+                ptr = builder.gep(op, [builder.mul(s, c(per_step * BLOCK))])
+                builder.store(values, builder.bitcast(ptr, values.type.as_pointer()), align=1)
+                block_scales = builder.shuffle_vector(w_scale, w_scale, ir.Constant(
+                    ir.VectorType(_I32, per_step), [MXFP4_BLOCK_LANES * k for k in range(per_step)]))
+                ptr = builder.gep(sp, [builder.mul(s, c(per_step))])
+                builder.store(block_scales, builder.bitcast(ptr, block_scales.type.as_pointer()), align=4)
+            done = builder.mul(steps, c(per_step))
+            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+                b = builder.add(done, loop.index)
+                scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
+                builder.store(scale, builder.gep(sp, [b]))
+                for half, values in ((0, lo), (16, hi)):
+                    ptr = builder.gep(op, [builder.add(builder.mul(b, c(BLOCK)), c(half))])
+                    builder.store(values, builder.bitcast(ptr, _V16I8.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return decode
+
+
+_decode_row_mxfp4_u8 = _decode_row_mxfp4_u8_of(16 if DOT4 == "avx512vnni" else 8)
 
 
 @intrinsic
@@ -355,12 +432,8 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, se
 # match (`quantize_vector`), so a row's decoded bytes need no shuffling: per step, two vpdpbusd, one conversion and
 # one multiply-add by the blocks' scales. Blocks past the last whole step (a row's n_blocks % (lanes / 4)) go one
 # at a time in the natural order.
-_BYTE_LOOKUP = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
-
-
 # A Q8_0 row dot lays blocks side by side in the same way, each block's 32 values in 8 lanes in their natural order
 # (a step of lanes / 8 blocks is 32 · lanes / 8 consecutive bytes of the vector): one vpdpbusd a step.
-MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
 
 
 @njit(cache=True, inline="always")
@@ -473,10 +546,6 @@ def _vector_pointers(builder, arrays):
             builder.bitcast(arrays[2].data, _I32.as_pointer()))
 
 
-def _i64(builder, value):
-    return builder.sext(value, _I64) if value.type.width < 64 else value
-
-
 def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
     """An intrinsic row_dot(row, xq, xs, xc, n_blocks): float32 Σ over n_blocks blocks of a row · a vector from
     quantize_vector (`_row_dots`)."""
@@ -525,44 +594,6 @@ def _decode_row_dots(lanes: int, per_step: int, step, tail_block, count: int):
         return sig, codegen
 
     return row_dots
-
-
-def _mxfp4_row_steps(lanes: int):
-    """`_row_dots`' step and tail block for MXFP4 rows: a step takes lanes / 4 blocks, their low-nibble and
-    high-nibble values decoded by a table lookup into two vectors."""
-    per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
-    vi32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_I8, nbytes)
-    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
-    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
-                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
-
-    def step(builder, c, wp, s):
-        lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[nbytes])
-        e8m0 = _e8m0_table(builder)
-        first = builder.mul(s, c(per_step))
-        codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
-        _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
-        for k in range(per_step):
-            base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
-            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-            scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
-                                            ir.Constant(_I32, k))
-            codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
-        while len(codes) > 1:  # the blocks' 16 code bytes side by side
-            width = 2 * codes[0].type.count
-            codes = [builder.shuffle_vector(codes[i], codes[i + 1],
-                                            ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-                     for i in range(0, len(codes), 2)]
-        low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
-        high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
-        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], builder.shuffle_vector(
-            scales, scales, ir.Constant(ir.VectorType(_I32, lanes), [i // 4 for i in range(lanes)]))
-
-    def tail_block(builder, c, wp, b):
-        w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
-        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
-
-    return lanes, per_step, step, tail_block
 
 
 # As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
