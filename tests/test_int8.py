@@ -5,6 +5,7 @@ kernels, MoE, and the whole model's logits and greedy text, in prefill and in de
 
 import numpy as np
 import pytest
+from numba import njit
 from gguf import GGMLQuantizationType as T
 
 import ossrt
@@ -122,11 +123,49 @@ def test_moe_with_int8_activations_stays_close_to_float32():
     assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
 
 
+@njit(cache=True)
+def quantize_rows(X, xq, xs, xc):
+    for t in range(X.shape[0]):
+        int8.quantize_row(X[t], int8.MXFP4_OFFSET, xq[t], xs[t], xc[t])
+
+
+@njit(cache=True)
+def row_lanes_all(w, xq, xs, xc, vectors, first, count, lanes, out):
+    for r0 in range(0, w.shape[0], lanes):
+        int8.row_lanes_mxfp4(w, r0, xq, xs, xc, vectors, first, count, lanes, out)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("rows, count", [(40, 1), (40, 7), (16, 3), (8, 20)])  # 40: a tile past the last row
+def test_row_lanes_is_the_exact_product_of_the_quantized_values(lanes, rows, count):
+    """Rows in the lanes: tokens vectors[first + i] against every row, into output rows first + i and nowhere else,
+    equal to a float64 product of the quantized activations and the dequantized weights to float32 precision."""
+    if lanes == 16 and int8.DOT4 != "avx512vnni":
+        pytest.skip("16 lanes need AVX-512")
+    rng = np.random.default_rng(rows + count)
+    w = make_tensor(rng.standard_normal((rows, 2880)) * 2, T.MXFP4)
+    X = (rng.standard_normal((count, 2880)) * 3).astype(np.float32)
+    xq = np.empty(X.shape, dtype=np.int8)
+    xs, xc = np.empty((count, 90), dtype=np.float32), np.empty((count, 90), dtype=np.int32)
+    quantize_rows(X, xq, xs, xc)
+    q, d = quantized(X)
+    np.testing.assert_array_equal(xq, q)
+    np.testing.assert_array_equal(xs, d)
+    np.testing.assert_array_equal(xc, -12 * q.reshape(count, 90, 32).astype(np.int32).sum(axis=-1))
+    vectors = np.concatenate([[7, 7], rng.permutation(count)]).astype(np.int64)  # assignments 2, 3, ... → tokens
+    out = np.full((count + 3, -(-rows // lanes) * lanes), np.nan, dtype=np.float32)
+    row_lanes_all(w.data, xq, xs, xc, vectors, 2, count, lanes, out)
+    Xq = (q.reshape(count, -1, 32) * d[..., None].astype(np.float64)).reshape(X.shape)
+    expect = Xq[vectors[2:]] @ dequantized(w).T
+    np.testing.assert_allclose(out[2:2 + count, :rows], expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
+    assert np.isnan(out[:2]).all() and np.isnan(out[2 + count:]).all()
+
+
 @pytest.mark.parametrize("n_tokens", [13, 70])  # 8 and 16 tokens a vector
 def test_moe_takes_all_experts_in_one_pass_as_if_one_by_one(n_tokens):
-    """The integer MoE sorts the tokens by expert into one panel, each expert's in whole token groups, and runs
-    every expert in one pass a matrix: the same as quantizing and multiplying each expert's tokens on their own.
-    Experts with one token and with more than a vector's width of them."""
+    """The integer MoE sorts the tokens by expert and runs every expert in one pass a matrix, tiles of rows against
+    all of an expert's tokens (`int8.row_lanes_mxfp4`): the same as quantizing and multiplying each expert's tokens
+    on their own, through the panels. Experts with one token and with more than a vector's width of them."""
     rng = np.random.default_rng(n_tokens)
     E, I, H, k = 6, 96, 64, 2
     gate, up = (make_tensor(rng.standard_normal((E, I, H)), T.MXFP4, name) for name in ("gate", "up"))
@@ -228,8 +267,7 @@ def int8_moe_reference(gate, up, down, gate_b, up_b, down_b, X, ids, weights) ->
     (6, 160, 224, [[5, 2, 3, 0]]),  # 5 and 7 blocks
     (3, 2880, 2880, [[2, 1]]),  # the 20b's: 90 blocks
     (5, 96, 128, [[4, 1], [2, 4], [0, 3]]),  # three tokens, all through the fused kernel (a prefill's lone ones)
-    # A prefill's experts with few tokens: rows decoded once for 4 + 4 + 2, 4 + 2, 3 and 1 of them
-    (4, 160, 224, [[1, 0]] * 6 + [[1, 2]] * 3 + [[3, 1]]),
+    (4, 160, 224, [[1, 0]] * 6 + [[1, 2]] * 3 + [[3, 1]]),  # experts with 10, 6, 3 and 1 of ten tokens
 ])
 def test_decode_moe_is_the_exact_product_of_the_quantized_values(monkeypatch, lanes, E, I, H, ids):
     """The decode MoE with int8 activations equals the NumPy product of the same quantized vectors (integer sums
@@ -249,27 +287,6 @@ def test_decode_moe_is_the_exact_product_of_the_quantized_values(monkeypatch, la
     assert got.dtype == np.float32 and got.shape == X.shape
     assert slack.max() < 0.005 * np.abs(want).max()  # few SwiGLU outputs near a boundary: 0-0.3 % here
     np.testing.assert_array_less(np.abs(got - want), 1e-5 * np.abs(want).max() + 1.001 * slack)
-
-
-@pytest.mark.parametrize("lanes", [8, 16])
-def test_decode_moe_of_tokens_together_is_each_token_alone(monkeypatch, lanes):
-    """Tokens through the row-dot kernel together (each expert row decoded once for all of its tokens) get bit for
-    bit what each gets alone, as in decode."""
-    if lanes == 16 and int8.DOT4 != "avx512vnni":
-        pytest.skip("16 lanes need AVX-512")
-    monkeypatch.setattr(int8, "DOT4", "avx512vnni" if lanes == 16 else "avxvnni")
-    rng = np.random.default_rng(11)
-    experts = random_experts(rng, 6, 320, 2880)
-    X = rng.standard_normal((13, 2880)).astype(np.float32)
-    ids = np.stack([rng.permutation(6)[:3] for _ in range(13)])
-    weights = rng.dirichlet(np.ones(3), 13).astype(np.float32)
-    together = kernels.moe(*experts, X, ids, weights, alpha=1.702, limit=7.0, dense_min_tokens=10**9,
-                           int8_activations=True)
-    assert np.bincount(ids.reshape(-1)).max() > int8.ROW_DOTS  # some expert's tokens take two calls
-    for t in range(len(X)):
-        alone = kernels.moe(*experts, X[t:t + 1], ids[t:t + 1], weights[t:t + 1], alpha=1.702, limit=7.0,
-                            int8_activations=True)
-        assert alone.tobytes() == together[t:t + 1].tobytes()
 
 
 def test_decode_moe_error_against_float32():

@@ -1,6 +1,6 @@
 """Matmuls with 8-bit activations on CPUs with VNNI's `vpdpbusd` (u8 × s8, four products summed into each int32
-lane): about three times the multiply rate of float32 FMAs. Prefill's matmuls, and in decode the MoE's experts and
-the Q8_0 matrices (attention projections, unembedding).
+lane): about three times the multiply rate of float32 FMAs. Prefill's matmuls and MoE experts, and in decode the
+MoE's experts and the Q8_0 matrices (attention projections, unembedding).
 
 Activations are quantized per 32-value block, as llama.cpp's Q8_0 (scale = max |x| / 127, values rounded), and laid
 out as a panel with 16 or 8 tokens side by side: for each block and each group of four values, one vector holds the
@@ -10,6 +10,11 @@ broadcast, against a panel vector, and adds four products into each token's lane
 After a block's eight, the int32 lanes less the offset's share (offset × Σ of the token's block, computed with the
 panel) become float32, scaled by weight scale × token scale, and are summed. Accumulation is float32 across blocks,
 int32 within one, exactly.
+
+A prompt's MoE experts each get a few tokens (a 60-token prompt: 7.5 of 240 to each of the 20b's 32 experts), too
+few to fill a panel's lanes. There the lanes hold rows instead (`row_lanes_mxfp4`): a block of 16 rows is decoded
+once into eight vectors, and each token's four bytes at a time, broadcast, meet them in one `vpdpbusd`, every lane
+useful whatever the token count.
 
 Decode multiplies one token's activations with each weight row once (`row_dot_mxfp4`, `row_dot_q8_0`): the token's
 vector is quantized by the same rule, laid out to match the row's decoded bytes, and each row is decoded in
@@ -125,6 +130,18 @@ def quantize_panel(X: np.ndarray, lanes: int, offset: int) -> tuple[np.ndarray, 
 # --- weight rows → unsigned bytes and block scales ------------------------------------------------------------------
 def _i64(builder, value):
     return builder.sext(value, _I64) if value.type.width < 64 else value
+
+
+def _dot4(builder, lanes: int):
+    vi32 = ir.VectorType(_I32, lanes)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
+                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+
+
+def _vector_pointers(builder, arrays):
+    """Pointers to the values, scales and corrections in a quantized vector's arrays."""
+    return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _F32.as_pointer()),
+            builder.bitcast(arrays[2].data, _I32.as_pointer()))
 
 
 def _row_pointers(context, builder, signature, args):
@@ -347,8 +364,8 @@ def _gemm(lanes: int, token_groups: int, rows: int, stride: int | None = None):
 
 
 # Without AVX-512 the 16-lane names stand for the 8-lane kernels (never called with 16 lanes: `lanes_for`), so the
-# driver compiles on every VNNI CPU. The half kernels take the first half of a group: a segment's last group when
-# it holds no more tokens than that (an expert's few tokens past a multiple of the width).
+# driver compiles on every VNNI CPU. The half kernels take the first half of a group: the last group when it holds
+# no more tokens than that.
 _gemm8_pair, _gemm8_one, _gemm8_half = _gemm(8, 2, ROWS_PAIR), _gemm(8, 1, ROWS_ONE), _gemm(4, 1, ROWS_ONE, 8)
 _gemm16_pair, _gemm16_one, _gemm16_half = \
     (_gemm(16, 2, ROWS_PAIR), _gemm(16, 1, ROWS_ONE), _gemm(8, 1, ROWS_ONE, 16)) if DOT4 == "avx512vnni" else \
@@ -375,55 +392,189 @@ def _gemm_call(kind, wq, wd, panel, scales, corrections, out, r0, g, ahead):
 
 
 @njit(parallel=True, cache=True)
-def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, out, seg_expert, seg_group, seg_tokens, threads):
-    """Packed weights w [E, R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a panel in segments: segment s
-    multiplies the rows of w[seg_expert[s]] with the seg_tokens[s] tokens from token group seg_group[s] on (a plain
-    matmul is one segment of all tokens; a mixture of experts, one segment per expert over the tokens it was given).
-    out [groups · lanes, R rounded up to TASK_ROWS]. The work is split in tasks of TASK_ROWS rows of one segment: a
-    task decodes its rows once, then multiplies them with its token groups, two at a time, a few rows at a time
-    (the panel is read from cache). One function for every weight type and width, not a factory of closures,
-    which Numba's cache cannot tell apart. `threads`: Numba's thread count (read in Python: reading it here
-    would keep the function from the cache)."""
-    R = w.shape[1]
+def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, n_tokens, out, threads):
+    """Packed weights w [R, bytes] (MXFP4 rows if `mxfp4_rows`, else Q8_0) against a panel of n_tokens tokens: out
+    [groups · lanes, R rounded up to TASK_ROWS]. The work is split in tasks of TASK_ROWS rows: a task decodes its
+    rows once, then multiplies them with the token groups, two at a time, a few rows at a time (the panel is read
+    from cache). One function for every weight type and width, not a factory of closures, which Numba's cache
+    cannot tell apart. `threads`: Numba's thread count (read in Python: reading it here would keep the function
+    from the cache)."""
+    R = w.shape[0]
     n_blocks = panel.shape[1]
     lanes = panel.shape[3]
-    n_seg = seg_expert.shape[0]
-    n_tasks = out.shape[1] // TASK_ROWS * n_seg
+    n_tasks = out.shape[1] // TASK_ROWS
+    groups = -(-n_tokens // lanes)
+    # A last group with no more tokens than half a vector takes the half-width kernel.
+    full = groups - (n_tokens - (groups - 1) * lanes <= lanes // 2)
     for thread in prange(threads):
         wq = np.zeros((TASK_ROWS, n_blocks * BLOCK), dtype=np.uint8)
         wd = np.zeros((TASK_ROWS, n_blocks), dtype=np.float32)
-        nothing = w[0, :0]
-        # Tasks go row range by row range, each over every segment, so each thread's share holds every segment.
+        nothing = w[:0]
         for task in range(thread * n_tasks // threads, (thread + 1) * n_tasks // threads):
-            r0, s = task // n_seg * TASK_ROWS, task % n_seg
-            e = seg_expert[s]
+            r0 = task * TASK_ROWS
             for k in range(min(TASK_ROWS, R - r0)):
                 if mxfp4_rows:
-                    _decode_row_mxfp4_u8(w[e, r0 + k], wq[k], wd[k], n_blocks)
+                    _decode_row_mxfp4_u8(w[r0 + k], wq[k], wd[k], n_blocks)
                 else:
-                    _decode_row_q8_0_u8(w[e, r0 + k], wq[k], wd[k], n_blocks)
+                    _decode_row_q8_0_u8(w[r0 + k], wq[k], wd[k], n_blocks)
             # The first pass over the rows fetches the next task's (the rows this thread decodes next).
-            r_next, e_next = (task + 1) // n_seg * TASK_ROWS, seg_expert[(task + 1) % n_seg]
-            first, groups = seg_group[s], -(-seg_tokens[s] // lanes)
-            # A last group with no more tokens than half a vector takes the half-width kernel.
-            full = groups - (seg_tokens[s] - (groups - 1) * lanes <= lanes // 2)
-            for tile in range(first, first + full, TILE_GROUPS):
-                end = min(tile + TILE_GROUPS, first + full)
+            r_next = r0 + TASK_ROWS
+            for tile in range(0, full, TILE_GROUPS):
+                end = min(tile + TILE_GROUPS, full)
                 for k in range(0, TASK_ROWS, ROWS_PAIR):
                     for g in range(tile, end - 1, 2):
-                        ahead = w[e_next, r_next + k:r_next + k + ROWS_PAIR] if g == first else nothing
+                        ahead = w[r_next + k:r_next + k + ROWS_PAIR] if g == 0 else nothing
                         _gemm_call(PAIR, wq[k:k + ROWS_PAIR], wd[k:k + ROWS_PAIR], panel, scales, corrections, out,
                                    r0 + k, g, ahead)
                 if (end - tile) % 2:
                     for k in range(0, TASK_ROWS, ROWS_ONE):
-                        ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if full == 1 else nothing
+                        ahead = w[r_next + k:r_next + k + ROWS_ONE] if full == 1 else nothing
                         _gemm_call(ONE, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
                                    r0 + k, end - 1, ahead)
             if full < groups:
                 for k in range(0, TASK_ROWS, ROWS_ONE):
-                    ahead = w[e_next, r_next + k:r_next + k + ROWS_ONE] if full == 0 else nothing
+                    ahead = w[r_next + k:r_next + k + ROWS_ONE] if full == 0 else nothing
                     _gemm_call(HALF, wq[k:k + ROWS_ONE], wd[k:k + ROWS_ONE], panel, scales, corrections, out,
-                               r0 + k, first + full, ahead)
+                               r0 + k, full, ahead)
+
+
+# --- a few tokens against MXFP4 rows: rows in the lanes -------------------------------------------------------------
+# An expert given a few tokens of a prompt: a panel would be mostly padding lanes, and row dots repeat their scale
+# arithmetic for each token. Here a vector holds one token's sums for `lanes` rows: each block of those rows is
+# decoded once (one row's four code dwords to each lane, a table lookup per nibble half), then for every token one
+# `vpdpbusd` per four values takes the token's four bytes broadcast from memory, all lanes useful. Outputs are
+# accumulated in place, block by block, as the panel kernel does.
+@njit(cache=True, inline="always")
+def quantize_row(x, offset, xq, xs, xc):
+    """x float32 [32·n_blocks] → xq int8 (same order), xs float32 and xc int32 [n_blocks]: a block's scale and
+    its correction -offset · Σ values, by the panels' rule (a block holding inf or NaN gets a NaN scale)."""
+    for b in range(x.shape[0] // BLOCK):
+        amax = np.float32(0.0)
+        finite = True
+        for j in range(BLOCK):
+            amax = max(amax, abs(x[b * BLOCK + j]))
+            finite &= abs(x[b * BLOCK + j]) <= _F32_MAX
+        d = amax / np.float32(127.0)
+        total = 0
+        for j in range(BLOCK):
+            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if finite and amax > 0 else np.int8(0)
+            xq[b * BLOCK + j] = v
+            total += v
+        xs[b] = d if finite else np.float32(np.nan)
+        xc[b] = -offset * total
+
+
+def _row_lanes_gemm(lanes: int):
+    """An intrinsic gemm(w, r0, xq, xs, xc, vectors, first, count, out): out[first + i, r0 + k] = row r0 + k of the
+    MXFP4 matrix w [R, bytes] · the vector in row vectors[first + i] of xq, xs, xc (quantize_row with
+    MXFP4_OFFSET), for i < count and k < lanes (rows past R: any numbers; out needs r0 + lanes columns)."""
+    nbytes = 4 * lanes
+    vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
+    v4i32 = ir.VectorType(_I32, 4)
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
+                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+
+    @intrinsic
+    def gemm(typingctx, w, r0, xq, xs, xc, vectors, first, count, out):
+        sig = types.void(w, r0, xq, xs, xc, vectors, first, count, out)
+
+        def codegen(context, builder, signature, args):
+            w_a, xq_a, xs_a, xc_a, index_a, out_a = (context.make_array(t)(context, builder, a)
+                                                     for t, a in zip(signature.args, args) if isinstance(t, types.Array))
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
+            wp = builder.bitcast(w_a.data, _I8.as_pointer())
+            xq_p, xs_p, xc_p = _vector_pointers(builder, (xq_a, xs_a, xc_a))
+            index_p = builder.bitcast(index_a.data, _I64.as_pointer())
+            out_p = builder.bitcast(out_a.data, _F32.as_pointer())
+            n_rows, row_bytes = (builder.extract_value(w_a.shape, i) for i in (0, 1))
+            n_blocks, width = builder.extract_value(xs_a.shape, 1), builder.extract_value(out_a.shape, 1)
+            x_len = builder.extract_value(xq_a.shape, 1)
+            r0, first, count = (_i64(builder, args[i]) for i in (1, 6, 7))
+            last = builder.sub(n_rows, c(1))
+            rows = []
+            for k in range(lanes):
+                r = builder.add(r0, c(k))
+                r = builder.select(builder.icmp_signed("<", r, last), r, last)
+                rows.append(builder.gep(wp, [builder.mul(r, row_bytes)]))
+            ahead = builder.gep(wp, [builder.mul(builder.add(r0, c(lanes)), row_bytes)])
+            ahead_lines = builder.select(builder.icmp_signed("<", builder.add(r0, c(lanes)), n_rows),
+                                         builder.udiv(builder.mul(c(lanes), row_bytes), c(64)), c(0))
+            lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
+                                                    _BYTE_LOOKUP[nbytes])
+            dot4 = _dot4(builder, lanes)
+            e8m0 = _e8m0_table(builder)
+            zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
+
+            def out_of(i):
+                at = builder.add(builder.mul(builder.add(first, i), width), r0)
+                return builder.bitcast(builder.gep(out_p, [at]), vf32.as_pointer())
+
+            with cgutils.for_range(builder, count) as loop:
+                builder.store(zero, out_of(loop.index), align=4)
+            with cgutils.for_range(builder, n_blocks) as loop:
+                b = loop.index
+                at = builder.mul(b, c(MXFP4_BLOCK_BYTES))
+                # Row k's 16 code bytes as four dwords; then dword d of every row side by side.
+                codes = [builder.bitcast(_load(builder, row, builder.add(at, c(1)), _V16I8, 1), v4i32) for row in rows]
+                while len(codes) > 1:
+                    n = 2 * codes[0].type.count
+                    codes = [builder.shuffle_vector(codes[i], codes[i + 1], ir.Constant(ir.VectorType(_I32, n),
+                                                                                        list(range(n))))
+                             for i in range(0, len(codes), 2)]
+                dwords = [builder.bitcast(builder.shuffle_vector(codes[0], codes[0], ir.Constant(
+                    vi32, [4 * k + d for k in range(lanes)])), vi8) for d in range(4)]
+                # Dword d holds values 4d..4d+3 in its low nibbles and 16 + 4d.. in its high ones: groups d, 4 + d.
+                weights = [builder.bitcast(builder.call(lookup, [table, builder.and_(v, c8(15))]), vi32)
+                           for v in dwords] + \
+                          [builder.bitcast(builder.call(lookup, [table, builder.lshr(v, c8(4))]), vi32)
+                           for v in dwords]
+                w_scale = ir.Constant(vf32, ir.Undefined)
+                for k, row in enumerate(rows):
+                    e = builder.zext(builder.load(builder.gep(row, [at])), _I32)
+                    w_scale = builder.insert_element(
+                        w_scale, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])), ir.Constant(_I32, k))
+                # The tile's rows are one run of memory, read across; the next tile's run is fetched into L2 along
+                # the way, a share a block.
+                first_line = builder.udiv(builder.mul(b, ahead_lines), n_blocks)
+                end_line = builder.udiv(builder.mul(builder.add(b, c(1)), ahead_lines), n_blocks)
+                with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
+                    _prefetch_line(builder, builder.gep(ahead, [builder.mul(builder.add(first_line, line.index), c(64))]),
+                                   locality=2)
+                with cgutils.for_range(builder, count) as tokens:
+                    v = builder.load(builder.gep(index_p, [builder.add(first, tokens.index)]))
+                    slot = builder.add(builder.mul(v, n_blocks), b)
+                    x_p = builder.bitcast(builder.gep(xq_p, [builder.add(builder.mul(v, x_len), builder.mul(b, c(BLOCK)))]),
+                                          _I32.as_pointer())
+                    sums = _splat(builder, builder.load(builder.gep(xc_p, [slot])), vi32)
+                    for g, wv in enumerate(weights):
+                        sums = builder.call(dot4, [sums, wv, _splat(builder, builder.load(builder.gep(x_p, [c(g)]),
+                                                                                          align=1), vi32)])
+                    scale = builder.fmul(w_scale, _splat(builder, builder.load(builder.gep(xs_p, [slot])), vf32))
+                    o = out_of(tokens.index)
+                    builder.store(builder.fadd(builder.load(o, align=4), builder.fmul(builder.sitofp(sums, vf32), scale,
+                                                                                      flags=_FAST), flags=_FAST),
+                                  o, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+_row_lanes8 = _row_lanes_gemm(8)
+_row_lanes16 = _row_lanes_gemm(16) if DOT4 == "avx512vnni" else _row_lanes8
+
+
+@njit(cache=True, inline="always")
+def row_lanes_mxfp4(w, r0, xq, xs, xc, vectors, first, count, lanes, out):
+    """out[first + i, r0 + k] = row r0 + k of the MXFP4 matrix w · the vector in row vectors[first + i] of xq, xs,
+    xc (quantize_row with MXFP4_OFFSET), for i < count, k < lanes (decode_lanes()). The caller has checked shapes
+    and indices; out needs r0 + lanes columns (those past w's rows get any numbers)."""
+    if lanes == 16:
+        _row_lanes16(w, r0, xq, xs, xc, vectors, first, count, out)
+    else:
+        _row_lanes8(w, r0, xq, xs, xc, vectors, first, count, out)
 
 
 # --- decode: one activation vector against MXFP4 rows ---------------------------------------------------------------
@@ -483,12 +634,6 @@ def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
             xc[steps * lanes + b - steps * per_step] = -offset * total
 
 
-def _dot4(builder, lanes: int):
-    vi32 = ir.VectorType(_I32, lanes)
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
-
-
 def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
     """total += one block's dot, for a block past a row's whole steps: its 32 offset weight bytes `w` against the
     vector's block b in natural order (its scale and correction at `slot`), summed across the lanes."""
@@ -505,50 +650,15 @@ def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
                                flags=_FAST), total)
 
 
-def _row_dots(builder, lanes: int, per_step: int, step, tail_block, wp, n_blocks, vectors):
-    """Σ over n_blocks blocks of a row · each of `vectors` ((values, scales, corrections) pointers of vectors from
-    quantize_vector), the row decoded once for all: whole steps of `per_step` blocks, `step(builder, c, wp, s)`
-    giving a step's weight bytes (vectors of `lanes` int32, each against the next 4 · lanes bytes of a vector's
-    values) and its per-lane weight scales, then the blocks past them one at a time, `tail_block(builder, c, wp, b)`
-    giving a block's 32 offset weight bytes and its scale (`_add_block`). The float32 sums, a vector's as a lone
-    vector's: the same instructions in the same order."""
-    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
-    vi8 = ir.VectorType(_I8, 4 * lanes)
-    c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-    dot4 = _dot4(builder, lanes)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)) for _ in vectors]
-    steps = builder.udiv(n_blocks, c(per_step))
-    with cgutils.for_range(builder, steps) as loop:
-        s = loop.index
-        weights, w_scale = step(builder, c, wp, s)
-        for (xq_p, xs_p, xc_p), acc in zip(vectors, accs):
-            sums = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
-            for j, w in enumerate(weights):
-                at = builder.add(builder.mul(s, c(len(weights) * 4 * lanes)), c(j * 4 * lanes))
-                sums = builder.call(dot4, [sums, w, builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
-            scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
-                                                                       flags=_FAST), flags=_FAST), acc)
-    totals = [cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc))) for acc in accs]
-    done = builder.mul(steps, c(per_step))
-    slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
-    with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
-        b = builder.add(done, loop.index)
-        w, w_scale = tail_block(builder, c, wp, b)
-        for (xq_p, xs_p, xc_p), total in zip(vectors, totals):
-            _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
-    return [builder.load(total) for total in totals]
-
-
-def _vector_pointers(builder, arrays):
-    """Pointers to the values, scales and corrections in quantize_vector's arrays."""
-    return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _F32.as_pointer()),
-            builder.bitcast(arrays[2].data, _I32.as_pointer()))
-
-
 def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
     """An intrinsic row_dot(row, xq, xs, xc, n_blocks): float32 Σ over n_blocks blocks of a row · a vector from
-    quantize_vector (`_row_dots`)."""
+    quantize_vector: whole steps of `per_step` blocks, `step(builder, c, wp, s)` giving a step's weight bytes
+    (vectors of `lanes` int32, each against the next 4 · lanes bytes of the vector's values) and its per-lane weight
+    scales, then the blocks past them one at a time, `tail_block(builder, c, wp, b)` giving a block's 32 offset
+    weight bytes and its scale (`_add_block`)."""
+    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    vi8 = ir.VectorType(_I8, 4 * lanes)
+
     @intrinsic
     def row_dot(typingctx, row, xq, xs, xc, n_blocks):
         sig = types.float32(row, xq, xs, xc, n_blocks)
@@ -556,44 +666,34 @@ def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
             wp = builder.bitcast(arrays[0].data, _I8.as_pointer())
-            return _row_dots(builder, lanes, per_step, step, tail_block, wp, _i64(builder, args[4]),
-                             [_vector_pointers(builder, arrays[1:])])[0]
+            xq_p, xs_p, xc_p = _vector_pointers(builder, arrays[1:])
+            n_blocks = _i64(builder, args[4])
+            c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            dot4 = _dot4(builder, lanes)
+            acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
+            steps = builder.udiv(n_blocks, c(per_step))
+            with cgutils.for_range(builder, steps) as loop:
+                s = loop.index
+                weights, w_scale = step(builder, c, wp, s)
+                sums = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
+                for j, w in enumerate(weights):
+                    at = builder.add(builder.mul(s, c(len(weights) * 4 * lanes)), c(j * 4 * lanes))
+                    sums = builder.call(dot4, [sums, w, builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
+                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
+                                                                           flags=_FAST), flags=_FAST), acc)
+            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
+            done = builder.mul(steps, c(per_step))
+            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
+            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
+                b = builder.add(done, loop.index)
+                w, w_scale = tail_block(builder, c, wp, b)
+                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
+            return builder.load(total)
 
         return sig, codegen
 
     return row_dot
-
-
-def _decode_row_dots(lanes: int, per_step: int, step, tail_block, count: int):
-    """An intrinsic row_dots(row, xq, xs, xc, vectors, first, n_blocks, out, column): out[first + i, column] = the
-    row_dot of the row and the vector in row vectors[first + i] of xq, xs, xc (from quantize_vector), i < `count`,
-    the row decoded once for them all."""
-    @intrinsic
-    def row_dots(typingctx, row, xq, xs, xc, vectors, first, n_blocks, out, column):
-        sig = types.void(row, xq, xs, xc, vectors, first, n_blocks, out, column)
-
-        def codegen(context, builder, signature, args):
-            arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)
-                      if isinstance(t, types.Array)]
-            wp = builder.bitcast(arrays[0].data, _I8.as_pointer())
-            index_p = builder.bitcast(arrays[4].data, _I64.as_pointer())
-            out_p = builder.bitcast(arrays[5].data, _F32.as_pointer())
-            first, column = _i64(builder, args[5]), _i64(builder, args[8])
-            rows = _vector_pointers(builder, arrays[1:4])
-            strides = [builder.extract_value(a.shape, 1) for a in arrays[1:4] + arrays[5:]]
-            pointers = []
-            for i in range(count):
-                v = builder.load(builder.gep(index_p, [builder.add(first, ir.Constant(_I64, i))]))
-                pointers.append([builder.gep(p, [builder.mul(v, stride)]) for p, stride in zip(rows, strides)])
-            totals = _row_dots(builder, lanes, per_step, step, tail_block, wp, _i64(builder, args[6]), pointers)
-            for i, total in enumerate(totals):
-                at = builder.add(builder.mul(builder.add(first, ir.Constant(_I64, i)), strides[3]), column)
-                builder.store(total, builder.gep(out_p, [at]))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return row_dots
 
 
 # As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
@@ -608,50 +708,6 @@ def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
     if lanes == 16:
         return _row_dot16(row, xq, xs, xc, n_blocks)
     return _row_dot8(row, xq, xs, xc, n_blocks)
-
-
-# Vectors a call of row_dots_mxfp4 takes at most: the row's decoding shared by that many, accumulators for them.
-ROW_DOTS = 4
-_row_dots8_1, _row_dots8_2, _row_dots8_3, _row_dots8_4 = (_decode_row_dots(*_mxfp4_row_steps(8), n)
-                                                          for n in range(1, ROW_DOTS + 1))
-_row_dots16_1, _row_dots16_2, _row_dots16_3, _row_dots16_4 = \
-    (_decode_row_dots(*_mxfp4_row_steps(16), n) for n in range(1, ROW_DOTS + 1)) if DOT4 == "avx512vnni" else \
-    (_row_dots8_1, _row_dots8_2, _row_dots8_3, _row_dots8_4)
-
-
-@njit(cache=True, inline="always")
-def row_dots_mxfp4(w, r0, r1, xq, xs, xc, vectors, first, count, n_blocks, lanes, out):
-    """out[first + i, r] = row_dot_mxfp4 of row r of w and the vector in row vectors[first + i] of xq, xs, xc, for
-    i < count and r0 <= r < r1, each row decoded once for every ROW_DOTS of them; each the same float32 as
-    row_dot_mxfp4 gives. The caller has checked that vectors and out have first + count rows, out r1 columns, and
-    the vectors' rows lie in xq, xs, xc."""
-    for at in range(first, first + count, ROW_DOTS):
-        n = min(ROW_DOTS, first + count - at)
-        # One branch for a run of rows: a row takes some 100 ns, so even a few ns of dispatch a row would show.
-        if lanes == 16 and n == 4:
-            for r in range(r0, r1):
-                _row_dots16_4(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif lanes == 16 and n == 3:
-            for r in range(r0, r1):
-                _row_dots16_3(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif lanes == 16 and n == 2:
-            for r in range(r0, r1):
-                _row_dots16_2(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif lanes == 16:
-            for r in range(r0, r1):
-                _row_dots16_1(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif n == 4:
-            for r in range(r0, r1):
-                _row_dots8_4(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif n == 3:
-            for r in range(r0, r1):
-                _row_dots8_3(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        elif n == 2:
-            for r in range(r0, r1):
-                _row_dots8_2(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
-        else:
-            for r in range(r0, r1):
-                _row_dots8_1(w[r], xq, xs, xc, vectors, at, n_blocks, out, r)
 
 
 # --- decode: one activation vector against Q8_0 rows ----------------------------------------------------------------
@@ -739,27 +795,12 @@ class Panel:
         return self.arrays[0].shape[0]
 
 
-def _run(data: np.ndarray, panel: Panel, segments: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-    R = data.shape[1]
-    out = np.empty((panel.groups * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
-    _matmul_panel(data, panel.weight_type == GGMLType.MXFP4, *panel.arrays, out, *segments,
-                  numba.get_num_threads())
-    return out
-
-
 def matmul(data: np.ndarray, panel: Panel) -> np.ndarray:
     """panel's X @ W.T for raw weight rows `data` [R, bytes] of the panel's weight type: float32 [T, R]. The
     caller has checked shapes (rows of whole blocks matching X's width) and that the type is supported."""
-    zero = np.zeros(1, dtype=np.int64)
-    out = _run(data[None], panel, (zero, zero, np.full(1, panel.n_tokens, dtype=np.int64)))
-    out = out[:panel.n_tokens, :data.shape[0]]
+    R = data.shape[0]
+    out = np.empty((panel.groups * panel.lanes, -(-R // TASK_ROWS) * TASK_ROWS), dtype=np.float32)
+    _matmul_panel(data, panel.weight_type == GGMLType.MXFP4, *panel.arrays, panel.n_tokens, out,
+                  numba.get_num_threads())
+    out = out[:panel.n_tokens, :R]
     return out if out.flags.c_contiguous else out.copy()
-
-
-def matmul_experts(data: np.ndarray, panel: Panel, experts: np.ndarray, first_group: np.ndarray,
-                   tokens: np.ndarray) -> np.ndarray:
-    """For each i, the panel's tokens[i] tokens from token group first_group[i] on times expert experts[i]'s rows
-    of `data` [E, R, bytes], in one parallel pass over all of them: float32 [panel groups · lanes, R or more] (rows
-    of tokens no segment names are left unwritten, or hold any numbers). The caller has checked shapes and that
-    segments lie within the panel and expert ids below E."""
-    return _run(data, panel, (experts, first_group, tokens))

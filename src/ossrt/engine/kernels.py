@@ -394,21 +394,14 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
             out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r])
 
 
-# With 8-bit activations, an expert with fewer tokens than this takes them through row dots (each row decoded once
-# for all of them) rather than a panel of 8 or 16 token lanes: below it, the panel's padding lanes cost more than
-# the row dots' repeated scale arithmetic.
-INT8_DENSE_MIN_TOKENS = 9
-
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments_int8(X, tok, wt, seg_expert, seg_first, seg_count, gate, up, down, gate_b, up_b, down_b, alpha,
-                          limit, lanes, threads, out):
-    """`_moe_assignments` with 8-bit activations, for assignments grouped by expert: segment s is assignments
-    seg_first[s] to seg_first[s] + seg_count[s] - 1, all of expert seg_expert[s]. Each token row X[t] that an
-    assignment takes and each assignment's SwiGLU output is quantized once; each expert row is decoded once for all
-    of its assignments (`int8.row_dots_mxfp4`). Each of `threads` threads takes one range of rows in every expert,
-    expert after expert: the same work for each, and long runs of consecutive rows, which the prefetchers follow."""
+def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
+    """`_moe_assignments` with 8-bit activations (`int8.row_dot_mxfp4`, `lanes` int32 lanes at a time): each token
+    row X[t] that an assignment takes and each assignment's SwiGLU output is quantized once, then the same two
+    parallel passes run on integer row dots."""
     n_assign = tok.shape[0]
-    n_ff, n_embd = gate.shape[1], X.shape[1]
+    n_ff = gate.shape[1]
+    n_embd = X.shape[1]
     blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
     used = np.zeros(X.shape[0], dtype=np.bool_)
     for a in range(n_assign):
@@ -419,31 +412,74 @@ def _moe_assignments_int8(X, tok, wt, seg_expert, seg_first, seg_count, gate, up
     for t in prange(X.shape[0]):
         if used[t]:
             int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
-    G, U = np.empty((n_assign, n_ff), dtype=np.float32), np.empty((n_assign, n_ff), dtype=np.float32)
     act = np.empty((n_assign, n_ff), dtype=np.float32)
-    for thread in prange(threads):
-        lo, hi = thread * n_ff // threads, (thread + 1) * n_ff // threads
-        for s in range(seg_expert.shape[0]):
-            e, first, count = seg_expert[s], seg_first[s], seg_count[s]
-            int8.row_dots_mxfp4(gate[e], lo, hi, xq, xs, xc, tok, first, count, blocks_in, lanes, G)
-            int8.row_dots_mxfp4(up[e], lo, hi, xq, xs, xc, tok, first, count, blocks_in, lanes, U)
-            for a in range(first, first + count):
-                for r in range(lo, hi):
-                    act[a, r] = _swiglu(G[a, r] + gate_b[e, r], U[a, r] + up_b[e, r], alpha, limit)
+    for ar in prange(n_assign * n_ff):
+        a = ar // n_ff
+        r = ar - a * n_ff
+        e, t = exp[a], tok[a]
+        g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
+        u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
+        act[a, r] = _swiglu(g, u, alpha, limit)
     act_q = np.empty((n_assign, n_ff), dtype=np.int8)
     act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
     for a in prange(n_assign):
         int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
-    assignments = np.arange(n_assign)
-    Y = np.empty((n_assign, n_embd), dtype=np.float32)
-    for thread in prange(threads):  # each output element has one writer
-        lo, hi = thread * n_embd // threads, (thread + 1) * n_embd // threads
+    for r in prange(n_embd):
+        for a in range(n_assign):
+            e = exp[a]
+            out[tok[a], r] += wt[a] * (int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes)
+                                       + down_b[e, r])
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _moe_row_lanes_int8(X, tok, wt, seg_expert, seg_first, seg_count, gate, up, down, gate_b, up_b, down_b, alpha,
+                        limit, lanes, threads, out):
+    """out[tok[a]] += wt[a] · expert seg_expert[s] applied to X[tok[a]] for the assignments a of each segment s
+    (seg_first[s] to seg_first[s] + seg_count[s] - 1), with 8-bit activations: `lanes` rows of an expert at a time
+    against all of its tokens (`int8.row_lanes_mxfp4`). Each of `threads` threads takes one range of row tiles in
+    every expert, so the threads share each expert's work evenly, and one writer has each output element."""
+    n_assign = tok.shape[0]
+    n_ff, n_embd = gate.shape[1], X.shape[1]
+    blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
+    used = np.zeros(X.shape[0], dtype=np.bool_)
+    for a in range(n_assign):
+        used[tok[a]] = True
+    xq = np.empty((X.shape[0], n_embd), dtype=np.int8)
+    xs = np.empty((X.shape[0], blocks_in), dtype=np.float32)
+    xc = np.empty((X.shape[0], blocks_in), dtype=np.int32)
+    for t in prange(X.shape[0]):
+        if used[t]:
+            int8.quantize_row(X[t], int8.MXFP4_OFFSET, xq[t], xs[t], xc[t])
+    tiles_ff, tiles_embd = -(-n_ff // lanes), -(-n_embd // lanes)
+    G, U = np.empty((n_assign, tiles_ff * lanes), dtype=np.float32), np.empty((n_assign, tiles_ff * lanes),
+                                                                              dtype=np.float32)
+    for thread in prange(threads):
         for s in range(seg_expert.shape[0]):
             e, first, count = seg_expert[s], seg_first[s], seg_count[s]
-            int8.row_dots_mxfp4(down[e], lo, hi, act_q, act_s, act_c, assignments, first, count, blocks_ff, lanes, Y)
+            for tile in range(thread * tiles_ff // threads, (thread + 1) * tiles_ff // threads):
+                int8.row_lanes_mxfp4(gate[e], tile * lanes, xq, xs, xc, tok, first, count, lanes, G)
+                int8.row_lanes_mxfp4(up[e], tile * lanes, xq, xs, xc, tok, first, count, lanes, U)
+    act = np.empty((n_assign, n_ff), dtype=np.float32)
+    act_q = np.empty((n_assign, n_ff), dtype=np.int8)
+    act_s = np.empty((n_assign, blocks_ff), dtype=np.float32)
+    act_c = np.empty((n_assign, blocks_ff), dtype=np.int32)
+    for s in prange(seg_expert.shape[0]):
+        e = seg_expert[s]
+        for a in range(seg_first[s], seg_first[s] + seg_count[s]):
+            for r in range(n_ff):
+                act[a, r] = _swiglu(G[a, r] + gate_b[e, r], U[a, r] + up_b[e, r], alpha, limit)
+            int8.quantize_row(act[a], int8.MXFP4_OFFSET, act_q[a], act_s[a], act_c[a])
+    assignments = np.arange(n_assign)
+    Y = np.empty((n_assign, tiles_embd * lanes), dtype=np.float32)
+    for thread in prange(threads):  # each output element has one writer
+        first_tile, end_tile = thread * tiles_embd // threads, (thread + 1) * tiles_embd // threads
+        for s in range(seg_expert.shape[0]):
+            e, first, count = seg_expert[s], seg_first[s], seg_count[s]
+            for tile in range(first_tile, end_tile):
+                int8.row_lanes_mxfp4(down[e], tile * lanes, act_q, act_s, act_c, assignments, first, count, lanes, Y)
             for a in range(first, first + count):
-                for r in range(lo, hi):
+                for r in range(first_tile * lanes, min(end_tile * lanes, n_embd)):
                     out[tok[a], r] += wt[a] * (Y[a, r] + down_b[e, r])
 
 
@@ -456,15 +492,15 @@ def _swiglu_rows(G, U, alpha, limit, out):
 
 def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, X: np.ndarray,
         expert_ids: np.ndarray, expert_weights: np.ndarray, *, alpha: float, limit: float,
-        dense_min_tokens: int | None = None, int8_activations: bool = False) -> np.ndarray:
+        dense_min_tokens: int = 2, int8_activations: bool = False) -> np.ndarray:
     """Σ over each token's selected experts of weight · (down · swiglu(gate·x + b_g, up·x + b_u) + b_d), the
     SwiGLU clamped at `limit` with slope `alpha` (the model's `swiglu_limit`, `swiglu_alpha`; spec §2.6).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
     An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
     once for all its tokens); the rest through the fused decode kernel (all of decode). With `int8_activations`,
-    where the CPU has VNNI (`int8.supports`), both take 8-bit activations (as `matmul`); else float32. By default
-    `dense_min_tokens` is INT8_DENSE_MIN_TOKENS with 8-bit activations, else 2.
+    where the CPU has VNNI (`int8.supports`), both take 8-bit activations, the prefill's experts a tile of rows
+    at a time against all of their tokens (`int8.row_lanes_mxfp4`); else float32.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -491,15 +527,10 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
     counts = np.bincount(exp, minlength=E)
     int8_experts = int8_activations and int8.supports(GGMLType.MXFP4)
-    if dense_min_tokens is None:
-        dense_min_tokens = INT8_DENSE_MIN_TOKENS if int8_experts else 2
     sparse = counts[exp] < dense_min_tokens
     if sparse.any() and int8_experts:
-        order = np.flatnonzero(sparse)[np.argsort(exp[sparse], kind="stable")]
-        experts, first, n = np.unique(exp[order], return_index=True, return_counts=True)
-        _moe_assignments_int8(X, tok[order], wt[order], experts, first, n, gate_exps.data, up_exps.data,
-                              down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(),
-                              numba.get_num_threads(), out)
+        _moe_assignments_int8(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
+                              gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
     elif sparse.any():
         _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
                          gate_b, up_b, down_b, alpha, limit, out)
@@ -507,8 +538,12 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     if not dense.size:
         return out
     if int8_experts:
-        _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, wt, counts, dense, alpha, limit,
-                  out)
+        # The dense experts' assignments in expert order: a segment of consecutive assignments an expert.
+        order = np.flatnonzero(~sparse)[np.argsort(exp[~sparse], kind="stable")]
+        experts, first, n = np.unique(exp[order], return_index=True, return_counts=True)
+        _moe_row_lanes_int8(X, tok[order], wt[order], experts, first, n, gate_exps.data, up_exps.data,
+                            down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(),
+                            numba.get_num_threads(), out)
         return out
     for e in dense:
         sel = np.flatnonzero(exp == e)
@@ -528,57 +563,3 @@ def _expert_matmul(w, e: int, X: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _swiglu_experts(G, U, row_expert, gate_b, up_b, alpha, limit, out):
-    """out[i] = swiglu(G[i] + gate_b[row_expert[i]], U[i] + up_b[...]) over out's width."""
-    for i in prange(out.shape[0]):
-        e = row_expert[i]
-        for j in range(out.shape[1]):
-            out[i, j] = _swiglu(G[i, j] + gate_b[e, j], U[i, j] + up_b[e, j], alpha, limit)
-
-
-@njit(cache=True)
-def _rows_by_expert(X, tok, exp, first_of, lanes, Xs):
-    """Each assignment's row in Xs, the tokens sorted by expert: expert e's tokens take rows first_of[e] · lanes,
-    + 1, ... in the order they come (-1: an expert not in Xs, first_of[e] < 0); X[tok[a]] is copied there."""
-    taken = np.zeros(first_of.shape[0], dtype=np.int64)
-    slot = np.empty(exp.shape[0], dtype=np.int64)
-    for a in range(exp.shape[0]):
-        e = exp[a]
-        slot[a] = -1
-        if first_of[e] >= 0:
-            slot[a] = first_of[e] * lanes + taken[e]
-            taken[e] += 1
-            Xs[slot[a]] = X[tok[a]]
-    return slot
-
-
-@njit(cache=True)
-def _add_expert_outputs(Y, slot, tok, exp, wt, down_b, out):
-    """out[tok[a]] += wt[a] · (Y[slot[a]] + down_b[exp[a]]) for each assignment a with a row in Y, in order."""
-    for a in range(slot.shape[0]):
-        if slot[a] >= 0:
-            for j in range(out.shape[1]):
-                out[tok[a], j] += wt[a] * (Y[slot[a], j] + down_b[exp[a], j])
-
-
-def _moe_int8(gate_exps, up_exps, down_exps, gate_b, up_b, down_b, X, tok, exp, wt, counts, experts, alpha, limit,
-              out) -> None:
-    """The assignments to `experts` through the integer kernels, one parallel pass over all experts a matrix: the
-    tokens sorted by expert, each expert's in whole token groups of one panel, so the threads share the work of
-    every expert and no expert waits on Python."""
-    H, I = X.shape[1], gate_exps.shape[1]
-    lanes = int8.lanes_for(counts[experts].mean())
-    groups = -(-counts[experts] // lanes)
-    first = np.cumsum(groups) - groups
-    first_of = np.full(len(counts), -1, dtype=np.int64)
-    first_of[experts] = first
-    Xs = np.zeros((groups.sum() * lanes, H), dtype=np.float32)
-    slot = _rows_by_expert(X, tok, exp, first_of, lanes, Xs)
-    segments = (experts.astype(np.int64), first, counts[experts])
-    panel = int8.Panel(Xs, GGMLType.MXFP4, lanes)
-    G, U = (int8.matmul_experts(w.data, panel, *segments) for w in (gate_exps, up_exps))
-    act = np.empty((len(Xs), I), dtype=np.float32)
-    _swiglu_experts(G, U, np.repeat(experts, groups * lanes), gate_b, up_b, alpha, limit, act)
-    Y = int8.matmul_experts(down_exps.data, int8.Panel(act, GGMLType.MXFP4, lanes), *segments)
-    _add_expert_outputs(Y, slot, tok, exp, wt, down_b, out)
