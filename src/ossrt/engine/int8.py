@@ -503,8 +503,17 @@ def _row_lanes_gemm(lanes: int):
             lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
                                                     _BYTE_LOOKUP[nbytes])
             dot4 = _dot4(builder, lanes)
-            e8m0 = _e8m0_table(builder)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
+            vi64, vptr = ir.VectorType(_I64, lanes), ir.VectorType(_I32.as_pointer(), lanes)
+            ci = lambda v: ir.Constant(vi32, [ir.Constant(_I32, v)] * lanes)  # noqa: E731
+            offsets = ir.Constant(vi64, ir.Undefined)
+            for k, row in enumerate(rows):
+                offsets = builder.insert_element(offsets, builder.sub(builder.ptrtoint(row, _I64),
+                                                                      builder.ptrtoint(rows[0], _I64)),
+                                                 ir.Constant(_I32, k))
+            all_lanes = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [ir.Constant(ir.IntType(1), 1)] * lanes)
+            gather = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                vi32, [vptr, _I32, all_lanes.type, vi32]), f"llvm.masked.gather.v{lanes}i32.v{lanes}p0")
 
             def out_of(i):
                 at = builder.add(builder.mul(builder.add(first, i), width), r0)
@@ -529,11 +538,14 @@ def _row_lanes_gemm(lanes: int):
                            for v in dwords] + \
                           [builder.bitcast(builder.call(lookup, [table, builder.lshr(v, c8(4))]), vi32)
                            for v in dwords]
-                w_scale = ir.Constant(vf32, ir.Undefined)
-                for k, row in enumerate(rows):
-                    e = builder.zext(builder.load(builder.gep(row, [at])), _I32)
-                    w_scale = builder.insert_element(
-                        w_scale, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])), ir.Constant(_I32, k))
+                # The rows' scale bytes in one gather; 2^(e - 128) from e's bits (e < 2: a denormal).
+                where = builder.add(_splat(builder, builder.ptrtoint(builder.gep(rows[0], [at]), _I64), vi64),
+                                    offsets)
+                e = builder.and_(builder.call(gather, [builder.inttoptr(where, vptr), ir.Constant(_I32, 1), all_lanes,
+                                                       ir.Constant(vi32, ir.Undefined)]), ci(255))
+                bits = builder.select(builder.icmp_unsigned(">=", e, ci(2)), builder.shl(builder.sub(e, ci(1)), ci(23)),
+                                      builder.shl(ci(0x200000), e))
+                w_scale = builder.bitcast(bits, vf32)
                 # The tile's rows are one run of memory, read across; the next tile's run is fetched into L2 along
                 # the way, a share a block.
                 first_line = builder.udiv(builder.mul(b, ahead_lines), n_blocks)
