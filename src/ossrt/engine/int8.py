@@ -134,14 +134,31 @@ def _i64(builder, value):
 
 def _dot4(builder, lanes: int):
     vi32 = ir.VectorType(_I32, lanes)
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]),
-                                          {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes])
+    name = {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes]
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
 
 
 def _vector_pointers(builder, arrays):
     """Pointers to the values, scales and corrections in a quantized vector's arrays."""
     return (builder.bitcast(arrays[0].data, _I8.as_pointer()), builder.bitcast(arrays[1].data, _F32.as_pointer()),
             builder.bitcast(arrays[2].data, _I32.as_pointer()))
+
+
+def _lines_per_block(builder, lines, n_blocks):
+    """Cache lines to prefetch a block for `lines` over n_blocks blocks (rounded up; one division, before the
+    loop: a division a block cost more than the prefetches)."""
+    return builder.udiv(builder.add(lines, builder.sub(n_blocks, ir.Constant(_I64, 1))), n_blocks)
+
+
+def _prefetch_share(builder, ahead_p, lines, per_block, b) -> None:
+    """Block b's share of the `lines` cache lines from ahead_p into L2: lines b · per_block on, as many as remain."""
+    first = builder.mul(b, per_block)
+    end = builder.add(first, per_block)
+    end = builder.select(builder.icmp_unsigned("<", end, lines), end, lines)
+    count = builder.select(builder.icmp_unsigned("<", first, end), builder.sub(end, first), ir.Constant(_I64, 0))
+    with cgutils.for_range(builder, count) as line:
+        at = builder.mul(builder.add(first, line.index), ir.Constant(_I64, 64))
+        _prefetch_line(builder, builder.gep(ahead_p, [at]), locality=2)
 
 
 def _row_pointers(context, builder, signature, args):
@@ -310,17 +327,14 @@ def _gemm(lanes: int, token_groups: int, rows: int, stride: int | None = None):
             ahead = context.make_array(signature.args[8])(context, builder, args[8])
             ahead_p = builder.bitcast(ahead.data, _I8.as_pointer())
             ahead_lines = builder.udiv(builder.mul(*(builder.extract_value(ahead.shape, i) for i in (0, 1))), c(64))
+            per_block = _lines_per_block(builder, ahead_lines, n_blocks)
             dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(rows)]
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 # A share of `ahead` a block, into L2: the rows decoded next arrive while these multiply.
-                first_line = builder.udiv(builder.mul(b, ahead_lines), n_blocks)
-                end_line = builder.udiv(builder.mul(builder.add(b, c(1)), ahead_lines), n_blocks)
-                with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
-                    at = builder.mul(builder.add(first_line, line.index), c(64))
-                    _prefetch_line(builder, builder.gep(ahead_p, [at]), locality=2)
+                _prefetch_share(builder, ahead_p, ahead_lines, per_block, b)
                 # Token group g0 + i's vectors of block b start at element ((g0 + i)·blocks + b)·stride.
                 starts = [builder.mul(builder.add(builder.mul(builder.add(g0, c(i)), n_blocks), b), c(stride))
                           for i in range(token_groups)]
@@ -479,8 +493,9 @@ def _row_lanes_gemm(lanes: int):
         sig = types.void(w, r0, xq, xs, xc, vectors, first, count, out)
 
         def codegen(context, builder, signature, args):
-            w_a, xq_a, xs_a, xc_a, index_a, out_a = (context.make_array(t)(context, builder, a)
-                                                     for t, a in zip(signature.args, args) if isinstance(t, types.Array))
+            w_a, xq_a, xs_a, xc_a, index_a, out_a = (
+                context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)
+                if isinstance(t, types.Array))
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
             c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
             wp = builder.bitcast(w_a.data, _I8.as_pointer())
@@ -500,6 +515,7 @@ def _row_lanes_gemm(lanes: int):
             ahead = builder.gep(wp, [builder.mul(builder.add(r0, c(lanes)), row_bytes)])
             ahead_lines = builder.select(builder.icmp_signed("<", builder.add(r0, c(lanes)), n_rows),
                                          builder.udiv(builder.mul(c(lanes), row_bytes), c(64)), c(0))
+            per_block = _lines_per_block(builder, ahead_lines, n_blocks)
             lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
                                                     _BYTE_LOOKUP[nbytes])
             dot4 = _dot4(builder, lanes)
@@ -548,16 +564,12 @@ def _row_lanes_gemm(lanes: int):
                 w_scale = builder.bitcast(bits, vf32)
                 # The tile's rows are one run of memory, read across; the next tile's run is fetched into L2 along
                 # the way, a share a block.
-                first_line = builder.udiv(builder.mul(b, ahead_lines), n_blocks)
-                end_line = builder.udiv(builder.mul(builder.add(b, c(1)), ahead_lines), n_blocks)
-                with cgutils.for_range(builder, builder.sub(end_line, first_line)) as line:
-                    _prefetch_line(builder, builder.gep(ahead, [builder.mul(builder.add(first_line, line.index), c(64))]),
-                                   locality=2)
+                _prefetch_share(builder, ahead, ahead_lines, per_block, b)
                 with cgutils.for_range(builder, count) as tokens:
                     v = builder.load(builder.gep(index_p, [builder.add(first, tokens.index)]))
                     slot = builder.add(builder.mul(v, n_blocks), b)
-                    x_p = builder.bitcast(builder.gep(xq_p, [builder.add(builder.mul(v, x_len), builder.mul(b, c(BLOCK)))]),
-                                          _I32.as_pointer())
+                    x_at = builder.add(builder.mul(v, x_len), builder.mul(b, c(BLOCK)))
+                    x_p = builder.bitcast(builder.gep(xq_p, [x_at]), _I32.as_pointer())
                     sums = _splat(builder, builder.load(builder.gep(xc_p, [slot])), vi32)
                     for g, wv in enumerate(weights):
                         sums = builder.call(dot4, [sums, wv, _splat(builder, builder.load(builder.gep(x_p, [c(g)]),
