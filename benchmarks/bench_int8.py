@@ -1,15 +1,17 @@
 """The kernels with 8-bit activations (`engine.int8`) against the float32 ones, side by side in one process: the
 prefill matmul on the 20b's square 2880 × 2880 matrices (an expert's gate/up/down, the attention projections'
-width) for several token counts, then the decode MoE (one token, 4 of 32 experts of the 20b's size, different
+width) for several token counts, the prefill MoE (one layer of the 20b's 32 experts, each token routed to 4 at
+random, so a 60-token prompt gives each expert about 7.5 tokens), then the decode MoE (one token, 4 of 32 experts of the 20b's size, different
 experts each call so they come from memory, not cache), then decode's Q8_0 matrix-vector products at the 20b's
 shapes (the fused q/k/v projections, the attention output, the unembedding; the projections of 12 layers in turn so
 they come from memory too).
 
-    python benchmarks/bench_int8.py [--threads 2] [--rows 2880] [--decode-only]
+    python benchmarks/bench_int8.py [--threads 2] [--rows 2880] [--decode-only | --prefill-moe-only]
 
 Prints GFLOP/s (2 · rows · 2880 · tokens per second, best of 5) for each weight type and token count: float32,
-int8 with the activations' quantization (what a prefill pays), and their ratio; for the decode MoE and matvecs, ms a
-call (median, float32 and int8 calls alternating) and the GB/s of weights they stream.
+int8 with the activations' quantization (what a prefill pays), and their ratio; for the prefill MoE, ms a layer
+(median of float32 and int8 calls alternating) and the int8 GMAC/s; for the decode MoE and matvecs, ms a call
+(median, float32 and int8 calls alternating) and the GB/s of weights they stream.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=N_EMBD)
-    ap.add_argument("--decode-only", action="store_true", help="only the decode MoE")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode MoE and matrix-vector products")
+    ap.add_argument("--prefill-moe-only", action="store_true", help="only the prefill MoE")
     args = ap.parse_args()
     kernels.set_num_threads(args.threads)
     if int8.DOT4 is None:
@@ -52,6 +55,8 @@ def main() -> None:
     if args.decode_only:
         decode_moe(rng)
         return decode_q8_0(rng)
+    if args.prefill_moe_only:
+        return prefill_moe(rng)
     dense = rng.standard_normal((args.rows, N_EMBD)).astype(np.float32)
     print(f"# {args.rows} x {N_EMBD} weights, {args.threads} threads, int8 kernels: {int8.DOT4}")
     print(f"{'weights':8}{'tokens':>7}{'float32 GFLOP/s':>17}{'int8 GFLOP/s':>14}{'ratio':>7}")
@@ -64,6 +69,7 @@ def main() -> None:
             f32 = best_seconds(lambda: kernels.matmul(w, X))
             i8 = best_seconds(lambda: kernels.matmul(w, X, int8_activations=True))
             print(f"{qtype.name:8}{n:>7}{flops / f32 / 1e9:>17.0f}{flops / i8 / 1e9:>14.0f}{f32 / i8:>6.2f}x")
+    prefill_moe(rng)
     decode_moe(rng)
     decode_q8_0(rng)
 
@@ -112,14 +118,38 @@ def decode_q8_0(rng, layers: int = 12, calls: int = 24) -> None:
         lambda i, int8_activations: kernels.linear(output, x, int8_activations=int8_activations))
 
 
+def random_experts(rng, E: int) -> list[Tensor]:
+    """gate, up, down: E random MXFP4 experts of the 20b's size (scales near 2^-6)."""
+    def experts():
+        blocks = rng.integers(0, 256, (E, N_EMBD, N_EMBD // 32, 17), dtype=np.uint8)
+        blocks[..., 0] = rng.integers(119, 124, blocks.shape[:-1])
+        return Tensor("experts", GGMLType.MXFP4, (E, N_EMBD, N_EMBD), blocks.reshape(E, N_EMBD, -1))
+    return [experts() for _ in range(3)]
+
+
+def prefill_moe(rng, E: int = 32, k: int = 4, calls: int = 4) -> None:
+    """One MoE layer of the 20b over a prompt, float32 and int8 calls alternating, two layers' experts in turn so
+    that they come from memory."""
+    layers = [random_experts(rng, E) for _ in range(2)]
+    biases = [np.zeros((E, N_EMBD), dtype=np.float32)] * 3
+    print(f"{'prefill MoE':12}{'tokens':>7}{'float32 ms':>11}{'int8 ms':>9}{'int8 GMAC/s':>12}{'ratio':>7}")
+    for n in (16, 60, 128, 512):
+        X = rng.standard_normal((n, N_EMBD)).astype(np.float32)
+        ids = np.stack([rng.permutation(E)[:k] for _ in range(n)])
+        weights = np.full((n, k), 1 / k, dtype=np.float32)
+        layer = iter(range(1 << 30))
+
+        def moe(int8_activations):
+            kernels.moe(*layers[next(layer) % 2], *biases, X, ids, weights, alpha=1.702, limit=7.0,
+                        int8_activations=int8_activations)
+        f32, i8 = alternating(calls, lambda: moe(False), lambda: moe(True))
+        macs = 3 * n * k * N_EMBD * N_EMBD
+        print(f"{'':12}{n:>7}{f32 * 1e3:>11.1f}{i8 * 1e3:>9.1f}{macs / i8 / 1e9:>12.0f}{f32 / i8:>6.2f}x")
+
+
 def decode_moe(rng, E: int = 32, k: int = 4, calls: int = 20) -> None:
     """The fused decode MoE, float32 and int8 calls alternating, on random MXFP4 experts of the 20b's size."""
-    def experts(rows, n):
-        blocks = rng.integers(0, 256, (E, rows, n // 32, 17), dtype=np.uint8)
-        blocks[..., 0] = rng.integers(119, 124, blocks.shape[:-1])
-        return Tensor("experts", GGMLType.MXFP4, (E, rows, n), blocks.reshape(E, rows, -1))
-
-    gate, up, down = experts(N_EMBD, N_EMBD), experts(N_EMBD, N_EMBD), experts(N_EMBD, N_EMBD)
+    gate, up, down = random_experts(rng, E)
     biases = [np.zeros((E, N_EMBD), dtype=np.float32)] * 3
     x = rng.standard_normal((1, N_EMBD)).astype(np.float32)
     weights = np.full((1, k), 1 / k, dtype=np.float32)

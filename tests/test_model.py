@@ -1,5 +1,9 @@
 """The fast forward pass against the float64 NumPy reference written from the spec, and the KV cache."""
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -206,3 +210,32 @@ def test_q8_0_cache_needs_head_dim_multiple_of_32(tiny):
     mf, model, _ = tiny  # head dims 16, 8, 16
     with pytest.raises(ValueError, match="multiple of 32"):
         model.new_cache(16, "q8_0")
+
+
+RSS_AFTER_FREE = """
+import sys
+import numpy as np
+from ossrt.engine import cpu
+if sys.argv[1] == "keep":
+    assert cpu.keep_freed_memory()
+def rss():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) << 10
+before = rss()
+a = np.ones(24 << 17)  # 24 MiB, touched
+held = rss() - before
+del a
+print(held, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_cpu_backend_keeps_freed_memory_for_the_next_pass():
+    """With keep_freed_memory (CpuOps calls it) a freed 24 MiB array stays in the process for the next pass's
+    arrays; without, glibc gives it back to the OS at once."""
+    runs = {how: [int(v) for v in subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, how], check=True,
+                                                  capture_output=True, text=True).stdout.split()]
+            for how in ("keep", "default")}
+    assert runs["keep"][0] > 20 << 20 and runs["default"][0] > 20 << 20  # the array was in RSS in both
+    assert runs["keep"][1] > 20 << 20  # still held after del
+    assert runs["default"][1] < 4 << 20  # given back
