@@ -180,7 +180,7 @@ MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
 
 
 def _mxfp4_row_steps(lanes: int):
-    """`_row_dots`' step and tail block for MXFP4 rows (lanes, blocks a step, step, tail block): a step's two
+    """`_decode_row_dot`'s arguments for MXFP4 rows (lanes, blocks a step, step, tail block): a step's two
     vectors of byte values + MXFP4_OFFSET as `lanes` int32 each, and its per-lane scales; a block's 32 byte values
     + MXFP4_OFFSET and its scale."""
     per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
@@ -736,7 +736,7 @@ def row_dot_mxfp4(row, xq, xs, xc, n_blocks, lanes):
 
 # --- decode: one activation vector against Q8_0 rows ----------------------------------------------------------------
 def _q8_0_row_steps(lanes: int):
-    """`_row_dots`' step and tail block for Q8_0 rows, the vector from quantize_vector with Q8_0_BLOCK_LANES. A step
+    """`_decode_row_dot`'s arguments for Q8_0 rows, the vector from quantize_vector with Q8_0_BLOCK_LANES. A step
     takes lanes / 8 blocks: their value bytes side by side (+128 by a XOR of the sign bit) in one vector, each
     block's f16 scale in its 8 lanes."""
     per_step, nbytes = lanes // Q8_0_BLOCK_LANES, 4 * lanes
