@@ -447,7 +447,9 @@ def test_decode_error_is_no_larger_than_the_q8_0_files_own(tiny_gguf):
     (measured on this random tiny model, whose logits are nearly flat, hidden 160 and expert width 96 so both whole
     steps and single blocks of the row dots run, q8_0 file: median error 1.08 % of the logits' range with int8
     activations, 1.00 % with only the experts' (before the Q8_0 row dots), 0.71 % without; top token the
-    reference's at 91.5 %, 89.4 % and 94.5 % of the 199 steps)."""
+    reference's at 89.9 %, 89.4 % and 94.5 % of the 199 steps). 91.5 % before the activations' quantizer stopped
+    inheriting fastmath from its callers (x / d as x · (1 / d)): a few near ties of this nearly flat model's logits
+    fall either way, so the floor is 85 %."""
     sizes = dict(hidden_size=160, intermediate_size=96)
     load = lambda outtype, int8_activations: ossrt.load(  # noqa: E731
         tiny_gguf(outtype, **sizes), context_length=512, threads=2, kv_type="f32", int8_activations=int8_activations)
@@ -461,7 +463,7 @@ def test_decode_error_is_no_larger_than_the_q8_0_files_own(tiny_gguf):
     int8_rel, q8_rel = relative_error(got, want), relative_error(weights_error, want)
     agree = lambda logits: (logits.argmax(-1) == want.argmax(-1)).mean()  # noqa: E731
     assert np.median(int8_rel) < 2 * np.median(q8_rel) and np.median(int8_rel) < 0.015
-    assert agree(got) > agree(weights_error) - 0.05 and agree(got) > 0.9
+    assert agree(got) > agree(weights_error) - 0.05 and agree(got) > 0.85
 
 
 def test_load_rejects_a_non_bool(tiny_gguf):

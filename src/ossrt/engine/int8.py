@@ -79,6 +79,19 @@ _FAST = ("fast",)
 
 
 # --- activations ----------------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _block_scale(x, start):
+    """The scale of the 32 values from x[start]: max |x| / 127 (0 for a block of zeros), NaN if one is inf or NaN
+    (max() passes over those), so that the products the block enters are NaN, as in float32. Values are then
+    rounded from x / scale where the scale is above 0 (127 / max would overflow for denormal blocks)."""
+    amax = np.float32(0.0)
+    finite = True
+    for j in range(BLOCK):
+        amax = max(amax, abs(x[start + j]))
+        finite &= abs(x[start + j]) <= _F32_MAX
+    return amax / np.float32(127.0) if finite else np.float32(np.nan)
+
+
 @njit(parallel=True, cache=True)
 def _quantize_panel(X, lanes, offset, panel, scales, corrections):
     """X [T, H] → panel [groups, blocks, 8, lanes, 4] int8, scales and corrections [groups, blocks, lanes] (tokens
@@ -96,21 +109,15 @@ def _quantize_panel(X, lanes, offset, panel, scales, corrections):
                 corrections[group, b, lane] = 0
                 continue
             x = X[t, b * BLOCK:(b + 1) * BLOCK]
-            amax = np.float32(0.0)
-            finite = True
-            for j in range(BLOCK):
-                amax = max(amax, abs(x[j]))
-                finite &= abs(x[j]) <= _F32_MAX  # False for inf and NaN, which max() passes over
-            d = amax / np.float32(127.0)
+            d = _block_scale(x, 0)
             total = 0
-            if finite and amax > 0:  # x / d: 127 / amax overflows for denormal blocks
+            if d > 0:
                 for j in range(BLOCK):
                     v = np.int8(np.rint(x[j] / d))
                     panel[group, b, j // 4, lane, j % 4] = v
                     total += v
             else:
                 panel[group, b, :, lane, :] = 0
-                d = d if amax == 0 else np.float32(np.nan)
             scales[group, b, lane] = d
             corrections[group, b, lane] = -offset * total
 
@@ -458,23 +465,20 @@ def _matmul_panel(w, mxfp4_rows, panel, scales, corrections, n_tokens, out, thre
 # decoded once (one row's four code dwords to each lane, a table lookup per nibble half), then for every token one
 # `vpdpbusd` per four values takes the token's four bytes broadcast from memory, all lanes useful. Outputs are
 # accumulated in place, block by block, as the panel kernel does.
-@njit(cache=True, inline="always")
+# fastmath=False said outright: a callee compiled for a fastmath caller inherits the flag unless it sets it, and
+# x / d could become x · (1 / d), off the rule.
+@njit(cache=True, fastmath=False)
 def quantize_row(x, offset, xq, xs, xc):
     """x float32 [32·n_blocks] → xq int8 (same order), xs float32 and xc int32 [n_blocks]: a block's scale and
     its correction -offset · Σ values, by the panels' rule (a block holding inf or NaN gets a NaN scale)."""
     for b in range(x.shape[0] // BLOCK):
-        amax = np.float32(0.0)
-        finite = True
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[b * BLOCK + j]))
-            finite &= abs(x[b * BLOCK + j]) <= _F32_MAX
-        d = amax / np.float32(127.0)
+        d = _block_scale(x, b * BLOCK)
         total = 0
         for j in range(BLOCK):
-            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if finite and amax > 0 else np.int8(0)
+            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if d > 0 else np.int8(0)
             xq[b * BLOCK + j] = v
             total += v
-        xs[b] = d if finite else np.float32(np.nan)
+        xs[b] = d
         xc[b] = -offset * total
 
 
@@ -619,7 +623,9 @@ def vector_slots(n_blocks, lanes, block_lanes):
     return n_blocks // per_step * lanes + n_blocks % per_step
 
 
-@njit(cache=True)  # not inlined: the callers' fastmath flags would let x / d become x · (1 / d), off the rule
+# fastmath=False said outright: a callee compiled for a fastmath caller inherits the flag unless it sets it, and
+# x / d could become x · (1 / d), off the rule.
+@njit(cache=True, fastmath=False)
 def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
     """x float32 [32·n_blocks] → xq int8 [32·n_blocks], xs float32 and xc int32 [vector_slots] in the row dots'
     layout, `block_lanes` (MXFP4_BLOCK_LANES or Q8_0_BLOCK_LANES) int32 lanes to a block. Block b in whole step s,
@@ -633,18 +639,11 @@ def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
     steps = n_blocks // per_step
     xc[:steps * lanes] = 0
     for b in range(n_blocks):
-        amax = np.float32(0.0)
-        finite = True
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[b * BLOCK + j]))
-            finite &= abs(x[b * BLOCK + j]) <= _F32_MAX
-        d = amax / np.float32(127.0)
-        if not finite:
-            d = np.float32(np.nan)
+        d = _block_scale(x, b * BLOCK)
         s, k = b // per_step, b % per_step
         total = 0
         for j in range(BLOCK):
-            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if finite and amax > 0 else np.int8(0)
+            v = np.int8(np.rint(x[b * BLOCK + j] / d)) if d > 0 else np.int8(0)
             total += v
             if s < steps and block_lanes == MXFP4_BLOCK_LANES:
                 xq[s * 8 * lanes + (j // 16) * 4 * lanes + 16 * k + j % 16] = v
