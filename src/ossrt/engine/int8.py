@@ -141,7 +141,8 @@ def _i64(builder, value):
 
 def _dot4(builder, lanes: int):
     vi32 = ir.VectorType(_I32, lanes)
-    name = {8: "llvm.x86.avx512.vpdpbusd.256", 16: "llvm.x86.avx512.vpdpbusd.512"}[lanes]
+    name = {4: "llvm.x86.avx512.vpdpbusd.128", 8: "llvm.x86.avx512.vpdpbusd.256",
+            16: "llvm.x86.avx512.vpdpbusd.512"}[lanes]
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
 
 
@@ -174,15 +175,19 @@ def _row_pointers(context, builder, signature, args):
             builder.bitcast(arrays[2].data, _F32.as_pointer()))
 
 
-def _offset_bytes(builder, qs):
-    """A block's code bytes → its values as vpdpbusd's unsigned bytes: E2M1 ×2 + MXFP4_OFFSET, two <16 x i8>."""
-    return _nibble_lookup(builder, qs, "llvm.x86.ssse3.pshuf.b.128", mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET)
+_BYTE_LOOKUP = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+
+
+def _offset_bytes(builder, codes):
+    """MXFP4 code bytes (a vector of 16, 32 or 64) → their values as vpdpbusd's unsigned bytes, E2M1 ×2 +
+    MXFP4_OFFSET: those of the low nibbles and those of the high nibbles, two vectors as wide."""
+    return _nibble_lookup(builder, codes, _BYTE_LOOKUP[codes.type.count],
+                          mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET)
 
 
 # MXFP4 rows lanes / 4 blocks at a time (a step): their low-nibble and high-nibble values decoded by one table
 # lookup each into two vectors of 4 · lanes bytes, block k's in bytes 16k to 16k + 15 of both, its scale in lanes 4k
 # to 4k + 3 of a float vector. Decode's row dots multiply them as they are; the prefill's row decoder stores them.
-_BYTE_LOOKUP = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
 MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
 
 
@@ -190,14 +195,10 @@ def _mxfp4_row_steps(lanes: int):
     """`_decode_row_dot`'s arguments for MXFP4 rows (lanes, blocks a step, step, tail block): a step's two
     vectors of byte values + MXFP4_OFFSET as `lanes` int32 each, and its per-lane scales; a block's 32 byte values
     + MXFP4_OFFSET and its scale."""
-    per_step, nbytes = lanes // MXFP4_BLOCK_LANES, 4 * lanes
-    vi32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_I8, nbytes)
-    c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
-    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
-                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
+    per_step = lanes // MXFP4_BLOCK_LANES
+    vi32 = ir.VectorType(_I32, lanes)
 
     def step(builder, c, wp, s):
-        lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[nbytes])
         e8m0 = _e8m0_table(builder)
         first = builder.mul(s, c(per_step))
         codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
@@ -213,8 +214,7 @@ def _mxfp4_row_steps(lanes: int):
             codes = [builder.shuffle_vector(codes[i], codes[i + 1],
                                             ir.Constant(ir.VectorType(_I32, width), list(range(width))))
                      for i in range(0, len(codes), 2)]
-        low = builder.call(lookup, [table, builder.and_(codes[0], c8(15))])
-        high = builder.call(lookup, [table, builder.lshr(codes[0], c8(4))])
+        low, high = _offset_bytes(builder, codes[0])
         return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], builder.shuffle_vector(
             scales, scales, ir.Constant(ir.VectorType(_I32, lanes), [i // 4 for i in range(lanes)]))
 
@@ -312,8 +312,6 @@ def _gemm(lanes: int, token_groups: int, rows: int, stride: int | None = None):
     (rows of packed weights) is prefetched along the way."""
     stride = stride or lanes
     vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
-    name = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
-            4: "llvm.x86.avx512.vpdpbusd.128"}[lanes]
 
     @intrinsic
     def gemm(typingctx, wq, wd, panel, scales, corrections, out, r0, g0, ahead):
@@ -329,13 +327,13 @@ def _gemm(lanes: int, token_groups: int, rows: int, stride: int | None = None):
             out_p = builder.bitcast(arrays[5].data, _F32.as_pointer())
             n_blocks = builder.extract_value(arrays[1].shape, 1)
             width = builder.extract_value(arrays[5].shape, 1)  # out's row length: rows of weights
-            r0, g0 = (builder.sext(a, _I64) if a.type.width < 64 else a for a in args[6:8])
+            r0, g0 = (_i64(builder, a) for a in args[6:8])
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
             ahead = context.make_array(signature.args[8])(context, builder, args[8])
             ahead_p = builder.bitcast(ahead.data, _I8.as_pointer())
             ahead_lines = builder.udiv(builder.mul(*(builder.extract_value(ahead.shape, i) for i in (0, 1))), c(64))
             per_block = _lines_per_block(builder, ahead_lines, n_blocks)
-            dot4 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32, vi32, vi32]), name)
+            dot4 = _dot4(builder, lanes)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
             acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(token_groups)] for _ in range(rows)]
             with cgutils.for_range(builder, n_blocks) as loop:
@@ -489,8 +487,6 @@ def _row_lanes_gemm(lanes: int):
     nbytes = 4 * lanes
     vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
     v4i32 = ir.VectorType(_I32, 4)
-    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF)
-                              for v in np.tile(mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET, nbytes // 16)])
 
     @intrinsic
     def gemm(typingctx, w, r0, xq, xs, xc, vectors, first, count, out):
@@ -501,7 +497,6 @@ def _row_lanes_gemm(lanes: int):
                 context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args)
                 if isinstance(t, types.Array))
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            c8 = lambda v: ir.Constant(vi8, [ir.Constant(_I8, v)] * nbytes)  # noqa: E731
             wp = builder.bitcast(w_a.data, _I8.as_pointer())
             xq_p, xs_p, xc_p = _vector_pointers(builder, (xq_a, xs_a, xc_a))
             index_p = builder.bitcast(index_a.data, _I64.as_pointer())
@@ -520,8 +515,6 @@ def _row_lanes_gemm(lanes: int):
             ahead_lines = builder.select(builder.icmp_signed("<", builder.add(r0, c(lanes)), n_rows),
                                          builder.udiv(builder.mul(c(lanes), row_bytes), c(64)), c(0))
             per_block = _lines_per_block(builder, ahead_lines, n_blocks)
-            lookup = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]),
-                                                    _BYTE_LOOKUP[nbytes])
             dot4 = _dot4(builder, lanes)
             zero = ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes)
             vi64, vptr = ir.VectorType(_I64, lanes), ir.VectorType(_I32.as_pointer(), lanes)
@@ -554,10 +547,8 @@ def _row_lanes_gemm(lanes: int):
                 dwords = [builder.bitcast(builder.shuffle_vector(codes[0], codes[0], ir.Constant(
                     vi32, [4 * k + d for k in range(lanes)])), vi8) for d in range(4)]
                 # Dword d holds values 4d..4d+3 in its low nibbles and 16 + 4d.. in its high ones: groups d, 4 + d.
-                weights = [builder.bitcast(builder.call(lookup, [table, builder.and_(v, c8(15))]), vi32)
-                           for v in dwords] + \
-                          [builder.bitcast(builder.call(lookup, [table, builder.lshr(v, c8(4))]), vi32)
-                           for v in dwords]
+                halves = [_offset_bytes(builder, v) for v in dwords]
+                weights = [builder.bitcast(half[i], vi32) for i in (0, 1) for half in halves]
                 # The rows' scale bytes in one gather; 2^(e - 128) from e's bits (e < 2: a denormal).
                 where = builder.add(_splat(builder, builder.ptrtoint(builder.gep(rows[0], [at]), _I64), vi64),
                                     offsets)

@@ -173,11 +173,15 @@ _FOUR = ir.Constant(_V16I8, [ir.Constant(_I8, 4)] * 16)
 
 
 def _nibble_lookup(builder, qs, name, values):
-    """A block's 16 code bytes → two <16 x i8> of values[nibble] (elements 0..15 from the low nibbles, 16..31 from
-    the high) by a 16-byte table lookup instruction `name` (table, indices)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8, _V16I8]), name)
-    table = ir.Constant(_V16I8, [ir.Constant(_I8, int(v) & 0xFF) for v in values])
-    return builder.call(fn, [table, builder.and_(qs, _LOW4)]), builder.call(fn, [table, builder.lshr(qs, _FOUR)])
+    """Code bytes (a block's 16, or several blocks' side by side) → two vectors as wide of values[nibble], of the
+    low nibbles and of the high (for one block: its elements 0..15 and 16..31), by a table lookup instruction `name`
+    (table, indices) that looks up within each 16 bytes, as pshufb does."""
+    n = qs.type.count
+    vi8 = ir.VectorType(_I8, n)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), name)
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v) & 0xFF) for v in np.tile(values, n // 16)])
+    low4, four = (ir.Constant(vi8, [ir.Constant(_I8, v)] * n) for v in (15, 4))
+    return builder.call(fn, [table, builder.and_(qs, low4)]), builder.call(fn, [table, builder.lshr(qs, four)])
 
 
 def _byte_table_lookup(name):
