@@ -3,10 +3,11 @@ in full layers and in rings that wrap around; and what `LayerKV.store` keeps."""
 
 import numpy as np
 import pytest
+from numba import njit
 
 from ossrt.defaults import KV_TYPES
 from ossrt.engine.attention import attend
-from ossrt.engine.kv_cache import LayerKV, quantize_q8_0
+from ossrt.engine.kv_cache import LayerKV, f16_bits, quantize_q8_0
 
 N_HEAD, N_KV, D = 6, 2, 64  # three query heads per KV head; q8_0 needs whole blocks of 32
 
@@ -77,6 +78,8 @@ def test_attention_over_the_cache_matches_the_reference(kv_type, case):
 def test_store_rounds_as_each_type_says():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, N_KV, D)).astype(np.float32) * 10
+    x[0, 0, :32] = 0  # a zero block
+    x[1, 0, :4] = [127.0, 0.5, -0.5, -0.0]  # scale 1: halves away from zero
     for kv_type in KV_TYPES:
         kv = LayerKV(N_KV, 4, D, kv_type, 4)
         kv.store(2, x, x)  # positions 2, 3, 4: slots 2, 3, 0
@@ -91,7 +94,35 @@ def test_store_rounds_as_each_type_says():
             np.testing.assert_allclose(scale, np.abs(blocks).max(axis=-1) / 127, rtol=1e-7)
             error = blocks - q.reshape(blocks.shape) * scale[..., None]
             assert (np.abs(error) <= scale[..., None] / 2 * (1 + 1e-6)).all()  # rounded to the nearest step
+            want_q, want_scale = quantize_q8_0(x.transpose(1, 0, 2))  # the rule in NumPy, bit for bit
+            np.testing.assert_array_equal(q, want_q)
+            np.testing.assert_array_equal(scale, want_scale)
 
+
+
+@njit
+def f16_bits_of(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = f16_bits(bits[i])
+
+
+def test_f16_rounding_is_numpys():
+    """The store's float32 → f16 against NumPy's astype, bit for bit: random bit patterns over every exponent, and
+    the edges (the largest half and the tie above it, the smallest normal and subnormal, ties to even there, zeros,
+    infinities); NaN stays NaN."""
+    rng = np.random.default_rng(3)
+    edges = np.array([65504, 65519.996, 65520, 65536, 2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -12), 2.0 ** -24,
+                      2.0 ** -25, 2.0 ** -25 * (1 + 2.0 ** -23), 3 * 2.0 ** -25, 5 * 2.0 ** -25, 2.0 ** -26, 0.0,
+                      1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, np.inf], dtype=np.float32)
+    x = np.concatenate([rng.integers(0, 2 ** 32, 2_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                        edges, -edges, np.array([np.nan], np.float32)])
+    got = np.empty(x.size, dtype=np.uint16)
+    f16_bits_of(x.view(np.uint32), got)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(got[~nan], want[~nan].view(np.uint16))
+    assert np.isnan(got[nan].view(np.float16)).all()
 
 def test_q8_0_rounds_halves_away_from_zero_and_keeps_zero_blocks():
     x = np.zeros((2, 32), dtype=np.float32)

@@ -3,6 +3,8 @@ matrices. The activation quantizer and the VNNI kernels against NumPy written fr
 max |x| / 127, values rounded to nearest), then the error the quantization adds, measured against the float32 path:
 kernels, MoE, and the whole model's logits and greedy text, in prefill and in decode."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from numba import njit
@@ -123,6 +125,49 @@ def test_moe_with_int8_activations_stays_close_to_float32():
     assert np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
 
 
+def decode_row_dots(lanes: int):
+    """A function (w, X, out): out[r] = MXFP4 row r of w · X[r], each X[r] quantized for the decode row dot, by a
+    row dot built now (with the module's settings as they are)."""
+    row_dot = int8._decode_row_dot(*int8._mxfp4_row_steps(lanes))
+
+    @njit
+    def dots(w, X, out):
+        n_blocks = X.shape[1] // 32
+        slots = int8.vector_slots(n_blocks, lanes, int8.MXFP4_BLOCK_LANES)
+        for r in range(w.shape[0]):
+            xq, xs, xc = np.empty(X.shape[1], np.int8), np.empty(slots, np.float32), np.empty(slots, np.int32)
+            int8.quantize_vector(X[r], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq, xs, xc)
+            out[r] = row_dot(w[r], xq, xs, xc, n_blocks)
+    return dots
+
+
+@pytest.mark.parametrize("vbmi", [False, True])
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_decode_row_dot_takes_every_scale_byte(lanes, vbmi, monkeypatch):
+    """Row e has every block scaled by 2^(e - 128), for each e8m0 byte 0..255 (2^-128 and 2^-127 are subnormal
+    floats): its input scaled so that the product stays a normal float32, the row dot is the product of the
+    quantized values to float32 rounding (of the blocks' magnitudes: their sums cancel). 9 blocks: two whole steps
+    of 16 lanes, four of 8, and a block past them. With and without AVX-512 VBMI's byte permute for the codes."""
+    if lanes == 16 and int8.decode_lanes() != 16:
+        pytest.skip("no AVX-512")
+    if vbmi and not int8._cpu_features().get("avx512vbmi"):
+        pytest.skip("no AVX-512 VBMI")
+    monkeypatch.setattr(int8, "VBMI", vbmi)
+    rng = np.random.default_rng(11)
+    blocks = rng.integers(0, 256, (256, 9, 17), dtype=np.uint8)
+    blocks[..., 0] = np.arange(256, dtype=np.uint8)[:, None]
+    w = Tensor("w", T.MXFP4, (256, 9 * 32), blocks.reshape(256, -1))
+    X = rng.standard_normal((256, 9 * 32)) * np.exp2(np.clip(100 - np.arange(256), -20, 100))[:, None]
+    X = X.astype(np.float32)
+    got = np.empty(256, dtype=np.float32)
+    decode_row_dots(lanes)(w.data, X, got)
+    row = lambda e: SimpleNamespace(data=w.data[None, e:e + 1], shape=(1, 1, 9 * 32))  # noqa: E731
+    want = np.array([int8_dot(row(e), 0, X[e])[0] for e in range(256)])
+    magnitude = np.array([int8_dot(row(e), 0, X[e], np.abs)[0] for e in range(256)])
+    assert np.isfinite(got).all() and (magnitude > 0).all()
+    assert (np.abs(got - want) <= 1e-6 * magnitude).all()
+
+
 @njit(cache=True)
 def quantize_rows(X, xq, xs, xc):
     for t in range(X.shape[0]):
@@ -235,14 +280,15 @@ def random_experts(rng, E: int, I: int, H: int) -> tuple:
     return experts("gate", I, H), experts("up", I, H), experts("down", H, I), *biases
 
 
-def int8_dot(w, e: int, x: np.ndarray) -> np.ndarray:
+def int8_dot(w, e: int, x: np.ndarray, of_block=lambda sums: sums) -> np.ndarray:
     """Expert e's rows of MXFP4 `w` times x quantized by the rule: every block's products summed exactly as
-    integers (E2M1 values ×2 against the int8 values), then scaled by 2^(e8m0 - 128) · x's scale, in float64."""
+    integers (E2M1 values ×2 against the int8 values), then scaled by 2^(e8m0 - 128) · x's scale, in float64
+    (`of_block`: a function of each block's sum first, e.g. np.abs for the magnitude of the terms)."""
     blocks = w.data[e].reshape(w.shape[1], -1, 17)
     codes = np.concatenate([blocks[..., 1:] & 15, blocks[..., 1:] >> 4], axis=-1)
     q, d = quantized(x[None])
     sums = np.einsum("rbj,bj->rb", mxfp4.KVALUES[codes].astype(np.int32), q.reshape(-1, 32).astype(np.int32))
-    return (sums * np.ldexp(1.0, blocks[..., 0].astype(np.int64) - 128) * d[0].astype(np.float64)).sum(axis=-1)
+    return (of_block(sums) * np.ldexp(1.0, blocks[..., 0].astype(np.int64) - 128) * d[0].astype(np.float64)).sum(-1)
 
 
 def int8_moe_reference(gate, up, down, gate_b, up_b, down_b, X, ids, weights) -> tuple[np.ndarray, np.ndarray]:
@@ -312,8 +358,8 @@ def test_decode_moe_error_against_float32():
     assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 0.02
     assert abs(err.mean()) < 0.02 * err.std()
     float32 = np.zeros_like(X)
-    kernels._moe_assignments(X, np.repeat(np.arange(T_), 2), ids.reshape(-1), weights.reshape(-1), gate.data,
-                             up.data, down.data, gate_b, up_b, down_b, np.float32(1.702), np.float32(7.0), float32)
+    assert kernels._moe_assignments(X, ids, weights, np.arange(2 * T_), gate.data, up.data, down.data, gate_b, up_b,
+                                    down_b, np.float32(1.702), np.float32(7.0), float32)
     assert exact.tobytes() == float32.tobytes()
 
 
@@ -391,11 +437,12 @@ def test_decode_q8_0_error_against_float32():
     assert np.sqrt(np.mean(err ** 2) / np.mean(exact ** 2)) < 0.01
     assert abs(err.mean()) < 0.02 * err.std()
     float32 = np.empty(2048, dtype=np.float32)
-    kernels._matvec_q8_0(ws[0].data, X[0], float32)
+    kernels._matvec_q8_0(ws[0].data, X[0], np.zeros(2048, np.float32), float32)
     assert exact[0].tobytes() == float32.tobytes()
     first_row = np.array([0, 2048, 2304, 2560])
     fused = np.empty(2560, dtype=np.float32)
-    kernels._matvecs_q8_0(tuple(w.data for w in ws), first_row, X[0], fused)
+    no_bias = tuple(np.zeros(w.shape[0], np.float32) for w in ws)
+    kernels._matvecs_q8_0(tuple(w.data for w in ws), first_row, X[0], no_bias, fused)
     assert np.concatenate(kernels.linear_many(ws, X[:1], int8_activations=False), axis=1)[0].tobytes() == \
         fused.tobytes()
 

@@ -136,8 +136,12 @@ def test_moe_rejects_bad_expert_ids_and_shapes():
     rng = np.random.default_rng(5)
     experts = make_experts(rng, 4, 32, 32)
     X = np.ones((1, 32), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
-        kernels.moe(*experts, X, np.array([[0, 4]]), np.ones((1, 2), np.float32), alpha=ALPHA, limit=LIMIT)
+    # One token (decode: the kernel checks before it reads a weight) and several, each kernel.
+    for bad, n in (([0, 4], 1), ([-1, 2], 1), ([0, 4], 3)):
+        for int8_activations in (False, True):
+            with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
+                kernels.moe(*experts, np.ones((n, 32), np.float32), np.array([bad] * n),
+                            np.ones((n, 2), np.float32), alpha=ALPHA, limit=LIMIT, int8_activations=int8_activations)
     with pytest.raises(ValueError, match="do not match"):
         kernels.moe(*experts, X, np.array([[0, 1]]), np.ones((1, 3), np.float32), alpha=ALPHA, limit=LIMIT)
     gate, up, down, gb, ub, db = experts

@@ -15,7 +15,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .kv_cache import LayerKV
-from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split
+from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split, exp_nonpositive
 
 QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
 KEY_TILE = 64  # positions a tile holds: a key tile and a value tile (16 KiB each at d = 64) stay in cache
@@ -45,6 +45,31 @@ def _load_tile_typed(src, scales, g, slot, n, scratch):
     else:
         return None
     return load
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _add_tile(scores, j0, j1, V, m, denom, acc, i):
+    """Query row i's online softmax meets positions j0..j1 of a tile: `scores` (overwritten) their logits, V their
+    values. The running maximum m[i] grows to the tile's (the sums so far rescaled), then denom[i] and acc[i] take
+    each position's exp(logit - m[i]) and that times its value. The exponentials in a loop of their own, which
+    vectorizes (`exp_nonpositive`)."""
+    tile_max = m[i]
+    for j in range(j0, j1):
+        tile_max = max(tile_max, scores[j])
+    if tile_max > m[i]:
+        rescale = exp_nonpositive(m[i] - tile_max)
+        denom[i] *= rescale
+        for x in range(acc.shape[1]):
+            acc[i, x] *= rescale
+        m[i] = tile_max
+    total = np.float32(0.0)
+    for j in range(j0, j1):
+        scores[j] = exp_nonpositive(scores[j] - m[i])
+        total += scores[j]
+    denom[i] += total
+    for j in range(j0, j1):
+        for x in range(acc.shape[1]):
+            acc[i, x] += scores[j] * V[j, x]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -79,28 +104,52 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
                 i = t - t0
                 j0 = max(p0, start + t - window + 1) - p0  # the query's positions within the tile
                 j1 = min(n, start + t + 1 - p0)
-                tile_max = m[i]
                 for j in range(j0, j1):
                     a = np.float32(0.0)
                     for x in range(d):
                         a += q[t, h, x] * K[j, x]
                     scores[j] = a * scale
-                    tile_max = max(tile_max, scores[j])
-                if tile_max > m[i]:
-                    rescale = np.exp(m[i] - tile_max)
-                    denom[i] *= rescale
-                    for x in range(d):
-                        acc[i, x] *= rescale
-                    m[i] = tile_max
-                for j in range(j0, j1):
-                    p = np.exp(scores[j] - m[i])
-                    denom[i] += p
-                    for x in range(d):
-                        acc[i, x] += p * V[j, x]
+                _add_tile(scores, j0, j1, V, m, denom, acc, i)
             p0 += n
         for t in range(t0, t1):
             for x in range(d):
                 out[t, h, x] = acc[t - t0, x] / denom[t - t0]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _attend_one(q, keys, key_scales, values, value_scales, position, window, sinks, scale, out):
+    """`_attend` for a single query (decode): an item per KV head, whose query heads all meet each tile of keys and
+    values as it is decoded (the general kernel decodes a tile once per query head)."""
+    _, n_head, d = q.shape
+    n_kv, capacity = keys.shape[0], keys.shape[1]
+    per_kv = n_head // n_kv
+    for g in prange(n_kv):
+        h0 = g * per_kv
+        m = np.empty(per_kv, dtype=np.float32)  # running maximum per query head, from its sink's logit
+        for i in range(per_kv):
+            m[i] = sinks[h0 + i]
+        denom = np.ones(per_kv, dtype=np.float32)
+        acc = np.zeros((per_kv, d), dtype=np.float32)
+        key_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        value_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        scores = np.empty(KEY_TILE, dtype=np.float32)
+        p0 = max(0, position - window + 1)
+        while p0 <= position:
+            slot = p0 % capacity
+            n = min(KEY_TILE, position + 1 - p0, capacity - slot)
+            K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
+            V = _load_tile(values, value_scales, g, slot, n, value_scratch)
+            for i in range(per_kv):
+                for j in range(n):
+                    a = np.float32(0.0)
+                    for x in range(d):
+                        a += q[0, h0 + i, x] * K[j, x]
+                    scores[j] = a * scale
+                _add_tile(scores, 0, n, V, m, denom, acc, i)
+            p0 += n
+        for i in range(per_kv):
+            for x in range(d):
+                out[0, h0 + i, x] = acc[i, x] / denom[i]
 
 
 def attend(q: np.ndarray, kv: LayerKV, start: int, sinks: np.ndarray, scale: float) -> np.ndarray:
@@ -113,6 +162,7 @@ def attend(q: np.ndarray, kv: LayerKV, start: int, sinks: np.ndarray, scale: flo
     if not (0 <= start and kv.first_visible(start) + capacity >= start + T):
         raise ValueError(f"positions {kv.first_visible(start)}..{start + T - 1} do not fit {capacity} slots")
     out = np.empty((T, n_head, d), dtype=np.float32)
-    _attend(np.ascontiguousarray(q, dtype=np.float32), kv.keys, kv.key_scales, kv.values, kv.value_scales, start,
+    kernel = _attend_one if T == 1 else _attend
+    kernel(np.ascontiguousarray(q, dtype=np.float32), kv.keys, kv.key_scales, kv.values, kv.value_scales, start,
             kv.window, np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
     return out

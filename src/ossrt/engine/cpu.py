@@ -1,8 +1,8 @@
 """The CPU backend of the forward pass: `CpuOps`, the operations `engine.model.Transformer` calls, on NumPy arrays.
 
 Weights stay in the memory-mapped file: `kernels` does the weight math (Numba kernels that decode the file's
-blocks as they go), `attention` the attention over a `kv_cache.KVCache`. The small ops are NumPy expressions in
-float32.
+blocks as they go), `attention` the attention over a `kv_cache.KVCache`, `small_ops` RMSNorm, RoPE and the
+router's top-k; the rest are NumPy expressions in float32.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import kernels
+from . import kernels, small_ops
 from .attention import attend
 from .expert_cache import KINDS, ExpertCache
 from .kv_cache import CHUNK, KVCache, LayerKV
@@ -85,15 +85,13 @@ class CpuOps:
         return kernels.dequantize(w, rows=tokens)
 
     def linear(self, w, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        y = kernels.linear(w, x, int8_activations=self.int8_activations)
-        return y if bias is None else y + bias
+        return kernels.linear(w, x, bias, int8_activations=self.int8_activations)
 
     def linear_many(self, ws: list, x: np.ndarray, biases: list) -> list[np.ndarray]:
-        ys = kernels.linear_many(ws, x, int8_activations=self.int8_activations)
-        return [y if b is None else y + b for y, b in zip(ys, biases)]
+        return kernels.linear_many(ws, x, biases, int8_activations=self.int8_activations)
 
     def rms_norm(self, x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
-        return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * gain
+        return small_ops.rms_norm(x, gain, eps)
 
     def rotation(self, positions: np.ndarray, inv_freq: np.ndarray,
                  concentration: float) -> tuple[np.ndarray, np.ndarray]:
@@ -104,14 +102,11 @@ class CpuOps:
 
     def rope(self, q: np.ndarray, k: np.ndarray,
              rotation: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        cos, sin = rotation[0][:, None], rotation[1][:, None]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin = rotation
+        return small_ops.rope(q, cos, sin), small_ops.rope(k, cos, sin)
 
     def router(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        sel = np.take_along_axis(logits, ids, axis=1)
-        w = np.exp(sel - sel.max(axis=1, keepdims=True))
-        return ids, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+        return small_ops.router(logits, k)
 
     def moe(self, gate, up, down, gate_b: np.ndarray, up_b: np.ndarray, down_b: np.ndarray, x: np.ndarray,
             ids: np.ndarray, weights: np.ndarray, alpha: float, limit: float) -> np.ndarray:
@@ -138,9 +133,3 @@ class CpuOps:
         if self.experts is not None:
             self.experts.close()
 
-
-def _rotate(v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Half-split rotation of v [T, heads, d] by cos/sin [T, 1, d/2]."""
-    half = v.shape[-1] // 2
-    a, b = v[..., :half], v[..., half:]
-    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)

@@ -286,7 +286,7 @@ class ExpertCache:
         if layer + 1 >= self.n_layer or h.shape[0] != 1 or not hasattr(os, "posix_fadvise"):
             return
         weight, bias = self.routers[layer + 1]
-        logits = kernels.matvec(weight, h[0]) + bias
+        logits = kernels.matvec(weight, h[0], bias)
         with self._lock:
             for e in np.argpartition(-logits, self.n_used - 1)[:self.n_used]:
                 key = (layer + 1, int(e))

@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_BYTES, Q8_0_BLOCK_BYTES, _e8m0_table, _f16_native, _hsum, _load,
+from .simd import (MXFP4_BLOCK_BYTES, Q8_0_BLOCK_BYTES, _f16_native, _hsum, _load,
                    _mxfp4_block, _nibble_lookup, _prefetch, _prefetch_line, _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
@@ -71,6 +71,8 @@ def _dot4_kind() -> str | None:
 
 # "avx512vnni" (tokens 16 or 8 to a vector), "avxvnni" (8) or None: no int8 path, float32 everywhere.
 DOT4 = _dot4_kind()
+# AVX-512 VBMI's byte permutes (Ice Lake, Zen 4 on; not Skylake-X or Cascade Lake): an MXFP4 step's code bytes in one.
+VBMI = DOT4 == "avx512vnni" and bool(_cpu_features().get("avx512vbmi"))
 
 _F32_MAX = np.finfo(np.float32).max
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -199,30 +201,51 @@ def _mxfp4_row_steps(lanes: int):
     vi32 = ir.VectorType(_I32, lanes)
 
     def step(builder, c, wp, s):
-        e8m0 = _e8m0_table(builder)
-        first = builder.mul(s, c(per_step))
-        codes, scales = [], ir.Constant(ir.VectorType(_F32, per_step), ir.Undefined)
-        _prefetch(builder, wp, builder.mul(first, c(MXFP4_BLOCK_BYTES)))  # a step is about one cache line
-        for k in range(per_step):
-            base = builder.mul(builder.add(first, c(k)), c(MXFP4_BLOCK_BYTES))
-            e = builder.zext(builder.load(builder.gep(wp, [base])), _I32)
-            scales = builder.insert_element(scales, builder.load(builder.gep(e8m0, [ir.Constant(_I32, 0), e])),
-                                            ir.Constant(_I32, k))
-            codes.append(_load(builder, wp, builder.add(base, c(1)), _V16I8, 1))
-        while len(codes) > 1:  # the blocks' 16 code bytes side by side
-            width = 2 * codes[0].type.count
-            codes = [builder.shuffle_vector(codes[i], codes[i + 1],
-                                            ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-                     for i in range(0, len(codes), 2)]
-        low, high = _offset_bytes(builder, codes[0])
-        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], builder.shuffle_vector(
-            scales, scales, ir.Constant(ir.VectorType(_I32, lanes), [i // 4 for i in range(lanes)]))
+        start = builder.mul(builder.mul(s, c(per_step)), c(MXFP4_BLOCK_BYTES))
+        _prefetch(builder, wp, start)  # a step is about one cache line
+        if VBMI:
+            # The step's first and last 4 · lanes bytes, and one two-source byte permute (vpermt2b) picks the
+            # blocks' code bytes out of them.
+            n, tail = 4 * lanes, MXFP4_BLOCK_BYTES * per_step - 4 * lanes
+            first, last = (_load(builder, wp, builder.add(start, c(at)), ir.VectorType(_I8, n), 1) for at in (0, tail))
+            picks = [MXFP4_BLOCK_BYTES * k + 1 + j for k in range(per_step) for j in range(16)]
+            codes = builder.shuffle_vector(first, last, ir.Constant(ir.VectorType(_I32, n),
+                                                                    [p if p < n else n + p - tail for p in picks]))
+        else:
+            pieces = [_load(builder, wp, builder.add(start, c(MXFP4_BLOCK_BYTES * k + 1)), _V16I8, 1)
+                      for k in range(per_step)]
+            while len(pieces) > 1:  # the blocks' 16 code bytes side by side
+                width = 2 * pieces[0].type.count
+                pieces = [builder.shuffle_vector(pieces[i], pieces[i + 1],
+                                                 ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+                          for i in range(0, len(pieces), 2)]
+            codes = pieces[0]
+        low, high = _offset_bytes(builder, codes)
+        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], _step_scales(builder, wp, start, lanes)
 
     def tail_block(builder, c, wp, b):
         w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
         return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
 
     return lanes, per_step, step, tail_block
+
+
+def _step_scales(builder, wp, start, lanes: int):
+    """The scales 2^(e-128) of the lanes / 4 MXFP4 blocks from byte `start` (17 bytes each), block k's in lanes 4k
+    to 4k + 3: float32 [lanes]. Block k's scale byte lies at 17k = 16k + k, byte k of the step's k-th 16 bytes, so
+    one in-lane byte shuffle of the step's first 4 · lanes bytes puts every block's byte in its lanes (where a
+    load, a table load and an insert a block took 13 operations for four blocks). The float bits: (e - 1) << 23, or
+    for e = 0 and 1 the subnormals 2^-128 and 2^-127."""
+    n = 4 * lanes
+    vi8, vi32 = ir.VectorType(_I8, n), ir.VectorType(_I32, lanes)
+    shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[n])
+    index = ir.Constant(vi8, [ir.Constant(_I8, (i // 16) if i % 4 == 0 else -128) for i in range(n)])
+    e = builder.bitcast(builder.call(shuffle, [_load(builder, wp, start, vi8, 1), index]), vi32)
+    splat = lambda v: ir.Constant(vi32, [ir.Constant(_I32, v)] * lanes)  # noqa: E731
+    bits = builder.sub(builder.shl(e, splat(23)), splat(1 << 23))
+    subnormal = builder.lshr(splat(0x00400000), builder.and_(builder.sub(splat(1), e), splat(1)))
+    bits = builder.select(builder.icmp_unsigned("<", e, splat(2)), subnormal, bits)
+    return builder.bitcast(bits, ir.VectorType(_F32, lanes))
 
 
 def _decode_row_mxfp4_u8_of(lanes: int):

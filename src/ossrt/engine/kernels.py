@@ -12,6 +12,8 @@ weights, is in `attention`.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -82,18 +84,20 @@ def dequantize(w, rows=None) -> np.ndarray:
 
 
 # --- matrix-vector (decode) ----------------------------------------------------------------------------------------
+# Each kernel adds the bias as it writes a row (a matrix without one gets zeros): in decode a separate NumPy add cost
+# more than the row's own work once the weights had swept the caches.
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_mxfp4(w, x, out):
+def _matvec_mxfp4(w, x, bias, out):
     n_blocks = x.shape[0] // MXFP4_BLOCK_SIZE
     for r in prange(w.shape[0]):
-        out[r] = row_dot_mxfp4(w[r], x, n_blocks)
+        out[r] = row_dot_mxfp4(w[r], x, n_blocks) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_q8_0(w, x, out):
+def _matvec_q8_0(w, x, bias, out):
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     for r in prange(w.shape[0]):
-        out[r] = row_dot_q8_0(w[r], x, n_blocks)
+        out[r] = row_dot_q8_0(w[r], x, n_blocks) + bias[r]
 
 
 @njit(cache=True)
@@ -107,33 +111,33 @@ def _quantize_for_q8_0(x, lanes):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_q8_0_int8(w, x, lanes, out):
+def _matvec_q8_0_int8(w, x, lanes, bias, out):
     """`_matvec_q8_0` with 8-bit activations: x quantized once, `lanes` int32 lanes at a time."""
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     xq, xs, xc = _quantize_for_q8_0(x, lanes)
     for r in prange(w.shape[0]):
-        out[r] = int8.row_dot_q8_0(w[r], xq, xs, xc, n_blocks, lanes)
+        out[r] = int8.row_dot_q8_0(w[r], xq, xs, xc, n_blocks, lanes) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_bf16(w, x, out):
+def _matvec_bf16(w, x, bias, out):
     for r in prange(w.shape[0]):
-        out[r] = row_dot_bf16(w[r], x)
+        out[r] = row_dot_bf16(w[r], x) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_f16(w, x, out):
+def _matvec_f16(w, x, bias, out):
     for r in prange(w.shape[0]):
-        out[r] = row_dot_f16(w[r], x)
+        out[r] = row_dot_f16(w[r], x) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_f32(w, x, out):
+def _matvec_f32(w, x, bias, out):
     for r in prange(w.shape[0]):
         acc = np.float32(0.0)
         for i in range(x.shape[0]):
             acc += w[r, i] * x[i]
-        out[r] = acc
+        out[r] = acc + bias[r]
 
 
 def _check_matrix(w, n_in: int) -> None:
@@ -153,27 +157,45 @@ def _int8_q8_0(w_type, int8_activations: bool) -> bool:
     return int8_activations and w_type == GGMLType.Q8_0 and int8.supports(w_type)
 
 
-def matvec(w, x: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
-    """`W @ x` for a 2-D weight of any supported type; x float32 [in] → float32 [out]. With `int8_activations`,
-    a Q8_0 matrix on a VNNI CPU takes x quantized to 8 bits a value (as `matmul`)."""
+def matvec(w, x: np.ndarray, bias: np.ndarray | None = None, *, int8_activations: bool = False) -> np.ndarray:
+    """`W @ x (+ bias)` for a 2-D weight of any supported type; x float32 [in] → float32 [out]. With
+    `int8_activations`, a Q8_0 matrix on a VNNI CPU takes x quantized to 8 bits a value (as `matmul`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1:
         raise ValueError(f"{w.name}: matvec needs a vector, got shape {x.shape}")
     _check_matrix(w, x.shape[0])
+    bias = _bias(w, bias)
     out = np.empty(w.shape[0], dtype=np.float32)
     if _int8_q8_0(w.type, int8_activations):
-        _matvec_q8_0_int8(w.data, x, int8.decode_lanes(), out)
+        _matvec_q8_0_int8(w.data, x, int8.decode_lanes(), bias, out)
     elif w.type == GGMLType.MXFP4:
-        _matvec_mxfp4(w.data, x, out)
+        _matvec_mxfp4(w.data, x, bias, out)
     elif w.type == GGMLType.Q8_0:
-        _matvec_q8_0(w.data, x, out)
+        _matvec_q8_0(w.data, x, bias, out)
     elif w.type == GGMLType.BF16:
-        _matvec_bf16(w.data, x, out)
+        _matvec_bf16(w.data, x, bias, out)
     elif w.type == GGMLType.F16:
-        _matvec_f16(w.data.view(np.uint16), x, out)
+        _matvec_f16(w.data.view(np.uint16), x, bias, out)
     else:
-        _matvec_f32(w.data, x, out)
+        _matvec_f32(w.data, x, bias, out)
     return out
+
+
+def _bias(w, bias: np.ndarray | None) -> np.ndarray:
+    """A matrix's bias as the kernels take it: float32 [rows], zeros for none."""
+    if bias is None:
+        return _zeros(w.shape[0])
+    if bias.shape != (w.shape[0],):
+        raise ValueError(f"{w.name}: a bias of shape {bias.shape} for {w.shape[0]} rows")
+    return bias if bias.dtype == np.float32 and bias.flags.c_contiguous else np.ascontiguousarray(bias, np.float32)
+
+
+@functools.cache
+def _zeros(n: int) -> np.ndarray:
+    """float32 zeros [n] (shared: read-only)."""
+    a = np.zeros(n, dtype=np.float32)
+    a.flags.writeable = False
+    return a
 
 
 @njit(cache=True, inline="always")
@@ -186,30 +208,30 @@ def _matrix_of(i, first_row):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_q8_0(ws, first_row, x, out):
-    """out[first_row[m] + r] = row r of ws[m] · x: the rows of every matrix in one parallel pass."""
+def _matvecs_q8_0(ws, first_row, x, biases, out):
+    """out[first_row[m] + r] = row r of ws[m] · x + biases[m][r]: the rows of every matrix in one parallel pass."""
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     for i in prange(out.shape[0]):
         m = _matrix_of(i, first_row)
-        out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks)
+        out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks) + biases[m][i - first_row[m]]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_q8_0_int8(ws, first_row, x, lanes, out):
+def _matvecs_q8_0_int8(ws, first_row, x, lanes, biases, out):
     """`_matvecs_q8_0` with 8-bit activations (`_matvec_q8_0_int8`)."""
     n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
     xq, xs, xc = _quantize_for_q8_0(x, lanes)
     for i in prange(out.shape[0]):
         m = _matrix_of(i, first_row)
-        out[i] = int8.row_dot_q8_0(ws[m][i - first_row[m]], xq, xs, xc, n_blocks, lanes)
+        out[i] = int8.row_dot_q8_0(ws[m][i - first_row[m]], xq, xs, xc, n_blocks, lanes) + biases[m][i - first_row[m]]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_bf16(ws, first_row, x, out):
+def _matvecs_bf16(ws, first_row, x, biases, out):
     """`_matvecs_q8_0` for BF16 matrices."""
     for i in prange(out.shape[0]):
         m = _matrix_of(i, first_row)
-        out[i] = row_dot_bf16(ws[m][i - first_row[m]], x)
+        out[i] = row_dot_bf16(ws[m][i - first_row[m]], x) + biases[m][i - first_row[m]]
 
 
 _MATVECS = {GGMLType.Q8_0: _matvecs_q8_0, GGMLType.BF16: _matvecs_bf16}
@@ -339,29 +361,42 @@ def matmul(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
     return out
 
 
-def linear(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
-    """`X @ W.T` for X [T, in]: the decode kernel for one row, the prefill kernels for more (`matmul`)."""
+def linear(w, X: np.ndarray, bias: np.ndarray | None = None, *, int8_activations: bool = False) -> np.ndarray:
+    """`X @ W.T (+ bias)` for X [T, in]: the decode kernel for one row, the prefill kernels for more (`matmul`)."""
     if X.ndim == 2 and X.shape[0] == 1:
-        return matvec(w, X[0], int8_activations=int8_activations)[None]
-    return matmul(w, X, int8_activations=int8_activations)
+        return matvec(w, X[0], bias, int8_activations=int8_activations).reshape(1, -1)
+    out = matmul(w, X, int8_activations=int8_activations)
+    if bias is not None:
+        out += _bias(w, bias)
+    return out
 
 
-def linear_many(ws, X: np.ndarray, *, int8_activations: bool = False) -> list[np.ndarray]:
-    """[`linear`(w, X) for w in ws]: for one token and matrices of one type with a fused kernel (Q8_0, BF16: the
-    attention projections' types), one parallel pass over the rows of them all, the same numbers with one start
-    of the threads instead of one a matrix."""
+def linear_many(ws, X: np.ndarray, biases=None, *, int8_activations: bool = False) -> list[np.ndarray]:
+    """[`linear`(w, X, b) for w, b in zip(ws, biases)] (`biases` None: none). For one token and matrices of one type
+    with a fused kernel (Q8_0, BF16: the attention projections' types), one parallel pass over the rows of them all,
+    the same numbers with one start of the threads instead of one a matrix."""
+    biases = [None] * len(ws) if biases is None else biases
     if not (X.ndim == 2 and X.shape[0] == 1 and len({w.type for w in ws}) == 1 and ws[0].type in _MATVECS):
-        return [linear(w, X, int8_activations=int8_activations) for w in ws]
+        return [linear(w, X, b, int8_activations=int8_activations) for w, b in zip(ws, biases)]
     x = np.ascontiguousarray(X[0], dtype=np.float32)
     for w in ws:
         _check_matrix(w, x.shape[0])
-    first_row = np.cumsum([0] + [w.shape[0] for w in ws])
-    out = np.empty(first_row[-1], dtype=np.float32)
+    first_row = _first_rows(tuple(w.shape[0] for w in ws))
+    out = np.empty((1, int(first_row[-1])), dtype=np.float32)
+    data, biases = tuple(w.data for w in ws), tuple(_bias(w, b) for w, b in zip(ws, biases))
     if _int8_q8_0(ws[0].type, int8_activations):
-        _matvecs_q8_0_int8(tuple(w.data for w in ws), first_row, x, int8.decode_lanes(), out)
+        _matvecs_q8_0_int8(data, first_row, x, int8.decode_lanes(), biases, out[0])
     else:
-        _MATVECS[ws[0].type](tuple(w.data for w in ws), first_row, x, out)
-    return [out[None, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
+        _MATVECS[ws[0].type](data, first_row, x, biases, out[0])
+    return [out[:, a:b] for a, b in zip(first_row[:-1].tolist(), first_row[1:].tolist())]
+
+
+@functools.cache
+def _first_rows(rows: tuple[int, ...]) -> np.ndarray:
+    """Where each of several stacked matrices starts, and the end: int64 [len(rows) + 1] (shared: read-only)."""
+    a = np.cumsum((0,) + rows, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
 # --- mixture of experts ---------------------------------------------------------------------------------------------
@@ -372,10 +407,31 @@ def _swiglu(g, u, alpha, limit):
     return g / (np.float32(1.0) + np.exp(-alpha * g)) * (u + np.float32(1.0))
 
 
+@njit(cache=True)
+def _unpack_assignments(ids, wts, assignments, n_expert):
+    """The token, expert and weight of each listed assignment (a = t * k + j: token t's j-th expert) of ids and
+    weights [T, k], or None if an expert id lies outside [0, n_expert): checked before any kernel reads a weight."""
+    k = ids.shape[1]
+    n = assignments.shape[0]
+    tok = np.empty(n, dtype=np.int64)
+    exp = np.empty(n, dtype=np.int64)
+    wt = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        t, j = divmod(assignments[i], k)
+        tok[i], exp[i], wt[i] = t, ids[t, j], wts[t, j]
+        if not 0 <= exp[i] < n_expert:
+            return None
+    return tok, exp, wt
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
-    """out[tok[a]] += wt[a] * expert exp[a] applied to X[tok[a]], for each assignment a, over the packed MXFP4
-    rows. `out` rows must start at zero."""
+def _moe_assignments(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
+    """out[t] += w * expert e applied to X[t] for each listed assignment (`_unpack_assignments`), over the packed
+    MXFP4 rows; False (nothing done) if an expert id is out of range. `out` rows must start at zero."""
+    unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
+    if unpacked is None:
+        return False
+    tok, exp, wt = unpacked
     n_assign = tok.shape[0]
     n_ff = gate.shape[1]
     n_embd = X.shape[1]
@@ -392,26 +448,32 @@ def _moe_assignments(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alph
         for a in range(n_assign):
             e = exp[a]
             out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r])
+    return True
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
+def _moe_assignments_int8(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
     """`_moe_assignments` with 8-bit activations (`int8.row_dot_mxfp4`, `lanes` int32 lanes at a time): each token
     row X[t] that an assignment takes and each assignment's SwiGLU output is quantized once, then the same two
-    parallel passes run on integer row dots."""
+    parallel passes run on integer row dots. The quantizing is serial: a few vectors (decode: one, then k), where
+    starting the threads would cost more."""
+    unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
+    if unpacked is None:
+        return False
+    tok, exp, wt = unpacked
     n_assign = tok.shape[0]
     n_ff = gate.shape[1]
     n_embd = X.shape[1]
     blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
-    used = np.zeros(X.shape[0], dtype=np.bool_)
-    for a in range(n_assign):
-        used[tok[a]] = True
     xq = np.empty((X.shape[0], n_embd), dtype=np.int8)
     xs = np.empty((X.shape[0], int8.vector_slots(blocks_in, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     xc = np.empty((X.shape[0], xs.shape[1]), dtype=np.int32)
-    for t in prange(X.shape[0]):
-        if used[t]:
+    done = np.zeros(X.shape[0], dtype=np.bool_)
+    for a in range(n_assign):
+        t = tok[a]
+        if not done[t]:
             int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
+            done[t] = True
     act = np.empty((n_assign, n_ff), dtype=np.float32)
     for ar in prange(n_assign * n_ff):
         a = ar // n_ff
@@ -423,13 +485,14 @@ def _moe_assignments_int8(X, tok, exp, wt, gate, up, down, gate_b, up_b, down_b,
     act_q = np.empty((n_assign, n_ff), dtype=np.int8)
     act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
-    for a in prange(n_assign):
+    for a in range(n_assign):
         int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
     for r in prange(n_embd):
         for a in range(n_assign):
             e = exp[a]
             out[tok[a], r] += wt[a] * (int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes)
                                        + down_b[e, r])
+    return True
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -513,33 +576,43 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     for b, shape, name in ((gate_b, (E, I), "gate bias"), (up_b, (E, I), "up bias"), (down_b, (E, H), "down bias")):
         if b.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {b.shape}")
-    expert_ids = np.asarray(expert_ids, dtype=np.int64)
-    expert_weights = np.asarray(expert_weights, dtype=np.float32)
+    # Decode passes the router's own arrays, already of these types: no conversion (each NumPy call counts here).
+    expert_ids, expert_weights, gate_b, up_b, down_b = (
+        a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
+        for a, dtype in ((np.asarray(expert_ids), np.int64), (np.asarray(expert_weights), np.float32),
+                         (gate_b, np.float32), (up_b, np.float32), (down_b, np.float32)))
     if expert_ids.ndim != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
         raise ValueError(f"expert ids {expert_ids.shape} / weights {expert_weights.shape} do not match {T} tokens")
-    if expert_ids.size and (expert_ids.min() < 0 or expert_ids.max() >= E):
-        raise ValueError(f"expert ids must lie in [0, {E})")
     alpha, limit = np.float32(alpha), np.float32(limit)
-    gate_b, up_b, down_b = (np.ascontiguousarray(b, dtype=np.float32) for b in (gate_b, up_b, down_b))
 
     out = np.zeros((T, H), dtype=np.float32)
-    tok = np.repeat(np.arange(T, dtype=np.int64), expert_ids.shape[1])
-    exp, wt = expert_ids.reshape(-1), expert_weights.reshape(-1)
-    counts = np.bincount(exp, minlength=E)
+    k = expert_ids.shape[1]
+    if T == 1:  # decode: each expert has the one token (the kernel checks the ids)
+        sparse, dense = _every_assignment(k), ()
+    else:
+        exp = expert_ids.reshape(-1)
+        if exp.size and (exp.min() < 0 or exp.max() >= E):
+            raise ValueError(f"expert ids must lie in [0, {E})")
+        counts = np.bincount(exp, minlength=E)
+        is_dense = counts[exp] >= dense_min_tokens
+        sparse, dense = np.flatnonzero(~is_dense), np.flatnonzero(counts >= dense_min_tokens)
     int8_experts = int8_activations and int8.supports(GGMLType.MXFP4)
-    sparse = counts[exp] < dense_min_tokens
-    if sparse.any() and int8_experts:
-        _moe_assignments_int8(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
-                              gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
-    elif sparse.any():
-        _moe_assignments(X, tok[sparse], exp[sparse], wt[sparse], gate_exps.data, up_exps.data, down_exps.data,
-                         gate_b, up_b, down_b, alpha, limit, out)
-    dense = np.flatnonzero(counts >= dense_min_tokens)
-    if not dense.size:
+    if len(sparse):
+        if int8_experts:
+            done = _moe_assignments_int8(X, expert_ids, expert_weights, sparse, gate_exps.data, up_exps.data,
+                                         down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
+        else:
+            done = _moe_assignments(X, expert_ids, expert_weights, sparse, gate_exps.data, up_exps.data,
+                                    down_exps.data, gate_b, up_b, down_b, alpha, limit, out)
+        if not done:
+            raise ValueError(f"expert ids must lie in [0, {E})")
+    if not len(dense):
         return out
+    tok = np.repeat(np.arange(T, dtype=np.int64), k)
+    wt = expert_weights.reshape(-1)
     if int8_experts:
         # The dense experts' assignments in expert order: a segment of consecutive assignments an expert.
-        order = np.flatnonzero(~sparse)[np.argsort(exp[~sparse], kind="stable")]
+        order = np.flatnonzero(is_dense)[np.argsort(exp[is_dense], kind="stable")]
         experts, first, n = np.unique(exp[order], return_index=True, return_counts=True)
         _moe_row_lanes_int8(X, tok[order], wt[order], experts, first, n, gate_exps.data, up_exps.data,
                             down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(),
@@ -554,6 +627,14 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
         y = _expert_matmul(down_exps, e, act)
         out[rows] += wt[sel, None] * (y + down_b[e])  # rows are distinct: a token picks an expert at most once
     return out
+
+
+@functools.cache
+def _every_assignment(k: int) -> np.ndarray:
+    """0 .. k - 1: one token's k assignments (shared: read-only)."""
+    a = np.arange(k, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
 def _expert_matmul(w, e: int, X: np.ndarray) -> np.ndarray:

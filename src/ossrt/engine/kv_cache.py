@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit
 
 from ..defaults import DEFAULT_KV_TYPE, KV_TYPES
 from ..format.config import ModelConfig
@@ -72,16 +73,86 @@ class LayerKV:
         T = keys.shape[0]
         if T > self.capacity:
             raise ValueError(f"{T} positions do not fit {self.capacity} slots")
-        slots = np.arange(start, start + T) % self.capacity
-        k, v = keys.transpose(1, 0, 2), values.transpose(1, 0, 2)
+        shape = (T,) + self.keys.shape[::2]
+        if keys.shape != shape or values.shape != shape:
+            raise ValueError(f"keys {keys.shape} / values {values.shape} are not {shape}")
+        keys, values = (np.ascontiguousarray(a, dtype=np.float32) for a in (keys, values))
         if self.kv_type == "q8_0":
-            self.keys[:, slots], self.key_scales[:, slots] = quantize_q8_0(k)
-            self.values[:, slots], self.value_scales[:, slots] = quantize_q8_0(v)
+            _store_q8_0(self.keys, self.key_scales, keys, start)
+            _store_q8_0(self.values, self.value_scales, values, start)
         elif self.kv_type == "f16":
-            self.keys[:, slots] = k.astype(np.float16).view(np.uint16)
-            self.values[:, slots] = v.astype(np.float16).view(np.uint16)
+            _store_f16(self.keys, keys.view(np.uint32), start)
+            _store_f16(self.values, values.view(np.uint32), start)
         else:
-            self.keys[:, slots], self.values[:, slots] = k, v
+            _store_f32(self.keys, keys, start)
+            _store_f32(self.values, values, start)
+
+
+# One compiled call a layer and step: as NumPy (transposes, conversions, a fancy-indexed write) a decode step's store
+# took some 40 µs a layer, most of it the calls themselves once the weights had swept the caches.
+@njit(cache=True)
+def _store_f32(dst, src, start):
+    """dst[g, (start + t) % capacity] = src[t, g] for dst [n_kv, capacity, d], src [T, n_kv, d]."""
+    for t in range(src.shape[0]):
+        slot = (start + t) % dst.shape[1]
+        for g in range(src.shape[1]):
+            dst[g, slot] = src[t, g]
+
+
+@njit(cache=True)
+def _store_f16(dst, src_bits, start):
+    """`_store_f32` into f16 bit patterns (uint16), from float32 bit patterns (uint32): round to nearest even, as
+    NumPy's astype(np.float16)."""
+    for t in range(src_bits.shape[0]):
+        slot = (start + t) % dst.shape[1]
+        for g in range(src_bits.shape[1]):
+            for i in range(src_bits.shape[2]):
+                dst[g, slot, i] = f16_bits(src_bits[t, g, i])
+
+
+@njit(cache=True, inline="always")
+def f16_bits(u):
+    """The f16 bit pattern (uint16) nearest a float32 of bit pattern u (uint32), ties to even: overflow to
+    infinity, NaN kept quiet, subnormal halves rounded from the full float."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x7F800000:  # inf, NaN
+        h = 0x7C00 | (0x200 if a > 0x7F800000 else 0) | ((a >> 13) & 0x3FF)
+    elif a >= 0x477FF000:  # 65520 and up round past 65504, the largest half
+        h = 0x7C00
+    elif a >= 0x38800000:  # a normal half: rebias the exponent, round the 13 dropped bits
+        h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
+    elif a > 0x33000000:  # above 2^-25, half the smallest subnormal: a subnormal (or the smallest normal)
+        shift = 126 - (a >> 23)
+        m = (a & 0x7FFFFF) | 0x800000
+        h = m >> shift
+        rest, half = m & ((1 << shift) - 1), 1 << (shift - 1)
+        if rest > half or (rest == half and h & 1):
+            h += 1
+    else:
+        h = 0
+    return np.uint16(sign | h)
+
+
+@njit(cache=True)
+def _store_q8_0(dst, scales, src, start):
+    """`_store_f32` quantized by llama.cpp's Q8_0 rule, exactly as `quantize_q8_0` (the same float32 operations):
+    per 32 values scale = max |x| / 127, values trunc(x / scale + copysign(0.5, x)), a zero block all zeros."""
+    n_blocks = src.shape[2] // Q8_0_BLOCK_SIZE
+    for t in range(src.shape[0]):
+        slot = (start + t) % dst.shape[1]
+        for g in range(src.shape[1]):
+            for b in range(n_blocks):
+                x = src[t, g, b * Q8_0_BLOCK_SIZE:(b + 1) * Q8_0_BLOCK_SIZE]
+                amax = np.float32(0.0)
+                for i in range(Q8_0_BLOCK_SIZE):
+                    amax = max(amax, abs(x[i]))
+                scale = amax / np.float32(127.0)
+                inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+                for i in range(Q8_0_BLOCK_SIZE):
+                    half = np.float32(0.5) if x[i] >= 0 else np.float32(-0.5)
+                    dst[g, slot, b * Q8_0_BLOCK_SIZE + i] = np.int8(np.trunc(x[i] * inv + half))
+                scales[g, slot, b] = scale
 
 
 class KVCache:

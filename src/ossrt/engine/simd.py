@@ -440,6 +440,41 @@ def dequant_row_f16_scalar(row, out, start):
         out[i] = F16_TO_F32[row[i]]
 
 
+# --- exp ------------------------------------------------------------------------------------------------------------
+@intrinsic
+def _f32_of_bits(typingctx, bits):
+    """An integer's low 32 bits as a float32."""
+    if not isinstance(bits, types.Integer):
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if value.type.width > 32:
+            value = builder.trunc(value, _I32)
+        return builder.bitcast(value, _F32)
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def exp_nonpositive(x):
+    """exp(x) of a float32 x <= 0 (below -87: exp(-87); NaN stays NaN) in plain arithmetic, so that a loop of them
+    vectorizes, where a libm call a value does not: softmax weights. Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2,
+    exp(r) by a degree-7 polynomial, 2^n from its bits; relative error about 2e-7."""
+    x = np.float32(-87.0) if x < np.float32(-87.0) else x
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * _f32_of_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
 # --- the row functions, per instruction set -------------------------------------------------------------------------
 # Vectors of 16 with a plain-loop tail for the 16-bit types; every other row is whole blocks.
 @njit(cache=True, inline="always")
