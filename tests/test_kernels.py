@@ -71,6 +71,15 @@ def test_matmul_tiles_match_dequantized_product(qtype, monkeypatch):
     np.testing.assert_allclose(kernels.linear(w, X[:1]), expect[:1], rtol=1e-5, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16])
+def test_matmul_of_16bit_rows_past_whole_vectors(qtype):
+    """Rows of 40 values: two vectors of 16 decoded at once, then 8 one at a time."""
+    rng = np.random.default_rng(4)
+    w = make_tensor(rng.standard_normal((9, 40)), qtype)
+    X = rng.standard_normal((5, 40)).astype(np.float32)
+    np.testing.assert_allclose(kernels.matmul(w, X), X.astype(np.float64) @ reference(w).T, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_linear_many_is_linear_on_each(qtype):
     """One token through several matrices in one pass (Q8_0, BF16) gives each `linear`'s numbers, bit for bit;

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from numba import njit, prange
 
 from . import int8
-from .simd import (BF16_TO_F32, F16_TO_F32, FASTMATH, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_SIZE, bf16_to_f32,
+from .simd import (FASTMATH, MXFP4_BLOCK_SIZE, Q8_0_BLOCK_SIZE, bf16_to_f32, dequant_row_bf16, dequant_row_f16,
                    dequant_row_mxfp4, dequant_row_q8_0, row_dot_bf16, row_dot_f16, row_dot_mxfp4, row_dot_q8_0)
 
 
@@ -309,14 +309,24 @@ def _matmul_q8_0(w, X, out):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matmul_16bit(w, table, X, out):
+def _matmul_bf16(w, X, out):
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
         n = min(4, R - 4 * g)
         rows = np.empty((4, H), dtype=np.float32)
         for k in range(n):
-            for j in range(H):
-                rows[k, j] = table[w[4 * g + k, j]]
+            dequant_row_bf16(w[4 * g + k], rows[k])
+        _rows_times_tokens(rows, n, X, out, 4 * g)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matmul_f16(w, X, out):
+    R, H = w.shape[0], X.shape[1]
+    for g in prange((R + 3) // 4):
+        n = min(4, R - 4 * g)
+        rows = np.empty((4, H), dtype=np.float32)
+        for k in range(n):
+            dequant_row_f16(w[4 * g + k], rows[k])
         _rows_times_tokens(rows, n, X, out, 4 * g)
 
 
@@ -339,9 +349,9 @@ def _matmul_rows(w, data: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
         elif w.type == GGMLType.Q8_0:
             _matmul_q8_0(data, Xt, Ot)
         elif w.type == GGMLType.BF16:
-            _matmul_16bit(data, BF16_TO_F32, Xt, Ot)
+            _matmul_bf16(data, Xt, Ot)
         elif w.type == GGMLType.F16:
-            _matmul_16bit(data.view(np.uint16), F16_TO_F32, Xt, Ot)
+            _matmul_f16(data.view(np.uint16), Xt, Ot)
         else:
             _matmul_f32(data, Xt, Ot)
 

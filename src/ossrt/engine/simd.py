@@ -403,7 +403,7 @@ def _row_dot_16bit(widen):
 def _dequant_f16_ir(f16):
     @intrinsic
     def dequant_chunks(typingctx, row, out, n_chunks):
-        """out[:16·n_chunks] = the f16 bit patterns row[:16·n_chunks] as float32."""
+        """out[:16·n_chunks] = the 16-bit patterns row[:16·n_chunks] as float32 (`f16`: f16 or bf16 widening)."""
         sig = types.void(row, out, n_chunks)
 
         def codegen(context, builder, signature, args):
@@ -424,6 +424,7 @@ def _dequant_f16_ir(f16):
 _row_dot_bf16_chunks = _row_dot_16bit(_bf16_widen)
 _row_dot_f16_chunks_native, _row_dot_f16_chunks_integer = _row_dot_16bit(_f16_native), _row_dot_16bit(_f16_integer)
 _dequant_f16_chunks_native, _dequant_f16_chunks_integer = _dequant_f16_ir(_f16_native), _dequant_f16_ir(_f16_integer)
+_dequant_bf16_chunks = _dequant_f16_ir(_bf16_widen)
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
@@ -481,6 +482,14 @@ def exp_nonpositive(x):
 def row_dot_bf16(row, x):
     n = x.shape[0] // 16
     return _row_dot_bf16_chunks(row, x, n) + row_dot_16bit_scalar(row, BF16_TO_F32, x, n * 16)
+
+
+@njit(cache=True, inline="always")
+def dequant_row_bf16(row, out):
+    n = out.shape[0] // 16
+    _dequant_bf16_chunks(row, out, n)
+    for i in range(n * 16, out.shape[0]):
+        out[i] = BF16_TO_F32[row[i]]
 
 
 @njit(cache=True, inline="always")
