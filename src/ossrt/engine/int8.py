@@ -503,13 +503,37 @@ def quantize_row(x, offset, xq, xs, xc):
         xc[b] = -offset * total
 
 
+def _code_dwords(builder, rows, at, lanes: int):
+    """The 16 code bytes at byte `at` of each of `lanes` rows as four vectors of int32 [lanes]: vector d holds
+    dword d of row k in lane k. Vector m of the loads holds rows m, m + 4, m + 8, ... in its 16-byte lanes, so that
+    a 4 × 4 dword transpose within each 16-byte lane (two rounds of unpacks) leaves row 4L + m, in lane 4L + m."""
+    v4i32 = ir.VectorType(_I32, 4)
+    loaded = [builder.bitcast(_load(builder, row, at, _V16I8, 1), v4i32) for row in rows]
+    joined = []
+    for m in range(4):
+        parts = loaded[m::4]
+        while len(parts) > 1:
+            n = 2 * parts[0].type.count
+            parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+                     for i in range(0, len(parts), 2)]
+        joined.append(parts[0])
+
+    def within_lanes(a, b, picks):  # per 16-byte lane: picks 0-3 from a's dwords, 4-7 from b's
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, lanes), [
+            4 * L + p if p < 4 else lanes + 4 * L + p - 4 for L in range(lanes // 4) for p in picks]))
+
+    low01, high01 = within_lanes(joined[0], joined[1], [0, 4, 1, 5]), within_lanes(joined[0], joined[1], [2, 6, 3, 7])
+    low23, high23 = within_lanes(joined[2], joined[3], [0, 4, 1, 5]), within_lanes(joined[2], joined[3], [2, 6, 3, 7])
+    return [within_lanes(low01, low23, [0, 1, 4, 5]), within_lanes(low01, low23, [2, 3, 6, 7]),
+            within_lanes(high01, high23, [0, 1, 4, 5]), within_lanes(high01, high23, [2, 3, 6, 7])]
+
+
 def _row_lanes_gemm(lanes: int):
     """An intrinsic gemm(w, r0, xq, xs, xc, vectors, first, count, out): out[first + i, r0 + k] = row r0 + k of the
     MXFP4 matrix w [R, bytes] · the vector in row vectors[first + i] of xq, xs, xc (quantize_row with
     MXFP4_OFFSET), for i < count and k < lanes (rows past R: any numbers; out needs r0 + lanes columns)."""
     nbytes = 4 * lanes
     vi32, vf32, vi8 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes), ir.VectorType(_I8, nbytes)
-    v4i32 = ir.VectorType(_I32, 4)
 
     @intrinsic
     def gemm(typingctx, w, r0, xq, xs, xc, vectors, first, count, out):
@@ -560,15 +584,7 @@ def _row_lanes_gemm(lanes: int):
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 at = builder.mul(b, c(MXFP4_BLOCK_BYTES))
-                # Row k's 16 code bytes as four dwords; then dword d of every row side by side.
-                codes = [builder.bitcast(_load(builder, row, builder.add(at, c(1)), _V16I8, 1), v4i32) for row in rows]
-                while len(codes) > 1:
-                    n = 2 * codes[0].type.count
-                    codes = [builder.shuffle_vector(codes[i], codes[i + 1], ir.Constant(ir.VectorType(_I32, n),
-                                                                                        list(range(n))))
-                             for i in range(0, len(codes), 2)]
-                dwords = [builder.bitcast(builder.shuffle_vector(codes[0], codes[0], ir.Constant(
-                    vi32, [4 * k + d for k in range(lanes)])), vi8) for d in range(4)]
+                dwords = [builder.bitcast(v, vi8) for v in _code_dwords(builder, rows, builder.add(at, c(1)), lanes)]
                 # Dword d holds values 4d..4d+3 in its low nibbles and 16 + 4d.. in its high ones: groups d, 4 + d.
                 halves = [_offset_bytes(builder, v) for v in dwords]
                 weights = [builder.bitcast(half[i], vi32) for i in (0, 1) for half in halves]
@@ -588,10 +604,12 @@ def _row_lanes_gemm(lanes: int):
                     slot = builder.add(builder.mul(v, n_blocks), b)
                     x_at = builder.add(builder.mul(v, x_len), builder.mul(b, c(BLOCK)))
                     x_p = builder.bitcast(builder.gep(xq_p, [x_at]), _I32.as_pointer())
-                    sums = _splat(builder, builder.load(builder.gep(xc_p, [slot])), vi32)
+                    # Two chains of four vpdpbusd, not one of eight: the token's sums wait half as long.
+                    chains = [_splat(builder, builder.load(builder.gep(xc_p, [slot])), vi32), ci(0)]
                     for g, wv in enumerate(weights):
-                        sums = builder.call(dot4, [sums, wv, _splat(builder, builder.load(builder.gep(x_p, [c(g)]),
-                                                                                          align=1), vi32)])
+                        x4 = _splat(builder, builder.load(builder.gep(x_p, [c(g)]), align=1), vi32)
+                        chains[g % 2] = builder.call(dot4, [chains[g % 2], wv, x4])
+                    sums = builder.add(*chains)
                     scale = builder.fmul(w_scale, _splat(builder, builder.load(builder.gep(xs_p, [slot])), vf32))
                     o = out_of(tokens.index)
                     builder.store(builder.fadd(builder.load(o, align=4), builder.fmul(builder.sitofp(sums, vf32), scale,
