@@ -234,18 +234,22 @@ def _step_scales(builder, wp, start, lanes: int):
     """The scales 2^(e-128) of the lanes / 4 MXFP4 blocks from byte `start` (17 bytes each), block k's in lanes 4k
     to 4k + 3: float32 [lanes]. Block k's scale byte lies at 17k = 16k + k, byte k of the step's k-th 16 bytes, so
     one in-lane byte shuffle of the step's first 4 · lanes bytes puts every block's byte in its lanes (where a
-    load, a table load and an insert a block took 13 operations for four blocks). The float bits: (e - 1) << 23, or
-    for e = 0 and 1 the subnormals 2^-128 and 2^-127."""
+    load, a table load and an insert a block took 13 operations for four blocks)."""
     n = 4 * lanes
     vi8, vi32 = ir.VectorType(_I8, n), ir.VectorType(_I32, lanes)
     shuffle = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), _BYTE_LOOKUP[n])
     index = ir.Constant(vi8, [ir.Constant(_I8, (i // 16) if i % 4 == 0 else -128) for i in range(n)])
-    e = builder.bitcast(builder.call(shuffle, [_load(builder, wp, start, vi8, 1), index]), vi32)
-    splat = lambda v: ir.Constant(vi32, [ir.Constant(_I32, v)] * lanes)  # noqa: E731
-    bits = builder.sub(builder.shl(e, splat(23)), splat(1 << 23))
-    subnormal = builder.lshr(splat(0x00400000), builder.and_(builder.sub(splat(1), e), splat(1)))
-    bits = builder.select(builder.icmp_unsigned("<", e, splat(2)), subnormal, bits)
-    return builder.bitcast(bits, ir.VectorType(_F32, lanes))
+    return _e8m0_scales(builder, builder.bitcast(builder.call(shuffle, [_load(builder, wp, start, vi8, 1), index]),
+                                                 vi32))
+
+
+def _e8m0_scales(builder, e):
+    """MXFP4 scale bytes e (int32 vector, 0..255) → float32 2^(e - 128) from the bits: (e - 1) << 23, or for e = 0
+    and 1 the subnormals 2^-128 and 2^-127 (0x200000 << e)."""
+    ci = lambda v: ir.Constant(e.type, [ir.Constant(_I32, v)] * e.type.count)  # noqa: E731
+    bits = builder.select(builder.icmp_unsigned(">=", e, ci(2)), builder.shl(builder.sub(e, ci(1)), ci(23)),
+                          builder.shl(ci(0x200000), e))
+    return builder.bitcast(bits, ir.VectorType(_F32, e.type.count))
 
 
 def _decode_row_mxfp4_u8_of(lanes: int):
@@ -588,14 +592,12 @@ def _row_lanes_gemm(lanes: int):
                 # Dword d holds values 4d..4d+3 in its low nibbles and 16 + 4d.. in its high ones: groups d, 4 + d.
                 halves = [_offset_bytes(builder, v) for v in dwords]
                 weights = [builder.bitcast(half[i], vi32) for i in (0, 1) for half in halves]
-                # The rows' scale bytes in one gather; 2^(e - 128) from e's bits (e < 2: a denormal).
+                # The rows' scale bytes in one gather.
                 where = builder.add(_splat(builder, builder.ptrtoint(builder.gep(rows[0], [at]), _I64), vi64),
                                     offsets)
                 e = builder.and_(builder.call(gather, [builder.inttoptr(where, vptr), ir.Constant(_I32, 1), all_lanes,
                                                        ir.Constant(vi32, ir.Undefined)]), ci(255))
-                bits = builder.select(builder.icmp_unsigned(">=", e, ci(2)), builder.shl(builder.sub(e, ci(1)), ci(23)),
-                                      builder.shl(ci(0x200000), e))
-                w_scale = builder.bitcast(bits, vf32)
+                w_scale = _e8m0_scales(builder, e)
                 # The tile's rows are one run of memory, read across; the next tile's run is fetched into L2 along
                 # the way, a share a block.
                 _prefetch_share(builder, ahead, ahead_lines, per_block, b)
