@@ -7,9 +7,19 @@ from numba import njit
 
 from ossrt.defaults import KV_TYPES
 from ossrt.engine.attention import attend
-from ossrt.engine.kv_cache import LayerKV, f16_bits, quantize_q8_0
+from ossrt.engine.kv_cache import LayerKV, f16_bits
 
 N_HEAD, N_KV, D = 6, 2, 64  # three query heads per KV head; q8_0 needs whole blocks of 32
+
+
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's Q8_0 rule in NumPy, float32: [..., d] → int8 [..., d] and scales [..., d/32] (amax/127, round
+    half away from zero)."""
+    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // 32, 32))
+    scale = np.abs(blocks).max(axis=-1) / 127
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    q = np.trunc(blocks * inv[..., None] + np.copysign(0.5, blocks)).astype(np.int8)
+    return q.reshape(x.shape), scale.astype(np.float32)
 
 
 def as_stored(x: np.ndarray, kv_type: str) -> np.ndarray:

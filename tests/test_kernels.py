@@ -206,7 +206,7 @@ def test_kv_cache_row_decoders(portable):
     """The row decoders attention uses on f16 and q8_0 caches (vector code with a scalar tail; the f16 one widened
     by integer arithmetic off x86 and AArch64) give the exact float32 values."""
     from ossrt.engine import simd
-    from ossrt.engine.kv_cache import quantize_q8_0
+    from test_attention import quantize_q8_0
 
     f16 = simd.dequant_row_f16_portable if portable else simd.dequant_row_f16
     q8 = simd.dequant_row_q8_split

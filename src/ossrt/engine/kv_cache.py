@@ -136,8 +136,8 @@ def f16_bits(u):
 
 @njit(cache=True)
 def _store_q8_0(dst, scales, src, start):
-    """`_store_f32` quantized by llama.cpp's Q8_0 rule, exactly as `quantize_q8_0` (the same float32 operations):
-    per 32 values scale = max |x| / 127, values trunc(x / scale + copysign(0.5, x)), a zero block all zeros."""
+    """`_store_f32` quantized by llama.cpp's Q8_0 rule in float32: per 32 values scale = max |x| / 127, values
+    trunc(x · (1 / scale) + copysign(0.5, x)), a zero block all zeros."""
     n_blocks = src.shape[2] // Q8_0_BLOCK_SIZE
     for t in range(src.shape[0]):
         slot = (start + t) % dst.shape[1]
@@ -229,12 +229,3 @@ class KVSnapshot:
     rings: dict[int, list[np.ndarray]]
     serial: int
 
-
-def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [..., d] → int8 [..., d] and scales [..., d/32] (llama.cpp's Q8_0 rule: amax/127, round half away
-    from zero)."""
-    blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // Q8_0_BLOCK_SIZE, Q8_0_BLOCK_SIZE))
-    scale = np.abs(blocks).max(axis=-1) / 127
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
-    q = np.trunc(blocks * inv[..., None] + np.copysign(0.5, blocks)).astype(np.int8)
-    return q.reshape(x.shape), scale.astype(np.float32)

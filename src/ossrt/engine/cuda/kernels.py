@@ -579,8 +579,9 @@ def router(logits, k: int, *, ids=None, weights=None, launch: Launch | None = No
 # --- KV cache -------------------------------------------------------------------------------------------------------
 @cuda.jit(device=True)
 def _quantize_q8_0(src, t, g, b, dst, scales, slot):
-    """One block of 32 values to int8 and a float32 scale, llama.cpp's rule as kv_cache.quantize_q8_0: scale
-    amax/127, values round(x / scale) half away from zero (exactly: the same float32 operations)."""
+    """One block of 32 values to int8 and a float32 scale, llama.cpp's rule as the CPU cache stores it
+    (kv_cache._store_q8_0): scale amax/127, values round(x / scale) half away from zero (exactly: the same float32
+    operations)."""
     x0 = b * Q8_0_BLOCK_SIZE
     amax = float32(0.0)
     for i in range(x0, x0 + Q8_0_BLOCK_SIZE):
