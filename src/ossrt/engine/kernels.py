@@ -309,24 +309,17 @@ def _matmul_q8_0(w, X, out):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matmul_bf16(w, X, out):
+def _matmul_16bit(w, bf16, X, out):
+    """For BF16 (`bf16`) or F16 bit patterns w."""
     R, H = w.shape[0], X.shape[1]
     for g in prange((R + 3) // 4):
         n = min(4, R - 4 * g)
         rows = np.empty((4, H), dtype=np.float32)
         for k in range(n):
-            dequant_row_bf16(w[4 * g + k], rows[k])
-        _rows_times_tokens(rows, n, X, out, 4 * g)
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matmul_f16(w, X, out):
-    R, H = w.shape[0], X.shape[1]
-    for g in prange((R + 3) // 4):
-        n = min(4, R - 4 * g)
-        rows = np.empty((4, H), dtype=np.float32)
-        for k in range(n):
-            dequant_row_f16(w[4 * g + k], rows[k])
+            if bf16:
+                dequant_row_bf16(w[4 * g + k], rows[k])
+            else:
+                dequant_row_f16(w[4 * g + k], rows[k])
         _rows_times_tokens(rows, n, X, out, 4 * g)
 
 
@@ -348,10 +341,8 @@ def _matmul_rows(w, data: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
             _matmul_mxfp4(data, Xt, Ot)
         elif w.type == GGMLType.Q8_0:
             _matmul_q8_0(data, Xt, Ot)
-        elif w.type == GGMLType.BF16:
-            _matmul_bf16(data, Xt, Ot)
-        elif w.type == GGMLType.F16:
-            _matmul_f16(data.view(np.uint16), Xt, Ot)
+        elif w.type in (GGMLType.BF16, GGMLType.F16):
+            _matmul_16bit(data.view(np.uint16), w.type == GGMLType.BF16, Xt, Ot)
         else:
             _matmul_f32(data, Xt, Ot)
 
