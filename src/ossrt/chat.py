@@ -340,7 +340,8 @@ class ChatStream:
             while True:
                 ids = Generation(engine, cache, prompt, sample, max_tokens=_left(request.max_tokens, generated),
                                  stop_tokens=tok.stop_tokens_for_assistant, should_stop=self._cancel.is_set,
-                                 on_prefilled=prefilled if not undeclared else None, last_logits=last_logits)
+                                 on_prefilled=prefilled if not undeclared else None, last_logits=last_logits,
+                                 context=fed[:len(fed) - len(prompt)])
                 stats = ids.stats
                 try:
                     for token in ids:

@@ -86,6 +86,10 @@ _CTX = click.option("-c", "--ctx", type=click.IntRange(min=1), default=None,
                     help=f"context length [default: {DEFAULT_CONTEXT_LENGTH}]")
 _KV_TYPE = click.option("--kv-type", type=_KV_TYPES, default=DEFAULT_KV_TYPE, show_default=True,
                         help="KV cache precision")
+_DRAFT = click.option("--draft", "draft_tokens", type=click.IntRange(min=0), default=0, show_default=True,
+                      help="prompt lookup: check up to N tokens that followed an earlier occurrence of the last few "
+                           "in each decode pass (at most 3 on the CPU); the same output, faster where it repeats "
+                           "its context")
 # The flags of the two servers (serve, serve-cluster) that mean the same in both.
 _API_KEY = click.option("--api-key", envvar="OSSRT_API_KEY", default=None,
                         help="require 'Authorization: Bearer KEY' on every request [env OSSRT_API_KEY]")
@@ -129,6 +133,7 @@ def _model_options(fn):
         click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]"),
         _KV_TYPE,
         _DEVICE,
+        _DRAFT,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -148,7 +153,8 @@ def _model_options(fn):
 @expected_errors
 def generate(model: str, prompt: str, system: str | None, effort: str, max_tokens: int | None, temp: float,
              top_p: float, seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str,
-             no_prefetch: bool, mlock: bool, max_memory: str | None, show_reasoning: bool, as_json: bool,
+             draft_tokens: int, no_prefetch: bool, mlock: bool, max_memory: str | None, show_reasoning: bool,
+             as_json: bool,
              raw: bool, schema_file: str | None) -> None:
     """One answer from MODEL (a .gguf file) to PROMPT, streamed to stdout."""
     import dataclasses
@@ -163,7 +169,7 @@ def generate(model: str, prompt: str, system: str | None, effort: str, max_token
     if prompt == "-":
         prompt = _read_stdin()
     m = ossrt.load(model, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
+                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory, draft_tokens=draft_tokens)
     if raw:
         ids = m.tokenizer.encode(prompt)
         if not ids:
@@ -232,14 +238,14 @@ def _schema_file_format(path: str):
 @click.option("--verbose", is_flag=True, help="tokens and tokens/s after each answer")
 @expected_errors
 def run(model: str | None, system: str | None, effort: str, max_tokens: int | None, temp: float, top_p: float,
-        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
-        mlock: bool, max_memory: str | None, hide_reasoning: bool, verbose: bool) -> None:
+        seed: int | None, ctx: int | None, threads: int | None, kv_type: str, device: str, draft_tokens: int,
+        no_prefetch: bool, mlock: bool, max_memory: str | None, hide_reasoning: bool, verbose: bool) -> None:
     """Chat with MODEL [default: gpt-oss-20b]. Piped input is answered once; /help lists the commands."""
     import ossrt
     from ossrt.repl import Repl
 
     m = ossrt.load(model or DEFAULT_MODEL, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
+                   prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory, draft_tokens=draft_tokens)
     repl = Repl(m, sys.stdout, err=sys.stderr, system=system, effort=effort, show_reasoning=not hide_reasoning,
                 verbose=verbose, color=sys.stdout.isatty(), temperature=temp, top_p=top_p, seed=seed,
                 max_tokens=max_tokens)
@@ -304,6 +310,7 @@ def _save_history(readline, history: Path) -> None:
 @click.option("-t", "--threads", type=click.IntRange(min=1), default=None, help="[default: all cores]")
 @_KV_TYPE
 @_DEVICE
+@_DRAFT
 @_memory_options
 @click.option("--store", "store", type=click.Path(dir_okay=False), default=None,
               help="SQLite file keeping responses (previous_response_id, GET /v1/responses/ID) "
@@ -311,8 +318,8 @@ def _save_history(readline, history: Path) -> None:
 @click.option("--no-store", "no_store", is_flag=True, help="keep no responses")
 @expected_errors
 def serve(model: str | None, host: str, port: int, api_key: str | None, name: str | None, parallel: int,
-          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, no_prefetch: bool,
-          mlock: bool, max_memory: str | None, store: str | None, no_store: bool) -> None:
+          queue: int, ctx: int | None, threads: int | None, kv_type: str, device: str, draft_tokens: int,
+          no_prefetch: bool, mlock: bool, max_memory: str | None, store: str | None, no_store: bool) -> None:
     """An OpenAI-compatible API for MODEL [default: gpt-oss-20b] at http://HOST:PORT/v1."""
     try:
         from .server.serve import listen, model_names, serve as run_server
@@ -332,7 +339,7 @@ def serve(model: str | None, host: str, port: int, api_key: str | None, name: st
     with contextlib.nullcontext() if no_store else ResponseStore(store or default_store_path()) as responses:
         sock = listen(host, port)  # before loading: a taken port fails at once
         m = ossrt.load(path, context_length=ctx, threads=threads, kv_type=kv_type, device=device,
-                       prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory)
+                       prefetch=not no_prefetch, mlock=mlock, max_memory=max_memory, draft_tokens=draft_tokens)
         _warn_if_open(host, api_key)
         url = _base_url(host, sock.getsockname()[1])
         bound = "" if max_memory is None else f", experts cached within --max-memory {max_memory}"

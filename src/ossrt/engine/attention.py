@@ -1,4 +1,4 @@
-"""Attention with sinks over the KV cache (spec §2.4): one Numba kernel for every storage type, for one query
+"""Attention with sinks over the KV cache (spec §2.4): one Numba kernel for every storage type, for a few queries
 (decode) or a block of queries (prefill).
 
 The kernel works on float32 tiles of keys and values; how a tile is read from the cache is the one thing that
@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .kernels import FEW_TOKENS
 from .kv_cache import LayerKV
 from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split, exp_nonpositive
 
@@ -117,39 +118,44 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _attend_one(q, keys, key_scales, values, value_scales, position, window, sinks, scale, out):
-    """`_attend` for a single query (decode): an item per KV head, whose query heads all meet each tile of keys and
-    values as it is decoded (the general kernel decodes a tile once per query head)."""
-    _, n_head, d = q.shape
+def _attend_few(q, keys, key_scales, values, value_scales, start, window, sinks, scale, out):
+    """`_attend` for a few queries (decode: one), each on its own as if alone (drafted tokens are checked in such
+    passes): an item per KV head, whose query heads all meet each tile of keys and values as it is decoded (the
+    general kernel decodes a tile once per query head)."""
+    T, n_head, d = q.shape
     n_kv, capacity = keys.shape[0], keys.shape[1]
     per_kv = n_head // n_kv
     for g in prange(n_kv):
         h0 = g * per_kv
         m = np.empty(per_kv, dtype=np.float32)  # running maximum per query head, from its sink's logit
-        for i in range(per_kv):
-            m[i] = sinks[h0 + i]
-        denom = np.ones(per_kv, dtype=np.float32)
-        acc = np.zeros((per_kv, d), dtype=np.float32)
+        denom = np.empty(per_kv, dtype=np.float32)
+        acc = np.empty((per_kv, d), dtype=np.float32)
         key_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
         value_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
         scores = np.empty(KEY_TILE, dtype=np.float32)
-        p0 = max(0, position - window + 1)
-        while p0 <= position:
-            slot = p0 % capacity
-            n = min(KEY_TILE, position + 1 - p0, capacity - slot)
-            K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
-            V = _load_tile(values, value_scales, g, slot, n, value_scratch)
+        for t in range(T):
+            position = start + t
             for i in range(per_kv):
-                for j in range(n):
-                    a = np.float32(0.0)
-                    for x in range(d):
-                        a += q[0, h0 + i, x] * K[j, x]
-                    scores[j] = a * scale
-                _add_tile(scores, 0, n, V, m, denom, acc, i)
-            p0 += n
-        for i in range(per_kv):
-            for x in range(d):
-                out[0, h0 + i, x] = acc[i, x] / denom[i]
+                m[i] = sinks[h0 + i]
+            denom[:] = 1.0
+            acc[:] = 0.0
+            p0 = max(0, position - window + 1)
+            while p0 <= position:
+                slot = p0 % capacity
+                n = min(KEY_TILE, position + 1 - p0, capacity - slot)
+                K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
+                V = _load_tile(values, value_scales, g, slot, n, value_scratch)
+                for i in range(per_kv):
+                    for j in range(n):
+                        a = np.float32(0.0)
+                        for x in range(d):
+                            a += q[t, h0 + i, x] * K[j, x]
+                        scores[j] = a * scale
+                    _add_tile(scores, 0, n, V, m, denom, acc, i)
+                p0 += n
+            for i in range(per_kv):
+                for x in range(d):
+                    out[t, h0 + i, x] = acc[i, x] / denom[i]
 
 
 def attend(q: np.ndarray, kv: LayerKV, start: int, sinks: np.ndarray, scale: float) -> np.ndarray:
@@ -162,7 +168,7 @@ def attend(q: np.ndarray, kv: LayerKV, start: int, sinks: np.ndarray, scale: flo
     if not (0 <= start and kv.first_visible(start) + capacity >= start + T):
         raise ValueError(f"positions {kv.first_visible(start)}..{start + T - 1} do not fit {capacity} slots")
     out = np.empty((T, n_head, d), dtype=np.float32)
-    kernel = _attend_one if T == 1 else _attend
+    kernel = _attend_few if T <= FEW_TOKENS else _attend
     kernel(np.ascontiguousarray(q, dtype=np.float32), kv.keys, kv.key_scales, kv.values, kv.value_scales, start,
             kv.window, np.ascontiguousarray(sinks, dtype=np.float32), np.float32(scale), out)
     return out

@@ -52,6 +52,8 @@ class CpuOps:
     float32 throughout. With an `ExpertCache`, the experts come from its pools (read from the file as needed)
     instead of the memory map."""
 
+    few_tokens = kernels.FEW_TOKENS
+
     def __init__(self, threads: int | None = None, int8_activations: bool = True,
                  experts: ExpertCache | None = None):
         self.threads = kernels.set_num_threads(threads)
@@ -95,8 +97,13 @@ class CpuOps:
 
     def rotation(self, positions: np.ndarray, inv_freq: np.ndarray,
                  concentration: float) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin [T, d/2] of the positions' angles (float64, then float32), times the concentration."""
+        """cos and sin [T, d/2] of the positions' angles (float64, then float32), times the concentration. A few
+        positions are taken one at a time, as a pass of each alone takes it (NumPy's vector code may round an element
+        differently by where it falls in the array)."""
         angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
+        if len(positions) <= self.few_tokens:
+            return tuple(np.stack([(f(row) * concentration).astype(np.float32) for row in angles])
+                         for f in (np.cos, np.sin))
         return ((np.cos(angles) * concentration).astype(np.float32),
                 (np.sin(angles) * concentration).astype(np.float32))
 

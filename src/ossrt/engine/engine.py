@@ -3,7 +3,8 @@
 An `Engine` wraps a backend's transformer — the forward pass over the model file's tensors (`engine.model` on the
 CPU) — with what every sequence shares: the context length, the KV cache's precision, and the tokenizer. Anything
 with `config`, `new_cache(context_length, kv_type)` and `forward(tokens, cache, *, all_logits, should_stop)` can be
-a backend. Above this line nothing touches a transformer, a model file or a `Model`.
+a backend (and `few_tokens`, if it checks drafted tokens). Above this line nothing touches a transformer, a model
+file or a `Model`.
 """
 
 from __future__ import annotations
@@ -26,15 +27,22 @@ class Engine:
     forward passes, and each sequence has its own cache."""
 
     def __init__(self, transformer: Any, load_tokenizer: Callable[[], "Tokenizer"], *, context_length: int,
-                 kv_type: str):
+                 kv_type: str, draft_tokens: int = 0):
         self.transformer = transformer
         self.context_length = context_length
         self.kv_type = kv_type
+        self.draft_tokens = draft_tokens  # prompt lookup's drafts checked a decode pass (generate.Generation)
         self._load_tokenizer = load_tokenizer
 
     @property
     def config(self) -> ModelConfig:
         return self.transformer.config
+
+    @property
+    def few_tokens(self) -> int:
+        """The most tokens a pass takes with each token's logits bit for bit those of a pass of it alone (a backend
+        without `few_tokens`: 1)."""
+        return getattr(self.transformer, "few_tokens", 1)
 
     @cached_property
     def tokenizer(self) -> "Tokenizer":

@@ -1,4 +1,5 @@
-"""The generation loop: prefill the prompt in chunks, then decode one token at a time with the KV cache.
+"""The generation loop: prefill the prompt in chunks, then decode one token at a time with the KV cache (or a few,
+when drafted tokens are checked).
 
 `Generation` is an iterator that yields each new id as soon as it is sampled and carries its own `stats`; closing
 it stops the work. Timing covers only the model and the sampler, not the time the caller spends between tokens.
@@ -9,13 +10,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import ParameterError
 from .engine import Engine
 from .kv_cache import KVCache
+from .lookup import PromptLookup
 from .model import Cancelled
 from .sampling import is_integer
 
@@ -34,8 +36,10 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0  # forward passes of single tokens after the prompt
-    decode_steps: int = 0
+    decode_seconds: float = 0.0  # forward passes after the prompt
+    decode_steps: int = 0  # tokens sampled after the first (a pass checking drafted tokens may give several)
+    drafted_tokens: int = 0  # tokens prompt lookup drafted and a pass checked
+    accepted_tokens: int = 0  # of which the sampler chose the same, so they came without a pass of their own
     stop_reason: StopReason | None = None
     stop_token: int | None = None  # the stop token that ended generation; it is not yielded
 
@@ -46,6 +50,11 @@ class GenerationStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafted tokens the sampler chose (0 when none were drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 def check_max_tokens(max_tokens: object) -> None:
@@ -60,18 +69,27 @@ class Generation:
     It stops at a token of `stop_tokens` (not yielded), after `max_tokens`, at the end of the context, or when
     `should_stop()` says so (asked between the layers of prefill and before each decode step). An empty `prompt`
     continues from `last_logits`, the logits of the last token already in the cache. `on_prefilled(logits)` runs
-    once the prompt is in the cache."""
+    once the prompt is in the cache.
+
+    With the engine's `draft_tokens`, each decode pass also runs up to that many tokens drafted by prompt lookup
+    (`lookup.PromptLookup` over `context`, the ids already in the cache, then the prompt and the tokens generated)
+    after the sampled one; while the sampler picks the drafted token, the next comes from the logits that pass
+    computed, without a pass of its own. The backend computes each token of such a pass bit for bit as a pass of it
+    alone, and the sampler is called once a token in the same order, so the ids are those of one token a pass, for
+    greedy and seeded sampling alike."""
 
     def __init__(self, engine: Engine, cache: KVCache, prompt: np.ndarray, sample: Callable[[np.ndarray], int], *,
                  max_tokens: int | None, stop_tokens: frozenset[int],
                  should_stop: Callable[[], bool] | None = None,
                  on_prefilled: Callable[[np.ndarray], None] | None = None,
-                 last_logits: np.ndarray | None = None):
+                 last_logits: np.ndarray | None = None, context: Sequence[int] = ()):
         if not len(prompt) and last_logits is None:
             raise ValueError("an empty prompt needs the logits of the last cached token")
         self.stats = GenerationStats(prompt_tokens=len(prompt))
+        drafts = min(engine.draft_tokens, engine.few_tokens - 1, cache.chunk - 1)
+        lookup = PromptLookup([*context, *prompt.tolist()]) if drafts > 0 else None
         self._ids = self._run(engine, cache, prompt, sample, max_tokens, stop_tokens, should_stop, on_prefilled,
-                              last_logits)
+                              last_logits, lookup, drafts)
 
     def __iter__(self) -> "Generation":
         return self
@@ -86,7 +104,7 @@ class Generation:
         self.stats.stop_reason, self.stats.stop_token = reason, token
 
     def _run(self, engine, cache, prompt, sample, max_tokens, stop_tokens, should_stop, on_prefilled,
-             last_logits) -> Iterator[int]:
+             last_logits, lookup, drafts) -> Iterator[int]:
         stats = self.stats
         if max_tokens == 0:
             self._stop(StopReason.LENGTH)
@@ -104,6 +122,7 @@ class Generation:
             on_prefilled(logits)
         token = sample(logits)
         stats.prefill_seconds = time.perf_counter() - t0
+        ahead: list[tuple[int, np.ndarray]] = []  # drafted tokens run past the cache's length, each with its logits
         while True:
             if token in stop_tokens:
                 self._stop(StopReason.STOP, token)
@@ -121,6 +140,21 @@ class Generation:
                 self._stop(StopReason.CANCELLED)
                 return
             t0 = time.perf_counter()
-            token = sample(engine.forward(np.array([token]), cache)[-1])
+            if lookup is not None:
+                lookup.append(token)
+            if ahead and ahead[0][0] == token:
+                # The sampler chose the drafted token: its keys and values are in the cache past its length already.
+                logits = ahead.pop(0)[1]
+                cache.length += 1
+                stats.accepted_tokens += 1
+            else:
+                draft = lookup.draft(min(drafts, cache.context_length - cache.length - 1)) if lookup else []
+                rows = engine.forward(np.array([token, *draft]), cache, all_logits=bool(draft))
+                logits = rows[0]
+                if draft:
+                    cache.length -= len(draft)  # kept as far as the sampler agrees
+                    stats.drafted_tokens += len(draft)
+                ahead = list(zip(draft, rows[1:]))
+            token = sample(logits)
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_steps += 1

@@ -83,61 +83,75 @@ def dequantize(w, rows=None) -> np.ndarray:
     return out.reshape(shape)
 
 
-# --- matrix-vector (decode) ----------------------------------------------------------------------------------------
-# Each kernel adds the bias as it writes a row (a matrix without one gets zeros): in decode a separate NumPy add cost
-# more than the row's own work once the weights had swept the caches.
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_mxfp4(w, x, bias, out):
-    n_blocks = x.shape[0] // MXFP4_BLOCK_SIZE
-    for r in prange(w.shape[0]):
-        out[r] = row_dot_mxfp4(w[r], x, n_blocks) + bias[r]
+# --- few tokens (decode) -------------------------------------------------------------------------------------------
+# A pass of at most FEW_TOKENS tokens (decode: one; a check of drafted tokens: a few) streams each weight row once past
+# all of them, each token's row dot being the one compiled code a pass of that token alone runs: every token's numbers
+# are bit for bit those of a pass of it alone, so drafted tokens are checked against exactly the output one-token
+# steps give. Each kernel adds the bias as it writes a row (a matrix without one gets zeros): in decode a separate
+# NumPy add cost more than the row's own work once the weights had swept the caches.
+FEW_TOKENS = 4
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_q8_0(w, x, bias, out):
-    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
+def _matvec_mxfp4(w, X, bias, out):
+    n_blocks = X.shape[1] // MXFP4_BLOCK_SIZE
     for r in prange(w.shape[0]):
-        out[r] = row_dot_q8_0(w[r], x, n_blocks) + bias[r]
+        for t in range(X.shape[0]):
+            out[t, r] = row_dot_mxfp4(w[r], X[t], n_blocks) + bias[r]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _matvec_q8_0(w, X, bias, out):
+    n_blocks = X.shape[1] // Q8_0_BLOCK_SIZE
+    for r in prange(w.shape[0]):
+        for t in range(X.shape[0]):
+            out[t, r] = row_dot_q8_0(w[r], X[t], n_blocks) + bias[r]
 
 
 @njit(cache=True)
-def _quantize_for_q8_0(x, lanes):
-    """x as int8.row_dot_q8_0 takes it."""
-    xq = np.empty(x.shape[0], dtype=np.int8)
-    slots = int8.vector_slots(x.shape[0] // Q8_0_BLOCK_SIZE, lanes, int8.Q8_0_BLOCK_LANES)
-    xs, xc = np.empty(slots, dtype=np.float32), np.empty(slots, dtype=np.int32)
-    int8.quantize_vector(x, lanes, int8.Q8_0_OFFSET, int8.Q8_0_BLOCK_LANES, xq, xs, xc)
+def _quantize_for_q8_0(X, lanes):
+    """The rows of X as int8.row_dot_q8_0 takes a vector."""
+    T, n = X.shape
+    slots = int8.vector_slots(n // Q8_0_BLOCK_SIZE, lanes, int8.Q8_0_BLOCK_LANES)
+    xq = np.empty((T, n), dtype=np.int8)
+    xs, xc = np.empty((T, slots), dtype=np.float32), np.empty((T, slots), dtype=np.int32)
+    for t in range(T):
+        int8.quantize_vector(X[t], lanes, int8.Q8_0_OFFSET, int8.Q8_0_BLOCK_LANES, xq[t], xs[t], xc[t])
     return xq, xs, xc
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_q8_0_int8(w, x, lanes, bias, out):
-    """`_matvec_q8_0` with 8-bit activations: x quantized once, `lanes` int32 lanes at a time."""
-    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
-    xq, xs, xc = _quantize_for_q8_0(x, lanes)
+def _matvec_q8_0_int8(w, X, lanes, bias, out):
+    """`_matvec_q8_0` with 8-bit activations: each token quantized once, `lanes` int32 lanes at a time."""
+    n_blocks = X.shape[1] // Q8_0_BLOCK_SIZE
+    xq, xs, xc = _quantize_for_q8_0(X, lanes)
     for r in prange(w.shape[0]):
-        out[r] = int8.row_dot_q8_0(w[r], xq, xs, xc, n_blocks, lanes) + bias[r]
+        for t in range(X.shape[0]):
+            out[t, r] = int8.row_dot_q8_0(w[r], xq[t], xs[t], xc[t], n_blocks, lanes) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_bf16(w, x, bias, out):
+def _matvec_bf16(w, X, bias, out):
     for r in prange(w.shape[0]):
-        out[r] = row_dot_bf16(w[r], x) + bias[r]
+        for t in range(X.shape[0]):
+            out[t, r] = row_dot_bf16(w[r], X[t]) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_f16(w, x, bias, out):
+def _matvec_f16(w, X, bias, out):
     for r in prange(w.shape[0]):
-        out[r] = row_dot_f16(w[r], x) + bias[r]
+        for t in range(X.shape[0]):
+            out[t, r] = row_dot_f16(w[r], X[t]) + bias[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvec_f32(w, x, bias, out):
+def _matvec_f32(w, X, bias, out):
     for r in prange(w.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(x.shape[0]):
-            acc += w[r, i] * x[i]
-        out[r] = acc + bias[r]
+        for t in range(X.shape[0]):
+            acc = np.float32(0.0)
+            for i in range(X.shape[1]):
+                acc += w[r, i] * X[t, i]
+            out[t, r] = acc + bias[r]
 
 
 def _check_matrix(w, n_in: int) -> None:
@@ -152,32 +166,38 @@ def _check_matrix(w, n_in: int) -> None:
 
 
 def _int8_q8_0(w_type, int8_activations: bool) -> bool:
-    """Whether a matrix-vector product takes the 8-bit-activation kernel: only Q8_0 matrices do (the router's and
-    any other type stay float32)."""
+    """Whether a few tokens' product takes the 8-bit-activation kernel: only Q8_0 matrices do (the router's and any
+    other type stay float32)."""
     return int8_activations and w_type == GGMLType.Q8_0 and int8.supports(w_type)
 
 
 def matvec(w, x: np.ndarray, bias: np.ndarray | None = None, *, int8_activations: bool = False) -> np.ndarray:
     """`W @ x (+ bias)` for a 2-D weight of any supported type; x float32 [in] → float32 [out]. With
     `int8_activations`, a Q8_0 matrix on a VNNI CPU takes x quantized to 8 bits a value (as `matmul`)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x)
     if x.ndim != 1:
         raise ValueError(f"{w.name}: matvec needs a vector, got shape {x.shape}")
-    _check_matrix(w, x.shape[0])
+    return _few_tokens(w, x[None], bias, int8_activations)[0]
+
+
+def _few_tokens(w, X: np.ndarray, bias: np.ndarray | None, int8_activations: bool) -> np.ndarray:
+    """`X @ W.T (+ bias)` for a few tokens X [T, in] by the decode kernels."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    _check_matrix(w, X.shape[1])
     bias = _bias(w, bias)
-    out = np.empty(w.shape[0], dtype=np.float32)
+    out = np.empty((X.shape[0], w.shape[0]), dtype=np.float32)
     if _int8_q8_0(w.type, int8_activations):
-        _matvec_q8_0_int8(w.data, x, int8.decode_lanes(), bias, out)
+        _matvec_q8_0_int8(w.data, X, int8.decode_lanes(), bias, out)
     elif w.type == GGMLType.MXFP4:
-        _matvec_mxfp4(w.data, x, bias, out)
+        _matvec_mxfp4(w.data, X, bias, out)
     elif w.type == GGMLType.Q8_0:
-        _matvec_q8_0(w.data, x, bias, out)
+        _matvec_q8_0(w.data, X, bias, out)
     elif w.type == GGMLType.BF16:
-        _matvec_bf16(w.data, x, bias, out)
+        _matvec_bf16(w.data, X, bias, out)
     elif w.type == GGMLType.F16:
-        _matvec_f16(w.data.view(np.uint16), x, bias, out)
+        _matvec_f16(w.data.view(np.uint16), X, bias, out)
     else:
-        _matvec_f32(w.data, x, bias, out)
+        _matvec_f32(w.data, X, bias, out)
     return out
 
 
@@ -208,30 +228,35 @@ def _matrix_of(i, first_row):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_q8_0(ws, first_row, x, biases, out):
-    """out[first_row[m] + r] = row r of ws[m] · x + biases[m][r]: the rows of every matrix in one parallel pass."""
-    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
-    for i in prange(out.shape[0]):
+def _matvecs_q8_0(ws, first_row, X, biases, out):
+    """out[t, first_row[m] + r] = row r of ws[m] · X[t] + biases[m][r]: the rows of every matrix in one parallel
+    pass."""
+    n_blocks = X.shape[1] // Q8_0_BLOCK_SIZE
+    for i in prange(out.shape[1]):
         m = _matrix_of(i, first_row)
-        out[i] = row_dot_q8_0(ws[m][i - first_row[m]], x, n_blocks) + biases[m][i - first_row[m]]
+        for t in range(X.shape[0]):
+            out[t, i] = row_dot_q8_0(ws[m][i - first_row[m]], X[t], n_blocks) + biases[m][i - first_row[m]]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_q8_0_int8(ws, first_row, x, lanes, biases, out):
+def _matvecs_q8_0_int8(ws, first_row, X, lanes, biases, out):
     """`_matvecs_q8_0` with 8-bit activations (`_matvec_q8_0_int8`)."""
-    n_blocks = x.shape[0] // Q8_0_BLOCK_SIZE
-    xq, xs, xc = _quantize_for_q8_0(x, lanes)
-    for i in prange(out.shape[0]):
+    n_blocks = X.shape[1] // Q8_0_BLOCK_SIZE
+    xq, xs, xc = _quantize_for_q8_0(X, lanes)
+    for i in prange(out.shape[1]):
         m = _matrix_of(i, first_row)
-        out[i] = int8.row_dot_q8_0(ws[m][i - first_row[m]], xq, xs, xc, n_blocks, lanes) + biases[m][i - first_row[m]]
+        for t in range(X.shape[0]):
+            out[t, i] = (int8.row_dot_q8_0(ws[m][i - first_row[m]], xq[t], xs[t], xc[t], n_blocks, lanes)
+                         + biases[m][i - first_row[m]])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _matvecs_bf16(ws, first_row, x, biases, out):
+def _matvecs_bf16(ws, first_row, X, biases, out):
     """`_matvecs_q8_0` for BF16 matrices."""
-    for i in prange(out.shape[0]):
+    for i in prange(out.shape[1]):
         m = _matrix_of(i, first_row)
-        out[i] = row_dot_bf16(ws[m][i - first_row[m]], x) + biases[m][i - first_row[m]]
+        for t in range(X.shape[0]):
+            out[t, i] = row_dot_bf16(ws[m][i - first_row[m]], X[t]) + biases[m][i - first_row[m]]
 
 
 _MATVECS = {GGMLType.Q8_0: _matvecs_q8_0, GGMLType.BF16: _matvecs_bf16}
@@ -363,9 +388,10 @@ def matmul(w, X: np.ndarray, *, int8_activations: bool = False) -> np.ndarray:
 
 
 def linear(w, X: np.ndarray, bias: np.ndarray | None = None, *, int8_activations: bool = False) -> np.ndarray:
-    """`X @ W.T (+ bias)` for X [T, in]: the decode kernel for one row, the prefill kernels for more (`matmul`)."""
-    if X.ndim == 2 and X.shape[0] == 1:
-        return matvec(w, X[0], bias, int8_activations=int8_activations).reshape(1, -1)
+    """`X @ W.T (+ bias)` for X [T, in]: the decode kernels for up to FEW_TOKENS rows, the prefill kernels for more
+    (`matmul`)."""
+    if X.ndim == 2 and X.shape[0] <= FEW_TOKENS:
+        return _few_tokens(w, X, bias, int8_activations)
     out = matmul(w, X, int8_activations=int8_activations)
     if bias is not None:
         out += _bias(w, bias)
@@ -373,22 +399,22 @@ def linear(w, X: np.ndarray, bias: np.ndarray | None = None, *, int8_activations
 
 
 def linear_many(ws, X: np.ndarray, biases=None, *, int8_activations: bool = False) -> list[np.ndarray]:
-    """[`linear`(w, X, b) for w, b in zip(ws, biases)] (`biases` None: none). For one token and matrices of one type
-    with a fused kernel (Q8_0, BF16: the attention projections' types), one parallel pass over the rows of them all,
-    the same numbers with one start of the threads instead of one a matrix."""
+    """[`linear`(w, X, b) for w, b in zip(ws, biases)] (`biases` None: none). For a few tokens and matrices of one
+    type with a fused kernel (Q8_0, BF16: the attention projections' types), one parallel pass over the rows of them
+    all, the same numbers with one start of the threads instead of one a matrix."""
     biases = [None] * len(ws) if biases is None else biases
-    if not (X.ndim == 2 and X.shape[0] == 1 and len({w.type for w in ws}) == 1 and ws[0].type in _MATVECS):
+    if not (X.ndim == 2 and X.shape[0] <= FEW_TOKENS and len({w.type for w in ws}) == 1 and ws[0].type in _MATVECS):
         return [linear(w, X, b, int8_activations=int8_activations) for w, b in zip(ws, biases)]
-    x = np.ascontiguousarray(X[0], dtype=np.float32)
+    X = np.ascontiguousarray(X, dtype=np.float32)
     for w in ws:
-        _check_matrix(w, x.shape[0])
+        _check_matrix(w, X.shape[1])
     first_row = _first_rows(tuple(w.shape[0] for w in ws))
-    out = np.empty((1, int(first_row[-1])), dtype=np.float32)
+    out = np.empty((X.shape[0], int(first_row[-1])), dtype=np.float32)
     data, biases = tuple(w.data for w in ws), tuple(_bias(w, b) for w, b in zip(ws, biases))
     if _int8_q8_0(ws[0].type, int8_activations):
-        _matvecs_q8_0_int8(data, first_row, x, int8.decode_lanes(), biases, out[0])
+        _matvecs_q8_0_int8(data, first_row, X, int8.decode_lanes(), biases, out)
     else:
-        _MATVECS[ws[0].type](data, first_row, x, biases, out[0])
+        _MATVECS[ws[0].type](data, first_row, X, biases, out)
     return [out[:, a:b] for a, b in zip(first_row[:-1].tolist(), first_row[1:].tolist())]
 
 
@@ -411,7 +437,9 @@ def _swiglu(g, u, alpha, limit):
 @njit(cache=True)
 def _unpack_assignments(ids, wts, assignments, n_expert):
     """The token, expert and weight of each listed assignment (a = t * k + j: token t's j-th expert) of ids and
-    weights [T, k], or None if an expert id lies outside [0, n_expert): checked before any kernel reads a weight."""
+    weights [T, k], and the assignments grouped by expert (`order` lists them expert by expert, group s being
+    order[first[s]:first[s + 1]]); None if an expert id lies outside [0, n_expert): checked before any kernel reads a
+    weight."""
     k = ids.shape[1]
     n = assignments.shape[0]
     tok = np.empty(n, dtype=np.int64)
@@ -422,33 +450,50 @@ def _unpack_assignments(ids, wts, assignments, n_expert):
         tok[i], exp[i], wt[i] = t, ids[t, j], wts[t, j]
         if not 0 <= exp[i] < n_expert:
             return None
-    return tok, exp, wt
+    order = np.argsort(exp, kind="mergesort")
+    first = np.empty(n + 1, dtype=np.int64)
+    n_groups = 0
+    for i in range(n):
+        if i == 0 or exp[order[i]] != exp[order[i - 1]]:
+            first[n_groups] = i
+            n_groups += 1
+    first[n_groups] = n
+    return tok, exp, wt, order, first[:n_groups + 1]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _moe_assignments(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
     """out[t] += w * expert e applied to X[t] for each listed assignment (`_unpack_assignments`), over the packed
-    MXFP4 rows; False (nothing done) if an expert id is out of range. `out` rows must start at zero."""
+    MXFP4 rows; False (nothing done) if an expert id is out of range. `out` rows must start at zero. An expert's
+    row is read once for all the assignments it has (a few tokens: drafted ones being checked); each token's sum
+    is taken in its own order of experts, so its numbers do not depend on the other tokens."""
     unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
     if unpacked is None:
         return False
-    tok, exp, wt = unpacked
-    n_assign = tok.shape[0]
+    tok, exp, wt, order, first = unpacked
+    n_assign, n_groups = tok.shape[0], first.shape[0] - 1
     n_ff = gate.shape[1]
     n_embd = X.shape[1]
     act = np.empty((n_assign, n_ff), dtype=np.float32)
-    for ar in prange(n_assign * n_ff):
-        a = ar // n_ff
-        r = ar - a * n_ff
-        e = exp[a]
-        g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + gate_b[e, r]
-        u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + up_b[e, r]
-        act[a, r] = _swiglu(g, u, alpha, limit)
+    for sr in prange(n_groups * n_ff):
+        s = sr // n_ff
+        r = sr - s * n_ff
+        e = exp[order[first[s]]]
+        for i in range(first[s], first[s + 1]):
+            a = order[i]
+            g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + gate_b[e, r]
+            u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + up_b[e, r]
+            act[a, r] = _swiglu(g, u, alpha, limit)
     # Parallel over output rows, so every output element has one writer.
+    Y = np.empty((n_assign, n_embd), dtype=np.float32)
     for r in prange(n_embd):
+        for s in range(n_groups):
+            e = exp[order[first[s]]]
+            for i in range(first[s], first[s + 1]):
+                a = order[i]
+                Y[a, r] = row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r]
         for a in range(n_assign):
-            e = exp[a]
-            out[tok[a], r] += wt[a] * (row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r])
+            out[tok[a], r] += wt[a] * Y[a, r]
     return True
 
 
@@ -461,8 +506,8 @@ def _moe_assignments_int8(X, ids, wts, assignments, gate, up, down, gate_b, up_b
     unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
     if unpacked is None:
         return False
-    tok, exp, wt = unpacked
-    n_assign = tok.shape[0]
+    tok, exp, wt, order, first = unpacked
+    n_assign, n_groups = tok.shape[0], first.shape[0] - 1
     n_ff = gate.shape[1]
     n_embd = X.shape[1]
     blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
@@ -476,23 +521,30 @@ def _moe_assignments_int8(X, ids, wts, assignments, gate, up, down, gate_b, up_b
             int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
             done[t] = True
     act = np.empty((n_assign, n_ff), dtype=np.float32)
-    for ar in prange(n_assign * n_ff):
-        a = ar // n_ff
-        r = ar - a * n_ff
-        e, t = exp[a], tok[a]
-        g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
-        u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
-        act[a, r] = _swiglu(g, u, alpha, limit)
+    for sr in prange(n_groups * n_ff):
+        s = sr // n_ff
+        r = sr - s * n_ff
+        e = exp[order[first[s]]]
+        for i in range(first[s], first[s + 1]):
+            a = order[i]
+            t = tok[a]
+            g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
+            u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
+            act[a, r] = _swiglu(g, u, alpha, limit)
     act_q = np.empty((n_assign, n_ff), dtype=np.int8)
     act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
     act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
     for a in range(n_assign):
         int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
+    Y = np.empty((n_assign, n_embd), dtype=np.float32)
     for r in prange(n_embd):
+        for s in range(n_groups):
+            e = exp[order[first[s]]]
+            for i in range(first[s], first[s + 1]):
+                a = order[i]
+                Y[a, r] = int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes) + down_b[e, r]
         for a in range(n_assign):
-            e = exp[a]
-            out[tok[a], r] += wt[a] * (int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes)
-                                       + down_b[e, r])
+            out[tok[a], r] += wt[a] * Y[a, r]
     return True
 
 
@@ -561,10 +613,11 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
     SwiGLU clamped at `limit` with slope `alpha` (the model's `swiglu_limit`, `swiglu_alpha`; spec §2.6).
 
     X float32 [T, H]; expert_ids int [T, k]; expert_weights float32 [T, k]; MXFP4 gate/up (E, I, H), down (E, H, I).
-    An expert chosen by at least `dense_min_tokens` tokens goes through the prefill kernels (each row decoded
-    once for all its tokens); the rest through the fused decode kernel (all of decode). With `int8_activations`,
-    where the CPU has VNNI (`int8.supports`), both take 8-bit activations, the prefill's experts a tile of rows
-    at a time against all of their tokens (`int8.row_lanes_mxfp4`); else float32.
+    Up to FEW_TOKENS tokens (decode) go through the fused decode kernel. Of more, an expert chosen by at least
+    `dense_min_tokens` tokens goes through the prefill kernels (each row decoded once for all its tokens); the rest
+    through the fused decode kernel. With `int8_activations`, where the CPU has VNNI (`int8.supports`), both take
+    8-bit activations, the prefill's experts a tile of rows at a time against all of their tokens
+    (`int8.row_lanes_mxfp4`); else float32.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
     T, H = X.shape
@@ -588,8 +641,8 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
 
     out = np.zeros((T, H), dtype=np.float32)
     k = expert_ids.shape[1]
-    if T == 1:  # decode: each expert has the one token (the kernel checks the ids)
-        sparse, dense = _every_assignment(k), ()
+    if T <= FEW_TOKENS:  # decode, or drafted tokens checked: the fused kernel (which checks the ids)
+        sparse, dense = _every_assignment(T * k), ()
     else:
         exp = expert_ids.reshape(-1)
         if exp.size and (exp.min() < 0 or exp.max() >= E):
@@ -631,9 +684,9 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
 
 
 @functools.cache
-def _every_assignment(k: int) -> np.ndarray:
-    """0 .. k - 1: one token's k assignments (shared: read-only)."""
-    a = np.arange(k, dtype=np.int64)
+def _every_assignment(n: int) -> np.ndarray:
+    """0 .. n - 1: every assignment of a few tokens (shared: read-only)."""
+    a = np.arange(n, dtype=np.int64)
     a.flags.writeable = False
     return a
 

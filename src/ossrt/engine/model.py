@@ -29,6 +29,9 @@ class Ops(Protocol):
     `positions` are consecutive."""
 
     threads: int | None  # CPU threads for the kernels (None where that does not apply)
+    # The most tokens a pass takes with each token's numbers bit for bit those of a pass of it alone (1: a backend
+    # with no such passes): drafted tokens are checked in such passes.
+    few_tokens: int
 
     def context(self) -> ContextManager:
         """The calling thread's settings for work on the backend, made while inside (they are per thread)."""
@@ -119,6 +122,10 @@ class Transformer:
     @property
     def threads(self) -> int | None:
         return self.ops.threads
+
+    @property
+    def few_tokens(self) -> int:
+        return self.ops.few_tokens
 
     def new_cache(self, context_length: int, kv_type: str = DEFAULT_KV_TYPE) -> Any:
         return self.ops.new_cache(self.config, context_length, kv_type)

@@ -33,6 +33,7 @@ class CudaOps:
     used)."""
 
     threads = None  # the kernels run on the device: no CPU thread count
+    few_tokens = 1  # passes of several tokens take the prefill kernels: drafted tokens are not checked here
 
     def __init__(self, device: int = 0):
         check(device)
