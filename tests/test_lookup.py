@@ -13,11 +13,12 @@ from ossrt.engine import kernels
 from ossrt.engine.cpu import CpuOps
 from ossrt.engine.generate import Generation
 from ossrt.engine.kv_cache import KVCache
-from ossrt.engine.lookup import PromptLookup
+from ossrt.engine.lookup import DraftLength, PromptLookup
 from ossrt.engine.model import Transformer
 from ossrt.engine.sampling import Sampler
 from ossrt.errors import ParameterError
 from ossrt.format.modelfile import ModelFile
+from test_expert_cache import CONTEXT, max_memory_for
 
 
 def test_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -69,6 +70,34 @@ def test_a_pass_of_a_few_tokens_gives_each_the_logits_of_a_pass_of_it_alone(tiny
         mf.close()
 
 
+def test_draft_length_drafts_what_pays():
+    length = DraftLength(3)
+    assert length.choose(3) == 1  # no record: p = 2/3, a token beyond the first costing half a pass
+    assert length.choose(0) == 0
+    for _ in range(20):
+        length.record(0, 0, 0.100)
+        length.record(3, 3, 0.160)  # cheap extra tokens, all kept
+    assert length.choose(3) == 3 and length.choose(2) == 2
+    length = DraftLength(3)
+    for _ in range(10):
+        for drafted in range(4):
+            length.record(drafted, 0, 0.100 + 0.09 * drafted)  # each costs almost a pass, and none is kept
+    refused = [length.choose(3) for _ in range(16)]
+    assert refused.count(0) == 14 and refused[7] == refused[15] == 1  # a probe of one token every 8th
+    length = DraftLength(2)
+    for _ in range(10):
+        length.record(0, 0, 0.100)
+        length.record(1, 1, 0.150)
+        length.record(2, 1, 0.250)  # the second drafted token is never kept, and costs a whole pass
+    assert length.choose(2) == 1
+
+
+@pytest.fixture
+def every_draft(monkeypatch):
+    """Drafts checked in full whatever they cost: the ids must not depend on how many are."""
+    monkeypatch.setattr(DraftLength, "choose", lambda self, available: min(self.most, available))
+
+
 @pytest.fixture(scope="module")
 def models(tiny_gguf):
     """The same file loaded without drafts and with them."""
@@ -107,7 +136,7 @@ def run(model, prompt: list[int], inner, **kw) -> tuple[list[int], Recording, Ge
 
 @pytest.mark.parametrize("sampler", [lambda: Sampler(temperature=0), lambda: Sampler(temperature=1.0, seed=5),
                                      lambda: Sampler(temperature=0.7, top_k=3, seed=9)])
-def test_generation_with_drafts_samples_the_same_logits(models, sampler):
+def test_generation_with_drafts_samples_the_same_logits(models, sampler, every_draft):
     """The sampler meets the same logits, bit for bit, in the same order: the same ids, greedy or seeded; drafts
     both kept and refused."""
     plain, drafting = models
@@ -130,7 +159,7 @@ def test_generate_with_drafts_gives_the_same_ids(models):
             list(plain.generate(prompt, max_tokens=30, stop_tokens=(), **sampling))
 
 
-def test_drafts_stop_at_the_context_length_and_on_stop_tokens(models):
+def test_drafts_stop_at_the_context_length_and_on_stop_tokens(models, every_draft):
     plain, drafting = models
     prompt = repetitive_prompt(4) * 5  # 120 of the 160 positions
     want, _, _ = run(plain, prompt, Sampler(temperature=0), max_tokens=None)
@@ -142,7 +171,7 @@ def test_drafts_stop_at_the_context_length_and_on_stop_tokens(models):
     assert got == want[:want.index(stop)] and generation.stats.stop_token == stop
 
 
-def test_a_closed_generation_leaves_the_cache_at_the_tokens_it_ran(models):
+def test_a_closed_generation_leaves_the_cache_at_the_tokens_it_ran(models, every_draft):
     """Drafted positions past the accepted ones are not counted in the cache: it goes on as one that never saw a
     draft, bit for bit."""
     prompt = repetitive_prompt(5)
@@ -157,6 +186,19 @@ def test_a_closed_generation_leaves_the_cache_at_the_tokens_it_ran(models):
         after.append((ids, model.engine.forward(np.array(ids[-1:]), cache).tobytes(), generation.stats))
     (ids, logits, _), (drafted_ids, drafted_logits, stats) = after
     assert drafted_ids == ids and drafted_logits == logits and stats.accepted_tokens > 0
+
+
+def test_drafts_through_the_expert_cache_give_the_same_ids(tiny_gguf, every_draft):
+    """With `max_memory` at one layer's experts, a pass's tokens share the pools' slots: the same ids and logits."""
+    path = tiny_gguf(hidden_size=160, intermediate_size=96, head_dim=32)
+    prompt = repetitive_prompt(6)
+    runs = []
+    for draft_tokens in (0, 3):
+        with ossrt.load(path, context_length=CONTEXT, threads=2, max_memory=max_memory_for(path, 8),
+                        draft_tokens=draft_tokens) as cached:
+            ids, sample, generation = run(cached, prompt, Sampler(temperature=0), max_tokens=40)
+            runs.append((ids, sample.seen, generation.stats.accepted_tokens))
+    assert runs[0][:2] == runs[1][:2] and runs[1][2] > 0
 
 
 def test_constrained_chat_with_drafts_answers_the_same(models):

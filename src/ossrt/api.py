@@ -170,8 +170,8 @@ def load(path: str | os.PathLike, *, context_length: int | None = None, threads:
     that many tokens (at most 3 on the CPU; none on CUDA) that followed an earlier occurrence of the text's last few
     tokens, and every one the sampler picks comes without a pass of its own. The output is the same token for token,
     greedy or sampled: each drafted token's logits are bit for bit those of a pass of it alone. It pays where the
-    answer repeats its context (editing code, quoting, extracting); a pass of 2 tokens costs 1.6-1.8 times one of a
-    single token on the 20b (2-core AMD EPYC VM), so elsewhere it is slower.
+    answer repeats its context (editing code, quoting, extracting); how many tokens a pass drafts follows the
+    acceptance so far and the measured time of passes of each size, so drafting stops where it would not pay.
 
     Bad arguments raise ParameterError naming the first one, before the file is opened (the context length's upper
     bound, the model's, once it is)."""

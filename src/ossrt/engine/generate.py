@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ParameterError
 from .engine import Engine
 from .kv_cache import KVCache
-from .lookup import PromptLookup
+from .lookup import DraftLength, PromptLookup
 from .model import Cancelled
 from .sampling import is_integer
 
@@ -71,10 +71,10 @@ class Generation:
     continues from `last_logits`, the logits of the last token already in the cache. `on_prefilled(logits)` runs
     once the prompt is in the cache.
 
-    With the engine's `draft_tokens`, each decode pass also runs up to that many tokens drafted by prompt lookup
+    With the engine's `draft_tokens`, a decode pass also runs up to that many tokens drafted by prompt lookup
     (`lookup.PromptLookup` over `context`, the ids already in the cache, then the prompt and the tokens generated)
-    after the sampled one; while the sampler picks the drafted token, the next comes from the logits that pass
-    computed, without a pass of its own. The backend computes each token of such a pass bit for bit as a pass of it
+    after the sampled one, as many as `lookup.DraftLength` expects to pay; while the sampler picks the drafted token,
+    the next comes from the logits that pass computed, without a pass of its own. The backend computes each token of such a pass bit for bit as a pass of it
     alone, and the sampler is called once a token in the same order, so the ids are those of one token a pass, for
     greedy and seeded sampling alike."""
 
@@ -123,6 +123,8 @@ class Generation:
         token = sample(logits)
         stats.prefill_seconds = time.perf_counter() - t0
         ahead: list[tuple[int, np.ndarray]] = []  # drafted tokens run past the cache's length, each with its logits
+        length = DraftLength(drafts)
+        last_pass = None
         while True:
             if token in stop_tokens:
                 self._stop(StopReason.STOP, token)
@@ -147,9 +149,17 @@ class Generation:
                 logits = ahead.pop(0)[1]
                 cache.length += 1
                 stats.accepted_tokens += 1
+                last_pass[1] += 1
             else:
-                draft = lookup.draft(min(drafts, cache.context_length - cache.length - 1)) if lookup else []
+                draft = []
+                if lookup is not None:
+                    if last_pass is not None:
+                        length.record(*last_pass)
+                    draft = lookup.draft(min(drafts, cache.context_length - cache.length - 1))
+                    draft = draft[:length.choose(len(draft))] if draft else draft
+                t_pass = time.perf_counter()
                 rows = engine.forward(np.array([token, *draft]), cache, all_logits=bool(draft))
+                last_pass = [len(draft), 0, time.perf_counter() - t_pass]  # drafted, kept so far, seconds
                 logits = rows[0]
                 if draft:
                     cache.length -= len(draft)  # kept as far as the sampler agrees

@@ -40,3 +40,50 @@ class PromptLookup:
             if start is not None:
                 return tokens[start:start + limit]
         return []
+
+
+class DraftLength:
+    """How many drafted tokens the next pass checks: the number that gives the most tokens a second, from this
+    generation's record. A draft of d tokens is kept up to its first miss, so a pass yields 1 + p + ... + p^d tokens
+    on average, p the chance that a drafted token is kept given that the one before it was; it costs the measured time
+    of a pass of 1 + d tokens. Where extra tokens cost about as much as the first (a CPU bound by its arithmetic more
+    than its memory), and where the text does not repeat its context, that leaves drafts off; every `PROBE`-th draft
+    refused that way is checked one token long anyway, so the record follows the text."""
+
+    PROBE = 8
+    PRIOR_EXTRA_COST = 0.5  # a token beyond the first, relative to a one-token pass, until measured
+    SMOOTHING = 0.2  # weight of the newest time in a pass size's moving average
+
+    def __init__(self, most: int):
+        self.most = most
+        self.kept = self.missed = 0  # drafted tokens kept; drafts cut short by a token the sampler did not pick
+        self.seconds: dict[int, float] = {}  # pass size -> moving average of its time
+        self._refused = 0
+
+    def record(self, drafted: int, kept: int, seconds: float) -> None:
+        """A pass of 1 + `drafted` tokens took `seconds`, and the sampler kept the first `kept` drafted ones."""
+        size = 1 + drafted
+        old = self.seconds.get(size)
+        self.seconds[size] = seconds if old is None else old + self.SMOOTHING * (seconds - old)
+        self.kept += kept
+        self.missed += kept < drafted
+
+    def choose(self, available: int) -> int:
+        """Drafted tokens to check, out of `available` (at most `most`)."""
+        limit = min(self.most, available)
+        if limit <= 0:
+            return 0
+        p = (self.kept + 2) / (self.kept + self.missed + 3)  # a match is a good guess more often than not
+        one = self.seconds.get(1)
+        best, best_rate, tokens = 0, 1.0, 1.0
+        for d in range(1, limit + 1):
+            tokens += p ** d
+            measured = self.seconds.get(1 + d)
+            cost = measured / one if measured is not None and one else 1 + self.PRIOR_EXTRA_COST * d
+            if tokens / cost > best_rate:
+                best, best_rate = d, tokens / cost
+        if best == 0:
+            self._refused += 1
+            if self._refused % self.PROBE == 0:
+                return 1
+        return best
