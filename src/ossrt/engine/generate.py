@@ -74,9 +74,9 @@ class Generation:
     With the engine's `draft_tokens`, a decode pass also runs up to that many tokens drafted by prompt lookup
     (`lookup.PromptLookup` over `context`, the ids already in the cache, then the prompt and the tokens generated)
     after the sampled one, as many as `lookup.DraftLength` expects to pay; while the sampler picks the drafted token,
-    the next comes from the logits that pass computed, without a pass of its own. The backend computes each token of such a pass bit for bit as a pass of it
-    alone, and the sampler is called once a token in the same order, so the ids are those of one token a pass, for
-    greedy and seeded sampling alike."""
+    the next comes from the logits that pass computed, without a pass of its own. The backend computes each token of
+    such a pass bit for bit as a pass of it alone, and the sampler is called once a token in the same order, so the
+    ids are those of one token a pass, for greedy and seeded sampling alike."""
 
     def __init__(self, engine: Engine, cache: KVCache, prompt: np.ndarray, sample: Callable[[np.ndarray], int], *,
                  max_tokens: int | None, stop_tokens: frozenset[int],
