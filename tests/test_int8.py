@@ -128,7 +128,7 @@ def test_moe_with_int8_activations_stays_close_to_float32():
 def decode_row_dots(lanes: int):
     """A function (w, X, out): out[r] = MXFP4 row r of w · X[r], each X[r] quantized for the decode row dot, by a
     row dot built now (with the module's settings as they are)."""
-    row_dot = int8._decode_row_dot(*int8._mxfp4_row_steps(lanes))
+    row_dot = int8.mxfp4_row_dot(lanes)
 
     @njit
     def dots(w, X, out):
@@ -146,22 +146,23 @@ def decode_row_dots(lanes: int):
 def test_decode_row_dot_takes_every_scale_byte(lanes, vbmi, monkeypatch):
     """Row e has every block scaled by 2^(e - 128), for each e8m0 byte 0..255 (2^-128 and 2^-127 are subnormal
     floats): its input scaled so that the product stays a normal float32, the row dot is the product of the
-    quantized values to float32 rounding (of the blocks' magnitudes: their sums cancel). 9 blocks: two whole steps
-    of 16 lanes, four of 8, and a block past them. With and without AVX-512 VBMI's byte permute for the codes."""
+    quantized values to float32 rounding (of the blocks' magnitudes: their sums cancel). 11 blocks: two whole steps
+    of 16 lanes, a half step and a block past them; five of 8 lanes and a block. With and without AVX-512 VBMI's
+    byte permutes for the codes."""
     if lanes == 16 and int8.decode_lanes() != 16:
         pytest.skip("no AVX-512")
     if vbmi and not int8._cpu_features().get("avx512vbmi"):
         pytest.skip("no AVX-512 VBMI")
     monkeypatch.setattr(int8, "VBMI", vbmi)
     rng = np.random.default_rng(11)
-    blocks = rng.integers(0, 256, (256, 9, 17), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (256, 11, 17), dtype=np.uint8)
     blocks[..., 0] = np.arange(256, dtype=np.uint8)[:, None]
-    w = Tensor("w", T.MXFP4, (256, 9 * 32), blocks.reshape(256, -1))
-    X = rng.standard_normal((256, 9 * 32)) * np.exp2(np.clip(100 - np.arange(256), -20, 100))[:, None]
+    w = Tensor("w", T.MXFP4, (256, 11 * 32), blocks.reshape(256, -1))
+    X = rng.standard_normal((256, 11 * 32)) * np.exp2(np.clip(100 - np.arange(256), -20, 100))[:, None]
     X = X.astype(np.float32)
     got = np.empty(256, dtype=np.float32)
     decode_row_dots(lanes)(w.data, X, got)
-    row = lambda e: SimpleNamespace(data=w.data[None, e:e + 1], shape=(1, 1, 9 * 32))  # noqa: E731
+    row = lambda e: SimpleNamespace(data=w.data[None, e:e + 1], shape=(1, 1, 11 * 32))  # noqa: E731
     want = np.array([int8_dot(row(e), 0, X[e])[0] for e in range(256)])
     magnitude = np.array([int8_dot(row(e), 0, X[e], np.abs)[0] for e in range(256)])
     assert np.isfinite(got).all() and (magnitude > 0).all()
@@ -359,7 +360,7 @@ def test_decode_moe_error_against_float32():
     assert abs(err.mean()) < 0.02 * err.std()
     float32 = np.zeros_like(X)
     assert kernels._moe_assignments(X, ids, weights, np.arange(2 * T_), gate.data, up.data, down.data, gate_b, up_b,
-                                    down_b, np.float32(1.702), np.float32(7.0), float32)
+                                    down_b, np.float32(1.702), np.float32(7.0), 0, float32)
     assert exact.tobytes() == float32.tobytes()
 
 

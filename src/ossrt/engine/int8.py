@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..format import mxfp4
-from .simd import (MXFP4_BLOCK_BYTES, Q8_0_BLOCK_BYTES, _f16_native, _hsum, _load,
+from .simd import (MXFP4_BLOCK_BYTES, Q8_0_BLOCK_BYTES, _f16_native, _load,
                    _mxfp4_block, _nibble_lookup, _prefetch, _prefetch_line, _splat)
 
 BLOCK = 32  # values a scale covers, for activations as for both weight types
@@ -193,15 +193,15 @@ def _offset_bytes(builder, codes):
 MXFP4_BLOCK_LANES, Q8_0_BLOCK_LANES = 4, 8
 
 
-def _mxfp4_row_steps(lanes: int):
+def _mxfp4_row_steps(lanes: int, exponents: bool = False):
     """`_decode_row_dot`'s arguments for MXFP4 rows (lanes, blocks a step, step, tail block): a step's two
-    vectors of byte values + MXFP4_OFFSET as `lanes` int32 each, and its per-lane scales; a block's 32 byte values
-    + MXFP4_OFFSET and its scale."""
+    vectors of byte values + MXFP4_OFFSET as `lanes` int32 each, and its per-lane scales (with `exponents`, the
+    scales' exponents e - 128 as floats, for vscalefps); a block's 32 byte values + MXFP4_OFFSET and its scale."""
     per_step = lanes // MXFP4_BLOCK_LANES
     vi32 = ir.VectorType(_I32, lanes)
 
-    def step(builder, c, wp, s):
-        start = builder.mul(builder.mul(s, c(per_step)), c(MXFP4_BLOCK_BYTES))
+    def step(builder, c, wp, b0):
+        start = builder.mul(b0, c(MXFP4_BLOCK_BYTES))
         _prefetch(builder, wp, start)  # a step is about one cache line
         if VBMI:
             # The step's first and last 4 · lanes bytes, and one two-source byte permute (vpermt2b) picks the
@@ -211,6 +211,7 @@ def _mxfp4_row_steps(lanes: int):
             picks = [MXFP4_BLOCK_BYTES * k + 1 + j for k in range(per_step) for j in range(16)]
             codes = builder.shuffle_vector(first, last, ir.Constant(ir.VectorType(_I32, n),
                                                                     [p if p < n else n + p - tail for p in picks]))
+            low, high = _offset_bytes_vbmi(builder, codes)
         else:
             pieces = [_load(builder, wp, builder.add(start, c(MXFP4_BLOCK_BYTES * k + 1)), _V16I8, 1)
                       for k in range(per_step)]
@@ -220,14 +221,45 @@ def _mxfp4_row_steps(lanes: int):
                                                  ir.Constant(ir.VectorType(_I32, width), list(range(width))))
                           for i in range(0, len(pieces), 2)]
             codes = pieces[0]
-        low, high = _offset_bytes(builder, codes)
-        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], _step_scales(builder, wp, start, lanes)
+            low, high = _offset_bytes(builder, codes)
+        scales = (_step_exponents if exponents else _step_scales)(builder, wp, start, lanes)
+        return [builder.bitcast(low, vi32), builder.bitcast(high, vi32)], scales
 
     def tail_block(builder, c, wp, b):
         w_scale, lo, hi = _mxfp4_block(builder, wp, b, _offset_bytes)
         return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), w_scale
 
     return lanes, per_step, step, tail_block
+
+
+def _offset_bytes_vbmi(builder, codes):
+    """`_offset_bytes` by AVX-512 VBMI's vpermb, which reads only an index's low 6 bits: with the 16 values
+    repeated over the 64-byte table, the low nibbles need no mask and the high ones a 16-bit shift only (the bits
+    it brings in from the next byte are bits 4-5, ignored as well). Three operations where pshufb took five."""
+    n = codes.type.count
+    vi8, vi16 = ir.VectorType(_I8, n), ir.VectorType(ir.IntType(16), n // 2)
+    name = {32: "llvm.x86.avx512.permvar.qi.256", 64: "llvm.x86.avx512.permvar.qi.512"}[n]
+    permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi8, [vi8, vi8]), name)
+    values = mxfp4.KVALUES.astype(np.int32) + MXFP4_OFFSET
+    table = ir.Constant(vi8, [ir.Constant(_I8, int(v)) for v in np.tile(values, n // 16)])
+    shifted = builder.bitcast(builder.lshr(builder.bitcast(codes, vi16),
+                                           ir.Constant(vi16, [ir.Constant(vi16.element, 4)] * (n // 2))), vi8)
+    return builder.call(permute, [table, codes]), builder.call(permute, [table, shifted])
+
+
+def _step_exponents(builder, wp, start, lanes: int):
+    """The exponents e - 128 of the scales of the lanes / 4 MXFP4 blocks from byte `start`, as floats, block k's
+    in lanes 4k to 4k + 3 (`_step_scales`'s bytes): each byte e under the bits of 2^23 is the float 2^23 + e,
+    exactly, so one subtraction makes it e - 128."""
+    n = 4 * lanes
+    vi8 = ir.VectorType(_I8, n)
+    # Lane bytes 0-3: the block's scale byte, 0, 0, 0x4B (the high byte of 2^23's bits), the last two from a
+    # constant whose byte 0 is 0x4B and the rest zeros.
+    constant = ir.Constant(vi8, [ir.Constant(_I8, 0x4B if i == 0 else 0) for i in range(n)])
+    picks = [(i // 16) * MXFP4_BLOCK_BYTES if i % 4 == 0 else n if i % 4 == 3 else n + 1 for i in range(n)]
+    bits = builder.shuffle_vector(_load(builder, wp, start, vi8, 1), constant, ir.Constant(ir.VectorType(_I32, n), picks))
+    floats = builder.bitcast(bits, ir.VectorType(_F32, lanes))
+    return builder.fsub(floats, ir.Constant(floats.type, [ir.Constant(_F32, 2.0 ** 23 + 128)] * lanes))
 
 
 def _step_scales(builder, wp, start, lanes: int):
@@ -273,7 +305,7 @@ def _decode_row_mxfp4_u8_of(lanes: int):
             vi8 = ir.VectorType(_I8, nbytes)
             with cgutils.for_range(builder, steps) as loop:
                 s = loop.index
-                (low, high), w_scale = step(builder, c, wp, s)
+                (low, high), w_scale = step(builder, c, wp, builder.mul(s, c(per_step)))
                 values = builder.shuffle_vector(builder.bitcast(low, vi8), builder.bitcast(high, vi8),
                                                 ir.Constant(ir.VectorType(_I32, 2 * nbytes), order))
                 ptr = builder.gep(op, [builder.mul(s, c(per_step * BLOCK))])
@@ -643,18 +675,29 @@ def row_lanes_mxfp4(w, r0, xq, xs, xc, vectors, first, count, lanes, out):
 # A row dot takes `lanes` (8 or 16) int32 lanes at a time: lanes / 4 blocks a step, their low-nibble values in one
 # vector and their high-nibble values in another, each block's four lanes in both. The activation is laid out to
 # match (`quantize_vector`), so a row's decoded bytes need no shuffling: per step, two vpdpbusd, one conversion and
-# one multiply-add by the blocks' scales. Blocks past the last whole step (a row's n_blocks % (lanes / 4)) go one
-# at a time in the natural order.
+# one multiply-add by the blocks' scales. With 16 lanes, two blocks past the last whole step take a half step of 8
+# lanes (the 20b's rows are 90 blocks: 22 steps and a half; one at a time, with a sum across lanes each, those two
+# cost a fifth of the row). Blocks past the steps go one at a time in the natural order.
 # A Q8_0 row dot lays blocks side by side in the same way, each block's 32 values in 8 lanes in their natural order
 # (a step of lanes / 8 blocks is 32 · lanes / 8 consecutive bytes of the vector): one vpdpbusd a step.
 
 
 @njit(cache=True, inline="always")
-def vector_slots(n_blocks, lanes, block_lanes):
-    """Length of a quantized vector's scales and corrections: `lanes` a whole step (lanes / block_lanes blocks),
-    then one a block past them."""
+def _steps(n_blocks, lanes, block_lanes):
+    """How the row dots take n_blocks blocks: (whole steps of lanes / block_lanes blocks, blocks in a half step
+    after them: lanes / block_lanes / 2 or 0). Only MXFP4 with 16 lanes has half steps (of two blocks)."""
     per_step = lanes // block_lanes
-    return n_blocks // per_step * lanes + n_blocks % per_step
+    steps = n_blocks // per_step
+    half = per_step // 2 if per_step >= 4 and n_blocks - steps * per_step >= per_step // 2 else 0
+    return steps, half
+
+
+@njit(cache=True, inline="always")
+def vector_slots(n_blocks, lanes, block_lanes):
+    """Length of a quantized vector's scales and corrections: `lanes` a whole step, lanes / 2 for a half step, then
+    one a block past them."""
+    steps, half = _steps(n_blocks, lanes, block_lanes)
+    return steps * lanes + half * block_lanes + n_blocks - steps * (lanes // block_lanes) - half
 
 
 # fastmath=False said outright: a callee compiled for a fastmath caller inherits the flag unless it sets it, and
@@ -662,37 +705,44 @@ def vector_slots(n_blocks, lanes, block_lanes):
 @njit(cache=True, fastmath=False)
 def quantize_vector(x, lanes, offset, block_lanes, xq, xs, xc):
     """x float32 [32·n_blocks] → xq int8 [32·n_blocks], xs float32 and xc int32 [vector_slots] in the row dots'
-    layout, `block_lanes` (MXFP4_BLOCK_LANES or Q8_0_BLOCK_LANES) int32 lanes to a block. Block b in whole step s,
-    place k (b = s·lanes/block_lanes + k): scale at xs[s·lanes + block_lanes·k ...] (block_lanes of them),
-    correction -offset · Σ values at xc[s·lanes + block_lanes·k] and zeros in the step's other lanes; values, with
-    4 lanes a block, 0..15 at xq[s·2·lanes·4 + 16k ...] and 16..31 at lanes·4 bytes further; with 8, at xq[32b ...].
-    A block past the whole steps: values at xq[32b ...], scale and correction at slot steps·lanes + its index past
-    them. A block holding inf or NaN gets a NaN scale, as in the panels."""
+    layout, `block_lanes` (MXFP4_BLOCK_LANES or Q8_0_BLOCK_LANES) int32 lanes to a block. Block b at place k of a
+    step of L lanes (a whole step s of `lanes`, first block b0 = s·lanes/block_lanes, first slot s·lanes; or the
+    half step after them, of lanes / 2): scale at xs[first slot + block_lanes·k ...] (block_lanes of them),
+    correction -offset · Σ values at xc[first slot + block_lanes·k] and zeros in the step's other lanes; values,
+    with 4 lanes a block, 0..15 at xq[32·b0 + 16k ...] and 16..31 at 4·L bytes further; with 8, at xq[32b ...].
+    A block past the steps: values at xq[32b ...], scale and correction at the next slot. A block holding inf or
+    NaN gets a NaN scale, as in the panels."""
     n_blocks = x.shape[0] // BLOCK
     per_step = lanes // block_lanes
-    steps = n_blocks // per_step
-    xc[:steps * lanes] = 0
+    steps, half = _steps(n_blocks, lanes, block_lanes)
+    stepped = steps * per_step + half  # blocks in whole or half steps
+    xc[:steps * lanes + half * block_lanes] = 0
     for b in range(n_blocks):
         d = _block_scale(x, b * BLOCK)
-        s, k = b // per_step, b % per_step
+        if b < steps * per_step:
+            n_lanes, b0, slot = lanes, b - b % per_step, b // per_step * lanes
+        else:
+            n_lanes, b0, slot = lanes // 2, steps * per_step, steps * lanes
+        k = b - b0
         total = 0
         for j in range(BLOCK):
             v = np.int8(np.rint(x[b * BLOCK + j] / d)) if d > 0 else np.int8(0)
             total += v
-            if s < steps and block_lanes == MXFP4_BLOCK_LANES:
-                xq[s * 8 * lanes + (j // 16) * 4 * lanes + 16 * k + j % 16] = v
+            if b < stepped and block_lanes == MXFP4_BLOCK_LANES:
+                xq[b0 * BLOCK + (j // 16) * 4 * n_lanes + 16 * k + j % 16] = v
             else:
                 xq[b * BLOCK + j] = v
-        if s < steps:
-            xs[s * lanes + block_lanes * k:s * lanes + block_lanes * (k + 1)] = d
-            xc[s * lanes + block_lanes * k] = -offset * total
+        if b < stepped:
+            xs[slot + block_lanes * k:slot + block_lanes * (k + 1)] = d
+            xc[slot + block_lanes * k] = -offset * total
         else:
-            xs[steps * lanes + b - steps * per_step] = d
-            xc[steps * lanes + b - steps * per_step] = -offset * total
+            slot = steps * lanes + half * block_lanes + b - stepped
+            xs[slot] = d
+            xc[slot] = -offset * total
 
 
 def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
-    """total += one block's dot, for a block past a row's whole steps: its 32 offset weight bytes `w` against the
+    """total += one block's dot, for a block past a row's steps: its 32 offset weight bytes `w` against the
     vector's block b in natural order (its scale and correction at `slot`), summed across the lanes."""
     v8i32, v32i8 = ir.VectorType(_I32, 8), ir.VectorType(_I8, 32)
     start = builder.insert_element(ir.Constant(v8i32, [ir.Constant(_I32, 0)] * 8),
@@ -707,14 +757,54 @@ def _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, slot, total) -> None:
                                flags=_FAST), total)
 
 
-def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
+def _tree_sum(builder, v):
+    """Σ of a float vector's lanes by halves (16 → 8 → 4 → 2 → 1): four dependent adds where one lane at a time
+    took fifteen, at the end of every row."""
+    while v.type.count > 1:
+        n = v.type.count // 2
+        pick = lambda at: ir.Constant(ir.VectorType(_I32, n), list(range(at, at + n)))  # noqa: E731
+        v = builder.fadd(builder.shuffle_vector(v, v, pick(0)), builder.shuffle_vector(v, v, pick(n)), flags=_FAST)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _scalef(builder, x, exponents):
+    """x · 2^exponents, lane by lane (AVX-512's vscalefps; exact, subnormal results included)."""
+    vf32 = x.type
+    n = vf32.count
+    if n == 16:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf32, [vf32, vf32, vf32, ir.IntType(16),
+                                                                                   _I32]),
+                                            "llvm.x86.avx512.mask.scalef.ps.512")
+        return builder.call(fn, [x, exponents, x, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 4)])
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf32, [vf32, vf32, vf32, _I8]),
+                                        "llvm.x86.avx512.mask.scalef.ps.256")
+    return builder.call(fn, [x, exponents, x, ir.Constant(_I8, -1)])
+
+
+def _step_dot(builder, c, weights, w_scale, xq_p, xs_p, xc_p, b0, slot, lanes, exponents=False):
+    """A step's scaled sums, float32 [lanes]: its weight vectors (`lanes` int32 each) against the vector's bytes
+    from 32·b0 on, 4·lanes bytes each, less the corrections, times the vector's scales from `slot` and the weight
+    scales `w_scale` (with `exponents`, their exponents: vscalefps)."""
+    vi8, vf32 = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_F32, lanes)
+    dot4 = _dot4(builder, lanes)
+    sums = _load(builder, xc_p, slot, ir.VectorType(_I32, lanes), 4)
+    for j, w in enumerate(weights):
+        at = builder.add(builder.mul(b0, c(BLOCK)), c(j * 4 * lanes))
+        sums = builder.call(dot4, [sums, w, builder.bitcast(_load(builder, xq_p, at, vi8, 1), w.type)])
+    x_scale = _load(builder, xs_p, slot, vf32, 4)
+    if exponents:
+        return _scalef(builder, builder.fmul(builder.sitofp(sums, vf32), x_scale, flags=_FAST), w_scale)
+    return builder.fmul(builder.sitofp(sums, vf32), builder.fmul(w_scale, x_scale, flags=_FAST), flags=_FAST)
+
+
+def _decode_row_dot(lanes: int, per_step: int, step, tail_block, half=None, exponents=False):
     """An intrinsic row_dot(row, xq, xs, xc, n_blocks): float32 Σ over n_blocks blocks of a row · a vector from
-    quantize_vector: whole steps of `per_step` blocks, `step(builder, c, wp, s)` giving a step's weight bytes
-    (vectors of `lanes` int32, each against the next 4 · lanes bytes of the vector's values) and its per-lane weight
-    scales, then the blocks past them one at a time, `tail_block(builder, c, wp, b)` giving a block's 32 offset
-    weight bytes and its scale (`_add_block`)."""
-    vi32, vf32 = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
-    vi8 = ir.VectorType(_I8, 4 * lanes)
+    quantize_vector: whole steps of `per_step` blocks, `step(builder, c, wp, b0)` giving the weight bytes of the
+    step from block b0 (vectors of `lanes` int32, each against the next 4 · lanes bytes of the vector's values) and
+    its per-lane weight scales; then, if `half` is (lanes / 2, per_step / 2, its step) and that many blocks are
+    left, a half step; then the blocks past them one at a time, `tail_block(builder, c, wp, b)` giving a block's 32
+    offset weight bytes and its scale (`_add_block`). `exponents`: the steps give their scales' exponents."""
+    vf32 = ir.VectorType(_F32, lanes)
 
     @intrinsic
     def row_dot(typingctx, row, xq, xs, xc, n_blocks):
@@ -723,29 +813,37 @@ def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
         def codegen(context, builder, signature, args):
             arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4])]
             wp = builder.bitcast(arrays[0].data, _I8.as_pointer())
-            xq_p, xs_p, xc_p = _vector_pointers(builder, arrays[1:])
+            pointers = _vector_pointers(builder, arrays[1:])
+            xq_p, xs_p, xc_p = pointers
             n_blocks = _i64(builder, args[4])
             c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            dot4 = _dot4(builder, lanes)
             acc = cgutils.alloca_once_value(builder, ir.Constant(vf32, [ir.Constant(_F32, 0.0)] * lanes))
             steps = builder.udiv(n_blocks, c(per_step))
             with cgutils.for_range(builder, steps) as loop:
-                s = loop.index
-                weights, w_scale = step(builder, c, wp, s)
-                sums = _load(builder, xc_p, builder.mul(s, c(lanes)), vi32, 4)
-                for j, w in enumerate(weights):
-                    at = builder.add(builder.mul(s, c(len(weights) * 4 * lanes)), c(j * 4 * lanes))
-                    sums = builder.call(dot4, [sums, w, builder.bitcast(_load(builder, xq_p, at, vi8, 1), vi32)])
-                scale = builder.fmul(w_scale, _load(builder, xs_p, builder.mul(s, c(lanes)), vf32, 4), flags=_FAST)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(sums, vf32), scale,
-                                                                           flags=_FAST), flags=_FAST), acc)
-            total = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
-            done = builder.mul(steps, c(per_step))
-            slot0 = builder.sub(builder.mul(steps, c(lanes)), done)  # block b's slot: slot0 + b
-            with cgutils.for_range(builder, builder.sub(n_blocks, done)) as loop:
-                b = builder.add(done, loop.index)
+                b0, slot = builder.mul(loop.index, c(per_step)), builder.mul(loop.index, c(lanes))
+                weights, w_scale = step(builder, c, wp, b0)
+                part = _step_dot(builder, c, weights, w_scale, *pointers, b0, slot, lanes, exponents)
+                builder.store(builder.fadd(builder.load(acc), part, flags=_FAST), acc)
+            done = cgutils.alloca_once_value(builder, builder.mul(steps, c(per_step)))
+            slot0 = cgutils.alloca_once_value(builder, builder.mul(steps, c(lanes)))
+            if half is not None:
+                half_lanes, half_blocks, half_step = half
+                b0, slot = builder.load(done), builder.load(slot0)
+                with builder.if_then(builder.icmp_unsigned(">=", builder.sub(n_blocks, b0), c(half_blocks))):
+                    weights, w_scale = half_step(builder, c, wp, b0)
+                    part = _step_dot(builder, c, weights, w_scale, *pointers, b0, slot, half_lanes, exponents)
+                    zeros = ir.Constant(part.type, [ir.Constant(_F32, 0.0)] * half_lanes)
+                    widened = builder.shuffle_vector(part, zeros, ir.Constant(ir.VectorType(_I32, lanes),
+                                                                              list(range(lanes))))
+                    builder.store(builder.fadd(builder.load(acc), widened, flags=_FAST), acc)
+                    builder.store(builder.add(b0, c(half_blocks)), done)
+                    builder.store(builder.add(slot, c(half_lanes)), slot0)
+            total = cgutils.alloca_once_value(builder, _tree_sum(builder, builder.load(acc)))
+            first, slot = builder.load(done), builder.load(slot0)
+            with cgutils.for_range(builder, builder.sub(n_blocks, first)) as loop:
+                b = builder.add(first, loop.index)
                 w, w_scale = tail_block(builder, c, wp, b)
-                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot0, b), total)
+                _add_block(builder, w, w_scale, xq_p, xs_p, xc_p, b, builder.add(slot, loop.index), total)
             return builder.load(total)
 
         return sig, codegen
@@ -753,10 +851,20 @@ def _decode_row_dot(lanes: int, per_step: int, step, tail_block):
     return row_dot
 
 
+def mxfp4_row_dot(lanes: int):
+    """The MXFP4 row dot of `lanes` int32 lanes. At 16 (AVX-512): a half step of 8, and the blocks' scales
+    applied by vscalefps from their exponents (three operations a step where the float scales took seven)."""
+    if lanes != 16:
+        return _decode_row_dot(*_mxfp4_row_steps(lanes))
+    half_lanes, half_blocks, half_step, _ = _mxfp4_row_steps(8, exponents=True)
+    return _decode_row_dot(*_mxfp4_row_steps(16, exponents=True), (half_lanes, half_blocks, half_step),
+                           exponents=True)
+
+
 # As for the panels: without AVX-512 the 16-lane name stands for the 8-lane row dot (never called with 16 lanes:
 # `decode_lanes`), so the kernels compile on every VNNI CPU.
-_row_dot8 = _decode_row_dot(*_mxfp4_row_steps(8))
-_row_dot16 = _decode_row_dot(*_mxfp4_row_steps(16)) if DOT4 == "avx512vnni" else _row_dot8
+_row_dot8 = mxfp4_row_dot(8)
+_row_dot16 = mxfp4_row_dot(16) if DOT4 == "avx512vnni" else _row_dot8
 
 
 @njit(cache=True, inline="always")
@@ -786,8 +894,8 @@ def _q8_0_row_steps(lanes: int):
     def scale_of(builder, wp, base):
         return _f16_native(builder, builder.load(builder.bitcast(builder.gep(wp, [base]), i16.as_pointer()), align=1))
 
-    def step(builder, c, wp, s):
-        base = builder.mul(s, c(per_step * Q8_0_BLOCK_BYTES))
+    def step(builder, c, wp, b0):
+        base = builder.mul(b0, c(Q8_0_BLOCK_BYTES))
         _prefetch(builder, wp, base)
         values = [_load(builder, wp, builder.add(base, c(k * Q8_0_BLOCK_BYTES + 2)), v32i8, 1)
                   for k in range(per_step)]

@@ -436,10 +436,9 @@ def _swiglu(g, u, alpha, limit):
 
 @njit(cache=True)
 def _unpack_assignments(ids, wts, assignments, n_expert):
-    """The token, expert and weight of each listed assignment (a = t * k + j: token t's j-th expert) of ids and
-    weights [T, k], and the assignments grouped by expert (`order` lists them expert by expert, group s being
-    order[first[s]:first[s + 1]]); None if an expert id lies outside [0, n_expert): checked before any kernel reads a
-    weight."""
+    """The token and weight of each listed assignment (a = t * k + j: token t's j-th expert) of ids and weights
+    [T, k], and the assignments grouped by expert: group s is order[first[s]:first[s + 1]], all of expert
+    experts[s]. None if an expert id lies outside [0, n_expert): checked before any kernel reads a weight."""
     k = ids.shape[1]
     n = assignments.shape[0]
     tok = np.empty(n, dtype=np.int64)
@@ -452,97 +451,86 @@ def _unpack_assignments(ids, wts, assignments, n_expert):
             return None
     order = np.argsort(exp, kind="mergesort")
     first = np.empty(n + 1, dtype=np.int64)
+    experts = np.empty(n, dtype=np.int64)
     n_groups = 0
     for i in range(n):
         if i == 0 or exp[order[i]] != exp[order[i - 1]]:
             first[n_groups] = i
+            experts[n_groups] = exp[order[i]]
             n_groups += 1
     first[n_groups] = n
-    return tok, exp, wt, order, first[:n_groups + 1]
+    return tok, wt, order, first[:n_groups + 1], experts[:n_groups]
+
+
+@njit(cache=True)
+def _quantized_rows(X, rows, lanes):
+    """X's rows listed in `rows` quantized for `int8.row_dot_mxfp4` with `lanes` (others left unset), each once;
+    with lanes 0 (float32 activations), empty arrays."""
+    n_blocks = X.shape[1] // MXFP4_BLOCK_SIZE
+    slots = int8.vector_slots(n_blocks, lanes, int8.MXFP4_BLOCK_LANES) if lanes else 0
+    xq = np.empty((X.shape[0], X.shape[1] if lanes else 0), dtype=np.int8)
+    xs = np.empty((X.shape[0], slots), dtype=np.float32)
+    xc = np.empty((X.shape[0], slots), dtype=np.int32)
+    if lanes:
+        done = np.zeros(X.shape[0], dtype=np.bool_)
+        for t in rows:
+            if not done[t]:
+                int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
+                done[t] = True
+    return xq, xs, xc
+
+
+# A compile-time constant: without VNNI the 8-bit row dot is never compiled (its instructions may not exist).
+_VNNI = int8.DOT4 is not None
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _expert_row_dot(row, X, xq, xs, xc, t, lanes):
+    """Row · X[t]: float32, or with lanes > 0 the 8-bit row dot on X[t] as `_quantized_rows` left it."""
+    if _VNNI:
+        if lanes:
+            return int8.row_dot_mxfp4(row, xq[t], xs[t], xc[t], X.shape[1] // MXFP4_BLOCK_SIZE, lanes)
+    return row_dot_mxfp4(row, X[t], X.shape[1] // MXFP4_BLOCK_SIZE)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, out):
+def _moe_assignments(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
     """out[t] += w * expert e applied to X[t] for each listed assignment (`_unpack_assignments`), over the packed
-    MXFP4 rows; False (nothing done) if an expert id is out of range. `out` rows must start at zero. An expert's
-    row is read once for all the assignments it has (a few tokens: drafted ones being checked); each token's sum
-    is taken in its own order of experts, so its numbers do not depend on the other tokens."""
+    MXFP4 rows, with float32 activations (lanes 0) or 8-bit ones (`int8.row_dot_mxfp4` with `lanes`: the token
+    rows and the SwiGLU outputs quantized once each, serially: a few vectors, where starting the threads would
+    cost more). False (nothing done) if an expert id is out of range. `out` rows must start at zero.
+    An expert's row is read once for all the assignments it has (a few tokens: drafted ones being checked), and
+    each thread takes a contiguous range of each expert's rows (interleaving the experts' rows cost a tenth of the
+    down pass's rate). Each token's sum is taken in its own order of experts, so its numbers do not depend on the
+    other tokens."""
     unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
     if unpacked is None:
         return False
-    tok, exp, wt, order, first = unpacked
-    n_assign, n_groups = tok.shape[0], first.shape[0] - 1
-    n_ff = gate.shape[1]
-    n_embd = X.shape[1]
+    tok, wt, order, first, experts = unpacked
+    n_assign, n_groups = tok.shape[0], experts.shape[0]
+    n_ff, n_embd = gate.shape[1], X.shape[1]
+    xq, xs, xc = _quantized_rows(X, tok, lanes)
     act = np.empty((n_assign, n_ff), dtype=np.float32)
     for sr in prange(n_groups * n_ff):
         s = sr // n_ff
         r = sr - s * n_ff
-        e = exp[order[first[s]]]
+        e = experts[s]
         for i in range(first[s], first[s + 1]):
             a = order[i]
-            g = row_dot_mxfp4(gate[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + gate_b[e, r]
-            u = row_dot_mxfp4(up[e, r], X[tok[a]], n_embd // MXFP4_BLOCK_SIZE) + up_b[e, r]
+            g = _expert_row_dot(gate[e, r], X, xq, xs, xc, tok[a], lanes) + gate_b[e, r]
+            u = _expert_row_dot(up[e, r], X, xq, xs, xc, tok[a], lanes) + up_b[e, r]
             act[a, r] = _swiglu(g, u, alpha, limit)
+    act_q, act_s, act_c = _quantized_rows(act, np.arange(n_assign), lanes)
+    Y = np.empty((n_assign, n_embd), dtype=np.float32)
+    for sr in prange(n_groups * n_embd):
+        s = sr // n_embd
+        r = sr - s * n_embd
+        e = experts[s]
+        for i in range(first[s], first[s + 1]):
+            a = order[i]
+            Y[a, r] = _expert_row_dot(down[e, r], act, act_q, act_s, act_c, a, lanes) + down_b[e, r]
     # Parallel over output rows, so every output element has one writer.
-    Y = np.empty((n_assign, n_embd), dtype=np.float32)
     for r in prange(n_embd):
-        for s in range(n_groups):
-            e = exp[order[first[s]]]
-            for i in range(first[s], first[s + 1]):
-                a = order[i]
-                Y[a, r] = row_dot_mxfp4(down[e, r], act[a], n_ff // MXFP4_BLOCK_SIZE) + down_b[e, r]
-        for a in range(n_assign):
-            out[tok[a], r] += wt[a] * Y[a, r]
-    return True
-
-
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _moe_assignments_int8(X, ids, wts, assignments, gate, up, down, gate_b, up_b, down_b, alpha, limit, lanes, out):
-    """`_moe_assignments` with 8-bit activations (`int8.row_dot_mxfp4`, `lanes` int32 lanes at a time): each token
-    row X[t] that an assignment takes and each assignment's SwiGLU output is quantized once, then the same two
-    parallel passes run on integer row dots. The quantizing is serial: a few vectors (decode: one, then k), where
-    starting the threads would cost more."""
-    unpacked = _unpack_assignments(ids, wts, assignments, gate.shape[0])
-    if unpacked is None:
-        return False
-    tok, exp, wt, order, first = unpacked
-    n_assign, n_groups = tok.shape[0], first.shape[0] - 1
-    n_ff = gate.shape[1]
-    n_embd = X.shape[1]
-    blocks_in, blocks_ff = n_embd // MXFP4_BLOCK_SIZE, n_ff // MXFP4_BLOCK_SIZE
-    xq = np.empty((X.shape[0], n_embd), dtype=np.int8)
-    xs = np.empty((X.shape[0], int8.vector_slots(blocks_in, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
-    xc = np.empty((X.shape[0], xs.shape[1]), dtype=np.int32)
-    done = np.zeros(X.shape[0], dtype=np.bool_)
-    for a in range(n_assign):
-        t = tok[a]
-        if not done[t]:
-            int8.quantize_vector(X[t], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, xq[t], xs[t], xc[t])
-            done[t] = True
-    act = np.empty((n_assign, n_ff), dtype=np.float32)
-    for sr in prange(n_groups * n_ff):
-        s = sr // n_ff
-        r = sr - s * n_ff
-        e = exp[order[first[s]]]
-        for i in range(first[s], first[s + 1]):
-            a = order[i]
-            t = tok[a]
-            g = int8.row_dot_mxfp4(gate[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + gate_b[e, r]
-            u = int8.row_dot_mxfp4(up[e, r], xq[t], xs[t], xc[t], blocks_in, lanes) + up_b[e, r]
-            act[a, r] = _swiglu(g, u, alpha, limit)
-    act_q = np.empty((n_assign, n_ff), dtype=np.int8)
-    act_s = np.empty((n_assign, int8.vector_slots(blocks_ff, lanes, int8.MXFP4_BLOCK_LANES)), dtype=np.float32)
-    act_c = np.empty((n_assign, act_s.shape[1]), dtype=np.int32)
-    for a in range(n_assign):
-        int8.quantize_vector(act[a], lanes, int8.MXFP4_OFFSET, int8.MXFP4_BLOCK_LANES, act_q[a], act_s[a], act_c[a])
-    Y = np.empty((n_assign, n_embd), dtype=np.float32)
-    for r in prange(n_embd):
-        for s in range(n_groups):
-            e = exp[order[first[s]]]
-            for i in range(first[s], first[s + 1]):
-                a = order[i]
-                Y[a, r] = int8.row_dot_mxfp4(down[e, r], act_q[a], act_s[a], act_c[a], blocks_ff, lanes) + down_b[e, r]
         for a in range(n_assign):
             out[tok[a], r] += wt[a] * Y[a, r]
     return True
@@ -652,12 +640,8 @@ def moe(gate_exps, up_exps, down_exps, gate_b: np.ndarray, up_b: np.ndarray, dow
         sparse, dense = np.flatnonzero(~is_dense), np.flatnonzero(counts >= dense_min_tokens)
     int8_experts = int8_activations and int8.supports(GGMLType.MXFP4)
     if len(sparse):
-        if int8_experts:
-            done = _moe_assignments_int8(X, expert_ids, expert_weights, sparse, gate_exps.data, up_exps.data,
-                                         down_exps.data, gate_b, up_b, down_b, alpha, limit, int8.decode_lanes(), out)
-        else:
-            done = _moe_assignments(X, expert_ids, expert_weights, sparse, gate_exps.data, up_exps.data,
-                                    down_exps.data, gate_b, up_b, down_b, alpha, limit, out)
+        done = _moe_assignments(X, expert_ids, expert_weights, sparse, gate_exps.data, up_exps.data, down_exps.data,
+                                gate_b, up_b, down_b, alpha, limit, int8.decode_lanes() if int8_experts else 0, out)
         if not done:
             raise ValueError(f"expert ids must lie in [0, {E})")
     if not len(dense):
