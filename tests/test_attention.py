@@ -35,13 +35,13 @@ def as_stored(x: np.ndarray, kv_type: str) -> np.ndarray:
 def attention_reference(q, keys, values, start, window, sinks, scale):
     """Spec §2.4 in float64: queries q [T, n_head, d] at positions start.., keys/values [positions, n_kv, d] by
     absolute position; the sink an extra logit whose probability is dropped."""
-    T = q.shape[0]
-    per_kv = N_HEAD // N_KV
+    T, n_head = q.shape[:2]
+    per_kv = n_head // keys.shape[1]
     out = np.zeros(q.shape)
     for t in range(T):
         pos = start + t
         first = max(0, pos - window + 1)
-        for h in range(N_HEAD):
+        for h in range(n_head):
             k = keys[first:pos + 1, h // per_kv]
             a = np.concatenate([k @ q[t, h].astype(np.float64) * scale, [sinks[h]]])
             p = np.exp(a - a.max())
@@ -81,6 +81,31 @@ def test_attention_over_the_cache_matches_the_reference(kv_type, case):
         got = attend(q[start:start + T], kv, start, sinks, 0.125)
         expect = attention_reference(q[start:start + T], stored_keys, stored_values, start, window, sinks, 0.125)
         assert got.dtype == np.float32 and got.shape == (T, N_HEAD, D)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+        start += T
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("n_head, n_kv, d", [(4, 4, 24), (8, 2, 40), (2, 1, 16), (10, 2, 66)])
+def test_attention_of_other_head_shapes_matches_the_reference(kv_type, n_head, n_kv, d):
+    """Head sizes that are not whole vectors of 16 (the lanes past them take a loop of their own), one to five
+    query heads per KV head (pairs and a lone one), a scale that is not a power of two; prefill past a key tile,
+    then decode."""
+    window, steps = 100, [70, 1, 1, 30, 1]
+    context = sum(steps)
+    rng = np.random.default_rng(4)
+    kv = LayerKV(n_kv, context, d, kv_type, window)
+    keys = rng.standard_normal((context, n_kv, d)).astype(np.float32)
+    values = rng.standard_normal((context, n_kv, d)).astype(np.float32)
+    q = rng.standard_normal((context, n_head, d)).astype(np.float32) * 0.5
+    sinks = rng.standard_normal(n_head).astype(np.float32)
+    scale = 1 / np.sqrt(d)
+    start = 0
+    for T in steps:
+        kv.store(start, keys[start:start + T], values[start:start + T])
+        got = attend(q[start:start + T], kv, start, sinks, scale)
+        expect = attention_reference(q[start:start + T], as_stored(keys, kv_type), as_stored(values, kv_type), start,
+                                     window, sinks, scale)
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
         start += T
 

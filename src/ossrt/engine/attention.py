@@ -16,10 +16,11 @@ from numba.extending import overload
 
 from .kernels import FEW_TOKENS
 from .kv_cache import LayerKV
-from .simd import FASTMATH, dequant_row_f16, dequant_row_q8_split, exp_nonpositive
+from .simd import (FASTMATH, TILE_POSITIONS, dequant_row_f16, dequant_row_q8_split, exp_nonpositive,
+                   tile_max, tile_scores, tile_values)
 
 QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
-KEY_TILE = 64  # positions a tile holds: a key tile and a value tile (16 KiB each at d = 64) stay in cache
+KEY_TILE = TILE_POSITIONS  # positions a tile holds: a key and a value tile (16 KiB each at d = 64) stay in cache
 
 
 def _load_tile(src, scales, g, slot, n, scratch):
@@ -54,67 +55,84 @@ def _add_tile(scores, j0, j1, V, m, denom, acc, i):
     values. The running maximum m[i] grows to the tile's (the sums so far rescaled), then denom[i] and acc[i] take
     each position's exp(logit - m[i]) and that times its value. The exponentials in a loop of their own, which
     vectorizes (`exp_nonpositive`)."""
-    tile_max = m[i]
-    for j in range(j0, j1):
-        tile_max = max(tile_max, scores[j])
-    if tile_max > m[i]:
-        rescale = exp_nonpositive(m[i] - tile_max)
+    largest = tile_max(scores, j0, j1, m[i])
+    if largest > m[i]:
+        rescale = exp_nonpositive(m[i] - largest)
         denom[i] *= rescale
         for x in range(acc.shape[1]):
             acc[i, x] *= rescale
-        m[i] = tile_max
+        m[i] = largest
     total = np.float32(0.0)
-    for j in range(j0, j1):
-        scores[j] = exp_nonpositive(scores[j] - m[i])
-        total += scores[j]
+    weights = scores[j0:j1]  # indices from 0, known not negative: LLVM vectorizes the loop (not over j0..j1)
+    for k in range(weights.shape[0]):
+        weights[k] = exp_nonpositive(weights[k] - largest)
+        total += weights[k]
     denom[i] += total
-    for j in range(j0, j1):
-        for x in range(acc.shape[1]):
+    tile_values(scores, j0, j1, V, acc, i)
+    for x in range(acc.shape[1] // 16 * 16, acc.shape[1]):  # lanes past the vectors of 16 (a head_dim not k * 16)
+        for j in range(j0, j1):
             acc[i, x] += scores[j] * V[j, x]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, scale, out):
     """out[t, h] = attention of q[t, h], the query at position start + t, over the keys and values of positions
-    max(0, start + t - window + 1) .. start + t, held in slot position % capacity."""
+    max(0, start + t - window + 1) .. start + t, held in slot position % capacity. An item is a tile of queries and
+    one KV head: all the head's queries meet each tile of keys (transposed once, `tile_scores`) and values."""
     T, n_head, d = q.shape
-    capacity = keys.shape[1]
-    per_kv = n_head // keys.shape[0]
+    n_kv, capacity = keys.shape[0], keys.shape[1]
+    per_kv = n_head // n_kv
     n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
-    for item in prange(n_head * n_tiles):
-        h = item % n_head
-        g = h // per_kv  # the query head's KV head
+    rows = QUERY_TILE * per_kv  # row (t - t0) * per_kv + i: query t, head g * per_kv + i
+    for item in prange(n_kv * n_tiles):
+        g = item % n_kv
+        h0 = g * per_kv
         # Later queries see more keys: tiles taken from both ends in turn give each thread's share of the items
         # (consecutive, in Numba's schedule) about the same work.
-        order = item // n_head
+        order = item // n_kv
         t0 = (order // 2 if order % 2 == 0 else n_tiles - 1 - order // 2) * QUERY_TILE
         t1 = min(T, t0 + QUERY_TILE)
-        m = np.full(QUERY_TILE, sinks[h], dtype=np.float32)  # running maximum, from the sink's logit
-        denom = np.ones(QUERY_TILE, dtype=np.float32)  # Σ exp(logit - m), the sink's share included
-        acc = np.zeros((QUERY_TILE, d), dtype=np.float32)  # Σ exp(logit - m) · value: the sink has no value
+        Q = np.empty((rows, d), dtype=np.float32)  # the queries, scaled
+        m = np.empty(rows, dtype=np.float32)  # running maximum, from the sink's logit
+        for t in range(t0, t1):
+            for i in range(per_kv):
+                r = (t - t0) * per_kv + i
+                for x in range(d):
+                    Q[r, x] = q[t, h0 + i, x] * scale
+                m[r] = sinks[h0 + i]
+        denom = np.ones(rows, dtype=np.float32)  # Σ exp(logit - m), the sink's share included
+        acc = np.zeros((rows, d), dtype=np.float32)  # Σ exp(logit - m) · value: the sink has no value
         key_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        KT = np.zeros((d, KEY_TILE), dtype=np.float32)
         value_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
-        scores = np.empty(KEY_TILE, dtype=np.float32)
+        S = np.empty((2, KEY_TILE), dtype=np.float32)
         p0 = max(0, start + t0 - window + 1)  # the first position the tile's first query sees
         while p0 < start + t1:
             slot = p0 % capacity
             n = min(KEY_TILE, start + t1 - p0, capacity - slot)  # a tile never wraps around the ring
             K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
+            for j in range(n):
+                for x in range(d):
+                    KT[x, j] = K[j, x]
             V = _load_tile(values, value_scales, g, slot, n, value_scratch)
             for t in range(t0, t1):
-                i = t - t0
                 j0 = max(p0, start + t - window + 1) - p0  # the query's positions within the tile
                 j1 = min(n, start + t + 1 - p0)
-                for j in range(j0, j1):
-                    a = np.float32(0.0)
-                    for x in range(d):
-                        a += q[t, h, x] * K[j, x]
-                    scores[j] = a * scale
-                _add_tile(scores, j0, j1, V, m, denom, acc, i)
+                if j0 >= j1:
+                    continue
+                for i in range(0, per_kv, 2):
+                    r = (t - t0) * per_kv + i
+                    pair = i + 1 < per_kv
+                    tile_scores(Q, r, r + 1 if pair else r, KT, S)
+                    _add_tile(S[0], j0, j1, V, m, denom, acc, r)
+                    if pair:
+                        _add_tile(S[1], j0, j1, V, m, denom, acc, r + 1)
             p0 += n
         for t in range(t0, t1):
-            for x in range(d):
-                out[t, h, x] = acc[t - t0, x] / denom[t - t0]
+            for i in range(per_kv):
+                r = (t - t0) * per_kv + i
+                for x in range(d):
+                    out[t, h0 + i, x] = acc[r, x] / denom[r]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

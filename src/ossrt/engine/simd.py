@@ -52,7 +52,7 @@ BF16_TO_F32 = bf16_to_f32(np.arange(65536, dtype=np.uint16))
 ISA = {"x86_64": "x86", "amd64": "x86", "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine().lower(),
                                                                                      "portable")
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 # Weight rows are read once, front to back, and the row after this one comes next: asking for data this far ahead
 # doubles the read rate (the hardware prefetcher alone leaves the loop waiting on memory).
 _PREFETCH_BYTES = 2048
@@ -474,6 +474,127 @@ def exp_nonpositive(x):
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1.0)
     return p * _f32_of_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+# --- attention tiles -------------------------------------------------------------------------------------------------
+# Attention works on tiles of TILE_POSITIONS keys, held transposed (KT [d, TILE_POSITIONS]: a key a column), so a
+# query row's scores are vectors along the positions and no score needs a sum across lanes.
+TILE_POSITIONS = 64
+
+
+def _array_pointer(context, builder, typ, value):
+    array = context.make_array(typ)(context, builder, value)
+    return builder.bitcast(array.data, _F32.as_pointer()), array
+
+
+def _as_i64(context, builder, typ, value):
+    return context.cast(builder, value, typ, types.int64)
+
+
+@intrinsic
+def tile_scores(typingctx, Q, r0, r1, KT, S):
+    """S[k, j] = Q[r_k] · KT[:, j] for k = 0, 1 and every j < TILE_POSITIONS (Q [rows, d], KT [d, TILE_POSITIONS],
+    S [2, TILE_POSITIONS], C-contiguous float32). The eight vectors of sums stay in registers over the d steps;
+    each step loads KT's row once for both query rows (r1 = r0 for a lone row)."""
+    sig = types.void(Q, r0, r1, KT, S)
+
+    def codegen(context, builder, signature, args):
+        q, q_array = _array_pointer(context, builder, signature.args[0], args[0])
+        kt, _ = _array_pointer(context, builder, signature.args[3], args[3])
+        s, _ = _array_pointer(context, builder, signature.args[4], args[4])
+        d = builder.extract_value(q_array.shape, 1)
+        rows = [builder.mul(_as_i64(context, builder, signature.args[i], args[i]), d) for i in (1, 2)]
+        vectors = TILE_POSITIONS // 16
+        zero = ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16)
+        sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)] for _ in rows]
+        with cgutils.for_range(builder, d) as loop:
+            x = loop.index
+            qx = [_splat(builder, builder.load(builder.gep(q, [builder.add(row, x)])), _V16F) for row in rows]
+            base = builder.mul(x, _const(builder, x, TILE_POSITIONS))
+            for v in range(vectors):
+                k = _load(builder, kt, builder.add(base, _const(builder, x, 16 * v)), _V16F, 4)
+                for i in range(len(rows)):
+                    product = builder.fmul(qx[i], k, flags=_FAST)
+                    builder.store(builder.fadd(builder.load(sums[i][v]), product, flags=_FAST), sums[i][v])
+        for i in range(len(rows)):
+            for v in range(vectors):
+                at = builder.gep(s, [ir.Constant(_I64, i * TILE_POSITIONS + 16 * v)])
+                builder.store(builder.load(sums[i][v]), builder.bitcast(at, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_max(typingctx, scores, j0, j1, start):
+    """The largest of `start` and scores[j0:j1] (float32), 16 lanes at a time: a loop of scalar maxima is one chain
+    of dependent instructions, and LLVM does not vectorize it without assuming no NaNs."""
+    sig = types.float32(scores, j0, j1, start)
+
+    def codegen(context, builder, signature, args):
+        sp, _ = _array_pointer(context, builder, signature.args[0], args[0])
+        first, last = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2))
+        c = lambda n: ir.Constant(_I64, n)  # noqa: E731
+        larger = lambda a, b: builder.select(builder.fcmp_ordered(">", b, a), b, a)  # noqa: E731
+        best = cgutils.alloca_once_value(builder, _splat(builder, args[3], _V16F))
+        vectors = builder.sdiv(builder.sub(last, first), c(16))
+        with cgutils.for_range(builder, vectors) as loop:
+            v = _load(builder, sp, builder.add(first, builder.mul(loop.index, c(16))), _V16F, 4)
+            builder.store(larger(builder.load(best), v), best)
+        lanes = builder.load(best)
+        total = cgutils.alloca_once_value(builder, builder.extract_element(lanes, ir.Constant(_I32, 0)))
+        for i in range(1, 16):
+            builder.store(larger(builder.load(total), builder.extract_element(lanes, ir.Constant(_I32, i))), total)
+        tail = builder.add(first, builder.mul(vectors, c(16)))
+        with cgutils.for_range(builder, builder.sub(last, tail)) as loop:
+            value = builder.load(builder.gep(sp, [builder.add(tail, loop.index)]))
+            builder.store(larger(builder.load(total), value), total)
+        return builder.load(total)
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_values(typingctx, P, j0, j1, V, acc, r):
+    """acc[r, x] += Σ over j0 <= j < j1 of P[j] · V[j, x] for x < 16 · (d // 16) (V [n, d], acc [rows, d],
+    C-contiguous float32): 16 lanes of acc's row at a time, four positions' products in four sums (independent
+    chains of adds), added to acc's row once."""
+    sig = types.void(P, j0, j1, V, acc, r)
+
+    def codegen(context, builder, signature, args):
+        p, _ = _array_pointer(context, builder, signature.args[0], args[0])
+        v, v_array = _array_pointer(context, builder, signature.args[3], args[3])
+        a, _ = _array_pointer(context, builder, signature.args[4], args[4])
+        first, last, row = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2, 5))
+        d = builder.extract_value(v_array.shape, 1)
+        c = lambda n: ir.Constant(_I64, n)  # noqa: E731
+        zero = ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16)
+        quads = builder.sdiv(builder.sub(last, first), c(4))
+        with cgutils.for_range(builder, builder.sdiv(d, c(16))) as chunk:
+            x = builder.mul(chunk.index, c(16))
+            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+            with cgutils.for_range(builder, quads) as loop:
+                j = builder.add(first, builder.mul(loop.index, c(4)))
+                for u in range(4):
+                    ju = builder.add(j, c(u))
+                    weight = _splat(builder, builder.load(builder.gep(p, [ju])), _V16F)
+                    value = _load(builder, v, builder.add(builder.mul(ju, d), x), _V16F, 4)
+                    total = builder.fadd(builder.load(sums[u]), builder.fmul(weight, value, flags=_FAST),
+                                         flags=_FAST)
+                    builder.store(total, sums[u])
+            with cgutils.for_range(builder, builder.sub(builder.sub(last, first), builder.mul(quads, c(4)))) as loop:
+                j = builder.add(builder.add(first, builder.mul(quads, c(4))), loop.index)
+                weight = _splat(builder, builder.load(builder.gep(p, [j])), _V16F)
+                value = _load(builder, v, builder.add(builder.mul(j, d), x), _V16F, 4)
+                builder.store(builder.fadd(builder.load(sums[0]), builder.fmul(weight, value, flags=_FAST),
+                                           flags=_FAST), sums[0])
+            at = builder.bitcast(builder.gep(a, [builder.add(builder.mul(row, d), x)]), _V16F.as_pointer())
+            pairs = [builder.fadd(builder.load(sums[u]), builder.load(sums[u + 1]), flags=_FAST) for u in (0, 2)]
+            builder.store(builder.fadd(builder.load(at, align=4), builder.fadd(*pairs, flags=_FAST), flags=_FAST),
+                          at, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # --- the row functions, per instruction set -------------------------------------------------------------------------
