@@ -17,7 +17,7 @@ from numba.extending import overload
 from .kernels import FEW_TOKENS
 from .kv_cache import LayerKV
 from .simd import (FASTMATH, TILE_POSITIONS, dequant_row_f16, dequant_row_q8_split, exp_nonpositive,
-                   tile_max, tile_scores, tile_values)
+                   tile_max, tile_scores, tile_transpose, tile_values)
 
 QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
 KEY_TILE = TILE_POSITIONS  # positions a tile holds: a key and a value tile (16 KiB each at d = 64) stay in cache
@@ -74,6 +74,16 @@ def _add_tile(scores, j0, j1, V, m, denom, acc, i):
             acc[i, x] += scores[j] * V[j, x]
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _transposed(K, n, KT):
+    """KT[:, :n] = K[:n].T (`tile_transpose`, whole blocks of 16; the rest here)."""
+    tile_transpose(K, n, KT)
+    d, whole_rows, whole_columns = K.shape[1], n // 16 * 16, K.shape[1] // 16 * 16
+    for j in range(n):
+        for x in range(whole_columns if j < whole_rows else 0, d):
+            KT[x, j] = K[j, x]
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, scale, out):
     """out[t, h] = attention of q[t, h], the query at position start + t, over the keys and values of positions
@@ -110,10 +120,7 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
         while p0 < start + t1:
             slot = p0 % capacity
             n = min(KEY_TILE, start + t1 - p0, capacity - slot)  # a tile never wraps around the ring
-            K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
-            for j in range(n):
-                for x in range(d):
-                    KT[x, j] = K[j, x]
+            _transposed(_load_tile(keys, key_scales, g, slot, n, key_scratch), n, KT)
             V = _load_tile(values, value_scales, g, slot, n, value_scratch)
             for t in range(t0, t1):
                 j0 = max(p0, start + t - window + 1) - p0  # the query's positions within the tile
@@ -138,22 +145,25 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _attend_few(q, keys, key_scales, values, value_scales, start, window, sinks, scale, out):
     """`_attend` for a few queries (decode: one), each on its own as if alone (drafted tokens are checked in such
-    passes): an item per KV head, whose query heads all meet each tile of keys and values as it is decoded (the
-    general kernel decodes a tile once per query head)."""
+    passes): an item per KV head, whose query heads all meet each tile of keys and values as it is decoded."""
     T, n_head, d = q.shape
     n_kv, capacity = keys.shape[0], keys.shape[1]
     per_kv = n_head // n_kv
     for g in prange(n_kv):
         h0 = g * per_kv
+        Q = np.empty((per_kv, d), dtype=np.float32)  # the query's heads, scaled
         m = np.empty(per_kv, dtype=np.float32)  # running maximum per query head, from its sink's logit
         denom = np.empty(per_kv, dtype=np.float32)
         acc = np.empty((per_kv, d), dtype=np.float32)
         key_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
+        KT = np.zeros((d, KEY_TILE), dtype=np.float32)
         value_scratch = np.empty((KEY_TILE, d), dtype=np.float32)
-        scores = np.empty(KEY_TILE, dtype=np.float32)
+        S = np.empty((2, KEY_TILE), dtype=np.float32)
         for t in range(T):
             position = start + t
             for i in range(per_kv):
+                for x in range(d):
+                    Q[i, x] = q[t, h0 + i, x] * scale
                 m[i] = sinks[h0 + i]
             denom[:] = 1.0
             acc[:] = 0.0
@@ -161,15 +171,14 @@ def _attend_few(q, keys, key_scales, values, value_scales, start, window, sinks,
             while p0 <= position:
                 slot = p0 % capacity
                 n = min(KEY_TILE, position + 1 - p0, capacity - slot)
-                K = _load_tile(keys, key_scales, g, slot, n, key_scratch)
+                _transposed(_load_tile(keys, key_scales, g, slot, n, key_scratch), n, KT)
                 V = _load_tile(values, value_scales, g, slot, n, value_scratch)
-                for i in range(per_kv):
-                    for j in range(n):
-                        a = np.float32(0.0)
-                        for x in range(d):
-                            a += q[t, h0 + i, x] * K[j, x]
-                        scores[j] = a * scale
-                    _add_tile(scores, 0, n, V, m, denom, acc, i)
+                for i in range(0, per_kv, 2):
+                    pair = i + 1 < per_kv
+                    tile_scores(Q, i, i + 1 if pair else i, KT, S)
+                    _add_tile(S[0], 0, n, V, m, denom, acc, i)
+                    if pair:
+                        _add_tile(S[1], 0, n, V, m, denom, acc, i + 1)
                 p0 += n
             for i in range(per_kv):
                 for x in range(d):

@@ -491,6 +491,42 @@ def _as_i64(context, builder, typ, value):
     return context.cast(builder, value, typ, types.int64)
 
 
+def _transpose16(builder, rows):
+    """The 16 × 16 transpose of 16 vectors of 16: four rounds of interleaving row i with row i + 8 (a perfect
+    shuffle of the element indices' bits each round)."""
+    low = ir.Constant(ir.VectorType(_I32, 16), [x for k in range(8) for x in (k, 16 + k)])
+    high = ir.Constant(ir.VectorType(_I32, 16), [x for k in range(8, 16) for x in (k, 16 + k)])
+    for _ in range(4):
+        rows = [builder.shuffle_vector(rows[i // 2], rows[i // 2 + 8], high if i % 2 else low) for i in range(16)]
+    return rows
+
+
+@intrinsic
+def tile_transpose(typingctx, K, n, KT):
+    """KT[x, j] = K[j, x] for j < 16 · (n // 16) and x < 16 · (d // 16) (K [rows, d] float32 with rows of d
+    contiguous values, KT [d, TILE_POSITIONS] C-contiguous): 16 × 16 blocks transposed in registers."""
+    sig = types.void(K, n, KT)
+
+    def codegen(context, builder, signature, args):
+        k, k_array = _array_pointer(context, builder, signature.args[0], args[0])
+        kt, _ = _array_pointer(context, builder, signature.args[2], args[2])
+        n = _as_i64(context, builder, signature.args[1], args[1])
+        d = builder.extract_value(k_array.shape, 1)
+        c = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        with cgutils.for_range(builder, builder.sdiv(n, c(16))) as row_block:
+            j = builder.mul(row_block.index, c(16))
+            with cgutils.for_range(builder, builder.sdiv(d, c(16))) as column_block:
+                x = builder.mul(column_block.index, c(16))
+                rows = [_load(builder, k, builder.add(builder.mul(builder.add(j, c(i)), d), x), _V16F, 4)
+                        for i in range(16)]
+                for i, column in enumerate(_transpose16(builder, rows)):
+                    at = builder.add(builder.mul(builder.add(x, c(i)), c(TILE_POSITIONS)), j)
+                    builder.store(column, builder.bitcast(builder.gep(kt, [at]), _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def tile_scores(typingctx, Q, r0, r1, KT, S):
     """S[k, j] = Q[r_k] · KT[:, j] for k = 0, 1 and every j < TILE_POSITIONS (Q [rows, d], KT [d, TILE_POSITIONS],
