@@ -50,11 +50,10 @@ def _load_tile_typed(src, scales, g, slot, n, scratch):
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _add_tile(scores, j0, j1, V, m, denom, acc, i):
-    """Query row i's online softmax meets positions j0..j1 of a tile: `scores` (overwritten) their logits, V their
-    values. The running maximum m[i] grows to the tile's (the sums so far rescaled), then denom[i] and acc[i] take
-    each position's exp(logit - m[i]) and that times its value. The exponentials in a loop of their own, which
-    vectorizes (`exp_nonpositive`)."""
+def _weigh(scores, j0, j1, m, denom, acc, i):
+    """Query row i's online softmax meets positions j0..j1 of a tile, `scores` their logits: the running maximum
+    m[i] grows to the tile's (the sums so far rescaled), denom[i] takes each position's exp(logit - m[i]), and
+    `scores` becomes those weights (for `_add_values`)."""
     largest = tile_max(scores, j0, j1, m[i])
     if largest > m[i]:
         rescale = exp_nonpositive(m[i] - largest)
@@ -68,10 +67,28 @@ def _add_tile(scores, j0, j1, V, m, denom, acc, i):
         weights[k] = exp_nonpositive(weights[k] - largest)
         total += weights[k]
     denom[i] += total
-    tile_values(scores, j0, j1, V, acc, i)
-    for x in range(acc.shape[1] // 16 * 16, acc.shape[1]):  # lanes past the vectors of 16 (a head_dim not k * 16)
-        for j in range(j0, j1):
-            acc[i, x] += scores[j] * V[j, x]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _add_values(S, j0, j1, V, acc, r0, r1):
+    """acc[r0] += S[0, j0:j1] @ V[j0:j1], and acc[r1] the same of S[1] unless r1 < 0 (`tile_values`, whole vectors of
+    16; a head size's lanes past them here)."""
+    tile_values(S, j0, j1, V, acc, r0, r1)
+    for k, r in ((0, r0), (1, r1)):
+        if r >= 0:
+            for x in range(acc.shape[1] // 16 * 16, acc.shape[1]):
+                for j in range(j0, j1):
+                    acc[r, x] += S[k, j] * V[j, x]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _add_tile(Q, r, pair, KT, V, j0, j1, S, m, denom, acc):
+    """Query rows r and, if `pair`, r + 1 meet positions j0..j1 of a tile of keys (transposed: KT) and values V."""
+    tile_scores(Q, r, r + 1 if pair else r, KT, S)
+    _weigh(S[0], j0, j1, m, denom, acc, r)
+    if pair:
+        _weigh(S[1], j0, j1, m, denom, acc, r + 1)
+    _add_values(S, j0, j1, V, acc, r, r + 1 if pair else -1)
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -128,12 +145,7 @@ def _attend(q, keys, key_scales, values, value_scales, start, window, sinks, sca
                 if j0 >= j1:
                     continue
                 for i in range(0, per_kv, 2):
-                    r = (t - t0) * per_kv + i
-                    pair = i + 1 < per_kv
-                    tile_scores(Q, r, r + 1 if pair else r, KT, S)
-                    _add_tile(S[0], j0, j1, V, m, denom, acc, r)
-                    if pair:
-                        _add_tile(S[1], j0, j1, V, m, denom, acc, r + 1)
+                    _add_tile(Q, (t - t0) * per_kv + i, i + 1 < per_kv, KT, V, j0, j1, S, m, denom, acc)
             p0 += n
         for t in range(t0, t1):
             for i in range(per_kv):
@@ -174,11 +186,7 @@ def _attend_few(q, keys, key_scales, values, value_scales, start, window, sinks,
                 _transposed(_load_tile(keys, key_scales, g, slot, n, key_scratch), n, KT)
                 V = _load_tile(values, value_scales, g, slot, n, value_scratch)
                 for i in range(0, per_kv, 2):
-                    pair = i + 1 < per_kv
-                    tile_scores(Q, i, i + 1 if pair else i, KT, S)
-                    _add_tile(S[0], 0, n, V, m, denom, acc, i)
-                    if pair:
-                        _add_tile(S[1], 0, n, V, m, denom, acc, i + 1)
+                    _add_tile(Q, i, i + 1 < per_kv, KT, V, 0, n, S, m, denom, acc)
                 p0 += n
             for i in range(per_kv):
                 for x in range(d):

@@ -591,43 +591,53 @@ def tile_max(typingctx, scores, j0, j1, start):
 
 
 @intrinsic
-def tile_values(typingctx, P, j0, j1, V, acc, r):
-    """acc[r, x] += Σ over j0 <= j < j1 of P[j] · V[j, x] for x < 16 · (d // 16) (V [n, d], acc [rows, d],
-    C-contiguous float32): 16 lanes of acc's row at a time, four positions' products in four sums (independent
-    chains of adds), added to acc's row once."""
-    sig = types.void(P, j0, j1, V, acc, r)
+def tile_values(typingctx, S, j0, j1, V, acc, r0, r1):
+    """acc[r0, x] += Σ over j0 <= j < j1 of S[0, j] · V[j, x], and the same of S[1] into acc[r1] unless r1 < 0, for
+    x < 16 · (d // 16) (S [2, TILE_POSITIONS], V [n, d], acc [rows, d], C-contiguous float32): 16 lanes of the rows
+    at a time, each load of V feeding both rows, four positions' products in four sums a row (independent chains of
+    adds), added to acc's rows once."""
+    sig = types.void(S, j0, j1, V, acc, r0, r1)
 
     def codegen(context, builder, signature, args):
-        p, _ = _array_pointer(context, builder, signature.args[0], args[0])
+        s, _ = _array_pointer(context, builder, signature.args[0], args[0])
         v, v_array = _array_pointer(context, builder, signature.args[3], args[3])
         a, _ = _array_pointer(context, builder, signature.args[4], args[4])
-        first, last, row = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2, 5))
+        first, last, r0, r1 = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2, 5, 6))
         d = builder.extract_value(v_array.shape, 1)
         c = lambda n: ir.Constant(_I64, n)  # noqa: E731
         zero = ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16)
         quads = builder.sdiv(builder.sub(last, first), c(4))
-        with cgutils.for_range(builder, builder.sdiv(d, c(16))) as chunk:
-            x = builder.mul(chunk.index, c(16))
-            sums = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
-            with cgutils.for_range(builder, quads) as loop:
-                j = builder.add(first, builder.mul(loop.index, c(4)))
-                for u in range(4):
-                    ju = builder.add(j, c(u))
-                    weight = _splat(builder, builder.load(builder.gep(p, [ju])), _V16F)
-                    value = _load(builder, v, builder.add(builder.mul(ju, d), x), _V16F, 4)
-                    total = builder.fadd(builder.load(sums[u]), builder.fmul(weight, value, flags=_FAST),
-                                         flags=_FAST)
-                    builder.store(total, sums[u])
-            with cgutils.for_range(builder, builder.sub(builder.sub(last, first), builder.mul(quads, c(4)))) as loop:
-                j = builder.add(builder.add(first, builder.mul(quads, c(4))), loop.index)
-                weight = _splat(builder, builder.load(builder.gep(p, [j])), _V16F)
-                value = _load(builder, v, builder.add(builder.mul(j, d), x), _V16F, 4)
-                builder.store(builder.fadd(builder.load(sums[0]), builder.fmul(weight, value, flags=_FAST),
-                                           flags=_FAST), sums[0])
-            at = builder.bitcast(builder.gep(a, [builder.add(builder.mul(row, d), x)]), _V16F.as_pointer())
-            pairs = [builder.fadd(builder.load(sums[u]), builder.load(sums[u + 1]), flags=_FAST) for u in (0, 2)]
-            builder.store(builder.fadd(builder.load(at, align=4), builder.fadd(*pairs, flags=_FAST), flags=_FAST),
-                          at, align=4)
+
+        def add_products(sums, j, x, u):
+            value = _load(builder, v, builder.add(builder.mul(j, d), x), _V16F, 4)
+            for k, row_sums in enumerate(sums):
+                weight = _splat(builder, builder.load(builder.gep(s, [builder.add(j, c(k * TILE_POSITIONS))])), _V16F)
+                total = builder.fadd(builder.load(row_sums[u]), builder.fmul(weight, value, flags=_FAST), flags=_FAST)
+                builder.store(total, row_sums[u])
+
+        def rows_of(targets):
+            with cgutils.for_range(builder, builder.sdiv(d, c(16))) as chunk:
+                x = builder.mul(chunk.index, c(16))
+                sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)] for _ in targets]
+                with cgutils.for_range(builder, quads) as loop:
+                    j = builder.add(first, builder.mul(loop.index, c(4)))
+                    for u in range(4):
+                        add_products(sums, builder.add(j, c(u)), x, u)
+                rest = builder.sub(builder.sub(last, first), builder.mul(quads, c(4)))
+                with cgutils.for_range(builder, rest) as loop:
+                    add_products(sums, builder.add(builder.add(first, builder.mul(quads, c(4))), loop.index), x, 0)
+                for row, row_sums in zip(targets, sums):
+                    at = builder.bitcast(builder.gep(a, [builder.add(builder.mul(row, d), x)]), _V16F.as_pointer())
+                    halves = [builder.fadd(builder.load(row_sums[u]), builder.load(row_sums[u + 1]), flags=_FAST)
+                              for u in (0, 2)]
+                    builder.store(builder.fadd(builder.load(at, align=4), builder.fadd(*halves, flags=_FAST),
+                                               flags=_FAST), at, align=4)
+
+        with builder.if_else(builder.icmp_signed(">=", r1, c(0))) as (two, one):
+            with two:
+                rows_of((r0, r1))
+            with one:
+                rows_of((r0,))
         return context.get_dummy_value()
 
     return sig, codegen
