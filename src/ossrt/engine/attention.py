@@ -4,8 +4,9 @@
 The kernel works on float32 tiles of keys and values; how a tile is read from the cache is the one thing that
 depends on the storage type: `_load_tile`, an `overload` Numba resolves from the arrays' dtype when it compiles the
 kernel for that type (float32: a view of the cache; f16 bit patterns: converted; q8_0: int8 times each block's
-scale). A tile is decoded once for a tile of queries of one head, and the softmax runs over it online (a running
-maximum, the sums rescaled when it grows), so no step holds more than one tile of scores.
+scale). A tile is decoded once for all the query heads of its KV head (and, in a prompt, a tile of queries), its keys
+transposed so that scores are vectors along the positions (`simd.tile_scores`), and the softmax runs over it online
+(a running maximum, the sums rescaled when it grows), so no step holds more than one tile of scores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .kv_cache import LayerKV
 from .simd import (FASTMATH, TILE_POSITIONS, dequant_row_f16, dequant_row_q8_split, exp_nonpositive,
                    tile_max, tile_scores, tile_transpose, tile_values)
 
-QUERY_TILE = 16  # queries of one head that share each decoded tile of keys and values
+QUERY_TILE = 16  # a prompt's queries that (with all their KV head's query heads) share each decoded tile
 KEY_TILE = TILE_POSITIONS  # positions a tile holds: a key and a value tile (16 KiB each at d = 64) stay in cache
 
 
