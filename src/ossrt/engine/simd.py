@@ -89,6 +89,10 @@ def _const(builder, n, value):
     return ir.Constant(n.type, value)
 
 
+def _i64(value):
+    return ir.Constant(_I64, value)
+
+
 def _prefetch_line(builder, address, locality=3):
     """Prefetch for reading the cache line at `address` (an i8*): `locality` 3 keeps it in every cache level, 2
     in L2 and beyond; never faults."""
@@ -512,15 +516,14 @@ def tile_transpose(typingctx, K, n, KT):
         kt, _ = _array_pointer(context, builder, signature.args[2], args[2])
         n = _as_i64(context, builder, signature.args[1], args[1])
         d = builder.extract_value(k_array.shape, 1)
-        c = lambda v: ir.Constant(_I64, v)  # noqa: E731
-        with cgutils.for_range(builder, builder.sdiv(n, c(16))) as row_block:
-            j = builder.mul(row_block.index, c(16))
-            with cgutils.for_range(builder, builder.sdiv(d, c(16))) as column_block:
-                x = builder.mul(column_block.index, c(16))
-                rows = [_load(builder, k, builder.add(builder.mul(builder.add(j, c(i)), d), x), _V16F, 4)
+        with cgutils.for_range(builder, builder.sdiv(n, _i64(16))) as row_block:
+            j = builder.mul(row_block.index, _i64(16))
+            with cgutils.for_range(builder, builder.sdiv(d, _i64(16))) as column_block:
+                x = builder.mul(column_block.index, _i64(16))
+                rows = [_load(builder, k, builder.add(builder.mul(builder.add(j, _i64(i)), d), x), _V16F, 4)
                         for i in range(16)]
                 for i, column in enumerate(_transpose16(builder, rows)):
-                    at = builder.add(builder.mul(builder.add(x, c(i)), c(TILE_POSITIONS)), j)
+                    at = builder.add(builder.mul(builder.add(x, _i64(i)), _i64(TILE_POSITIONS)), j)
                     builder.store(column, builder.bitcast(builder.gep(kt, [at]), _V16F.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -546,15 +549,15 @@ def tile_scores(typingctx, Q, r0, r1, KT, S):
         with cgutils.for_range(builder, d) as loop:
             x = loop.index
             qx = [_splat(builder, builder.load(builder.gep(q, [builder.add(row, x)])), _V16F) for row in rows]
-            base = builder.mul(x, _const(builder, x, TILE_POSITIONS))
+            base = builder.mul(x, _i64(TILE_POSITIONS))
             for v in range(vectors):
-                k = _load(builder, kt, builder.add(base, _const(builder, x, 16 * v)), _V16F, 4)
+                k = _load(builder, kt, builder.add(base, _i64(16 * v)), _V16F, 4)
                 for i in range(len(rows)):
                     product = builder.fmul(qx[i], k, flags=_FAST)
                     builder.store(builder.fadd(builder.load(sums[i][v]), product, flags=_FAST), sums[i][v])
         for i in range(len(rows)):
             for v in range(vectors):
-                at = builder.gep(s, [ir.Constant(_I64, i * TILE_POSITIONS + 16 * v)])
+                at = builder.gep(s, [_i64(i * TILE_POSITIONS + 16 * v)])
                 builder.store(builder.load(sums[i][v]), builder.bitcast(at, _V16F.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -570,18 +573,17 @@ def tile_max(typingctx, scores, j0, j1, start):
     def codegen(context, builder, signature, args):
         sp, _ = _array_pointer(context, builder, signature.args[0], args[0])
         first, last = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2))
-        c = lambda n: ir.Constant(_I64, n)  # noqa: E731
         larger = lambda a, b: builder.select(builder.fcmp_ordered(">", b, a), b, a)  # noqa: E731
         best = cgutils.alloca_once_value(builder, _splat(builder, args[3], _V16F))
-        vectors = builder.sdiv(builder.sub(last, first), c(16))
+        vectors = builder.sdiv(builder.sub(last, first), _i64(16))
         with cgutils.for_range(builder, vectors) as loop:
-            v = _load(builder, sp, builder.add(first, builder.mul(loop.index, c(16))), _V16F, 4)
+            v = _load(builder, sp, builder.add(first, builder.mul(loop.index, _i64(16))), _V16F, 4)
             builder.store(larger(builder.load(best), v), best)
         lanes = builder.load(best)
         total = cgutils.alloca_once_value(builder, builder.extract_element(lanes, ir.Constant(_I32, 0)))
         for i in range(1, 16):
             builder.store(larger(builder.load(total), builder.extract_element(lanes, ir.Constant(_I32, i))), total)
-        tail = builder.add(first, builder.mul(vectors, c(16)))
+        tail = builder.add(first, builder.mul(vectors, _i64(16)))
         with cgutils.for_range(builder, builder.sub(last, tail)) as loop:
             value = builder.load(builder.gep(sp, [builder.add(tail, loop.index)]))
             builder.store(larger(builder.load(total), value), total)
@@ -604,28 +606,28 @@ def tile_values(typingctx, S, j0, j1, V, acc, r0, r1):
         a, _ = _array_pointer(context, builder, signature.args[4], args[4])
         first, last, r0, r1 = (_as_i64(context, builder, signature.args[i], args[i]) for i in (1, 2, 5, 6))
         d = builder.extract_value(v_array.shape, 1)
-        c = lambda n: ir.Constant(_I64, n)  # noqa: E731
         zero = ir.Constant(_V16F, [ir.Constant(_F32, 0.0)] * 16)
-        quads = builder.sdiv(builder.sub(last, first), c(4))
+        quads = builder.sdiv(builder.sub(last, first), _i64(4))
 
         def add_products(sums, j, x, u):
             value = _load(builder, v, builder.add(builder.mul(j, d), x), _V16F, 4)
             for k, row_sums in enumerate(sums):
-                weight = _splat(builder, builder.load(builder.gep(s, [builder.add(j, c(k * TILE_POSITIONS))])), _V16F)
+                weight = builder.load(builder.gep(s, [builder.add(j, _i64(k * TILE_POSITIONS))]))
+                weight = _splat(builder, weight, _V16F)
                 total = builder.fadd(builder.load(row_sums[u]), builder.fmul(weight, value, flags=_FAST), flags=_FAST)
                 builder.store(total, row_sums[u])
 
         def rows_of(targets):
-            with cgutils.for_range(builder, builder.sdiv(d, c(16))) as chunk:
-                x = builder.mul(chunk.index, c(16))
+            with cgutils.for_range(builder, builder.sdiv(d, _i64(16))) as chunk:
+                x = builder.mul(chunk.index, _i64(16))
                 sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)] for _ in targets]
                 with cgutils.for_range(builder, quads) as loop:
-                    j = builder.add(first, builder.mul(loop.index, c(4)))
+                    j = builder.add(first, builder.mul(loop.index, _i64(4)))
                     for u in range(4):
-                        add_products(sums, builder.add(j, c(u)), x, u)
-                rest = builder.sub(builder.sub(last, first), builder.mul(quads, c(4)))
+                        add_products(sums, builder.add(j, _i64(u)), x, u)
+                rest = builder.sub(builder.sub(last, first), builder.mul(quads, _i64(4)))
                 with cgutils.for_range(builder, rest) as loop:
-                    add_products(sums, builder.add(builder.add(first, builder.mul(quads, c(4))), loop.index), x, 0)
+                    add_products(sums, builder.add(builder.add(first, builder.mul(quads, _i64(4))), loop.index), x, 0)
                 for row, row_sums in zip(targets, sums):
                     at = builder.bitcast(builder.gep(a, [builder.add(builder.mul(row, d), x)]), _V16F.as_pointer())
                     halves = [builder.fadd(builder.load(row_sums[u]), builder.load(row_sums[u + 1]), flags=_FAST)
@@ -633,7 +635,7 @@ def tile_values(typingctx, S, j0, j1, V, acc, r0, r1):
                     builder.store(builder.fadd(builder.load(at, align=4), builder.fadd(*halves, flags=_FAST),
                                                flags=_FAST), at, align=4)
 
-        with builder.if_else(builder.icmp_signed(">=", r1, c(0))) as (two, one):
+        with builder.if_else(builder.icmp_signed(">=", r1, _i64(0))) as (two, one):
             with two:
                 rows_of((r0, r1))
             with one:
